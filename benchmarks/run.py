@@ -1,0 +1,99 @@
+"""Cost of each lightning_viz monitor per call, next to one training step of the reference workload.
+
+Reference workload: torchvision ``resnet18(num_classes=10)``, 32x32 inputs, batch 128, SGD, CPU; an epoch of
+CIFAR-10's size (391 steps). Prints a Markdown table. Run: ``make benchmark`` or ``python benchmarks/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.models import resnet18
+
+import lightning_viz
+from lightning_viz.sinks import Sink
+
+STEPS_PER_EPOCH = 391
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def training_step_seconds(model: torch.nn.Module, repeats: int) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(128, 3, 32, 32)
+    y = torch.randint(0, 10, (128,))
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    return median_seconds(step, repeats)
+
+
+def monitor_seconds(monitor: lightning_viz.VizCallback, model: torch.nn.Module, repeats: int) -> float:
+    """Time the monitor's full call path (isolation, computation, rendering, writing) against a real event file."""
+    with tempfile.TemporaryDirectory() as logdir:
+        writer = SummaryWriter(logdir)
+        monitor._sink = Sink(writer, [], is_global_zero=True)
+        trainer = types.SimpleNamespace(global_step=0, sanity_checking=False, current_epoch=0)
+        monitor._resolve(trainer, model)
+
+        def call() -> None:
+            trainer.global_step += 1
+            monitor._run(trainer, model, epochs_done=trainer.global_step)
+
+        seconds = median_seconds(call, repeats)
+        writer.close()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10)
+    step = training_step_seconds(model, args.repeats)
+    epoch = step * STEPS_PER_EPOCH
+    rows = []
+    for monitor in lightning_viz.default_suite():
+        seconds = monitor_seconds(monitor, model, args.repeats)
+        overhead = seconds / monitor.every_n_epochs / epoch
+        rows.append((type(monitor).__name__, seconds, monitor.every_n_epochs, overhead))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(f"reference: resnet18(num_classes=10), 32x32, batch 128, CPU; {STEPS_PER_EPOCH} steps/epoch\n")
+    print("| what | seconds per call | every n epochs | overhead per epoch |")
+    print("|---|---:|---:|---:|")
+    print(f"| training step | {step:.4f} | - | - |")
+    print(f"| training epoch ({STEPS_PER_EPOCH} steps) | {epoch:.1f} | - | - |")
+    for name, seconds, every, overhead in rows:
+        print(f"| {name} | {seconds:.4f} | {every} | {overhead:.3%} |")
+    total = sum(r[3] for r in rows)
+    print(f"| **default suite** | | | **{total:.3%}** |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""lightning_viz: PyTorch Lightning callbacks that make a CNN's training visible in TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_viz.callbacks import FilterMonitor, VizCallback
+from lightning_viz.probes import ProbeSet
+
+__version__ = "0.1.0"
+
+__all__ = ["FilterMonitor", "ProbeSet", "VizCallback", "default_suite", "__version__"]
+
+# Monitors in the default suite, by the keyword that configures each in `default_suite(...)`.
+_SUITE: dict[str, type[VizCallback]] = {"filters": FilterMonitor}
+_SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
+
+
+def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[VizCallback]:
+    """Every monitor lightning_viz has, with sane defaults.
+
+    Args:
+        every_n_epochs: if given, overrides every monitor's own default cadence.
+        **options: per-monitor options as a dict under the monitor's key (``filters={"max_filters": 32}``), or ``False``
+            to leave that monitor out (``filters=False``); or options shared by all monitors: ``on_error``, ``seed``,
+            ``log_baseline``, ``max_overhead``.
+
+    Returns:
+        A list of callbacks for ``Trainer(callbacks=...)``.
+    """
+    shared = {k: options.pop(k) for k in _SHARED_OPTIONS if k in options}
+    unknown = sorted(set(options) - set(_SUITE))
+    if unknown:
+        raise TypeError(
+            f"default_suite() got unknown option(s) {unknown}; monitors: {sorted(_SUITE)}, "
+            f"shared options: {list(_SHARED_OPTIONS)}."
+        )
+    suite: list[VizCallback] = []
+    for key, cls in _SUITE.items():
+        own = options.get(key, {})
+        if own is False:
+            continue
+        if not isinstance(own, dict):
+            raise TypeError(f"`{key}` must be a dict of {cls.__name__} options or False, got {own!r}.")
+        kwargs = {**shared, **own}
+        if every_n_epochs is not None:
+            kwargs["every_n_epochs"] = every_n_epochs
+        suite.append(cls(**kwargs))
+    return suite

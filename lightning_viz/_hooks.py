@@ -1,0 +1,123 @@
+"""Context managers that keep our work from leaving traces on the user's model and training.
+
+- :func:`isolated` saves and restores every submodule's ``training`` flag, the torch (CPU and CUDA), numpy and
+  ``random`` RNG states, each parameter's ``.grad`` and ``requires_grad``, and enables gradients locally even when the
+  caller runs under ``torch.inference_mode`` (as Lightning's validation does).
+- :func:`forward_hooks` registers forward hooks and always removes them, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _cuda_rng_states() -> list[torch.Tensor] | None:
+    # Only touch CUDA when it is already initialised: initialising it just to save a state would be a side effect.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_rng_state_all()
+    return None
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the global torch (CPU, CUDA), numpy and ``random`` RNG states on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_states = _cuda_rng_states()
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore each submodule's own ``training`` flag on exit (``model.train()`` alone would flatten them)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def preserved_grads(model: nn.Module) -> Iterator[None]:
+    """Put every parameter's ``.grad`` object (``None`` included) and ``requires_grad`` flag back on exit."""
+    saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for param, grad, requires_grad in saved:
+            if param.grad is not grad:
+                param.grad = grad
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module, *, eval_mode: bool = True, grad: bool = False) -> Iterator[None]:
+    """Run the body without side effects on ``model`` or the global RNG streams.
+
+    Args:
+        model: the module our work touches.
+        eval_mode: switch the model to eval mode inside (BatchNorm statistics and dropout must not change).
+        grad: leave ``torch.inference_mode`` and enable autograd inside, for gradient-based methods.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_rng())
+        stack.enter_context(preserved_modes(model))
+        stack.enter_context(preserved_grads(model))
+        if grad:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+        else:
+            stack.enter_context(torch.no_grad())
+        if eval_mode:
+            model.eval()
+        yield
+
+
+HookFn = Callable[[nn.Module, Any, Any], Any]
+
+
+@contextlib.contextmanager
+def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], HookFn]) -> Iterator[None]:
+    """Register ``make_hook(name)`` as a forward hook on each module; remove them all on exit, whatever happens."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Total number of forward/backward/pre hooks on ``model`` and its submodules (for leak checks)."""
+    total = 0
+    for module in model.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
+            total += len(getattr(module, attr, {}) or {})
+    return total

@@ -1,0 +1,75 @@
+"""Find a model's layers by name and kind, with error messages that list what is available."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def layers_of_kind(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
+    """Named submodules of ``model`` that are instances of ``kinds``, in module order."""
+    return {name: module for name, module in model.named_modules() if name and isinstance(module, kinds)}
+
+
+def _kind_names(kinds: tuple[type[nn.Module], ...]) -> str:
+    return " / ".join(f"nn.{k.__name__}" for k in kinds)
+
+
+def _short_list(names: Sequence[str], limit: int = 40) -> str:
+    shown = list(names)[:limit]
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{shown}{more}"
+
+
+def resolve_layers(
+    model: nn.Module,
+    names: Sequence[str] | None,
+    kinds: tuple[type[nn.Module], ...],
+    *,
+    argument: str = "layers",
+    default: str = "first",
+) -> dict[str, nn.Module]:
+    """Resolve layer ``names`` (or a default) to modules of the right kind.
+
+    Args:
+        model: the model to search.
+        names: layer names as in ``model.named_modules()``, or ``None`` for the default.
+        kinds: allowed module classes.
+        argument: the argument's name, for error messages.
+        default: ``"first"``, ``"last"`` or ``"all"`` layers of the right kind when ``names`` is ``None``.
+
+    Raises:
+        ValueError: the model has no layer of the right kind; a name is unknown (the message lists the candidates);
+            a named layer is of another kind.
+    """
+    candidates = layers_of_kind(model, kinds)
+    if names is None:
+        if not candidates:
+            raise ValueError(f"`{argument}`: the model has no {_kind_names(kinds)} layer to monitor.")
+        items = list(candidates.items())
+        if default == "first":
+            return dict(items[:1])
+        if default == "last":
+            return dict(items[-1:])
+        return dict(items)
+    if isinstance(names, str):
+        raise TypeError(f"`{argument}` must be a list of layer names, got the string {names!r}; use [{names!r}].")
+    if not names:
+        raise ValueError(f"`{argument}` is empty; pass None for the default or name at least one layer.")
+    modules = dict(model.named_modules())
+    resolved: dict[str, nn.Module] = {}
+    for name in names:
+        if name not in modules or not name:
+            raise ValueError(
+                f"`{argument}`: the model has no layer named {name!r}. "
+                f"Its {_kind_names(kinds)} layers are: {_short_list(list(candidates))}."
+            )
+        module = modules[name]
+        if not isinstance(module, kinds):
+            raise ValueError(
+                f"`{argument}`: layer {name!r} is a {type(module).__name__}, not a {_kind_names(kinds)}. "
+                f"Layers of that kind: {_short_list(list(candidates))}."
+            )
+        resolved[name] = module
+    return resolved

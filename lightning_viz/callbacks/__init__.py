@@ -1,0 +1,6 @@
+"""One Lightning callback per file; each is thin: schedule, gather inputs, call ``functional``, render, write."""
+
+from lightning_viz.callbacks.base import VizCallback
+from lightning_viz.callbacks.filter_monitor import FilterMonitor
+
+__all__ = ["FilterMonitor", "VizCallback"]

@@ -1,0 +1,190 @@
+"""Tensors to images: fixed normalisations, tile grids, colour maps, labelled filmstrips.
+
+Every function here returns ``uint8`` arrays of shape (H, W, 3) or float tensors in [0, 1]: TensorBoard multiplies
+float images by 255 without clipping, so nothing leaves this module outside that range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+#: Colour used for values that are NaN or Inf (magenta: it appears in no colour map we use).
+NAN_COLOUR = (1.0, 0.0, 1.0)
+
+# Control points of matplotlib's perceptually uniform maps (sampled at 9 points), so we need no matplotlib.
+_COLORMAPS: dict[str, np.ndarray] = {
+    "viridis": np.array(
+        [
+            [0.267, 0.005, 0.329],
+            [0.283, 0.141, 0.458],
+            [0.254, 0.265, 0.530],
+            [0.207, 0.372, 0.553],
+            [0.164, 0.471, 0.558],
+            [0.128, 0.567, 0.551],
+            [0.135, 0.659, 0.518],
+            [0.267, 0.749, 0.441],
+            [0.478, 0.821, 0.318],
+            [0.741, 0.873, 0.150],
+            [0.993, 0.906, 0.144],
+        ]
+    ),
+    "inferno": np.array(
+        [
+            [0.001, 0.000, 0.014],
+            [0.087, 0.045, 0.224],
+            [0.258, 0.039, 0.406],
+            [0.416, 0.090, 0.433],
+            [0.578, 0.148, 0.404],
+            [0.735, 0.216, 0.330],
+            [0.865, 0.317, 0.226],
+            [0.954, 0.469, 0.099],
+            [0.988, 0.645, 0.040],
+            [0.964, 0.843, 0.273],
+            [0.988, 0.998, 0.645],
+        ]
+    ),
+    # Diverging blue - white - red, for signed quantities centred on zero (0.5 is white).
+    "coolwarm": np.array(
+        [
+            [0.230, 0.299, 0.754],
+            [0.552, 0.690, 0.996],
+            [0.866, 0.866, 0.866],
+            [0.958, 0.604, 0.482],
+            [0.706, 0.016, 0.150],
+        ]
+    ),
+    "gray": np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]),
+}
+
+
+def colormap_names() -> list[str]:
+    return sorted(_COLORMAPS)
+
+
+def symmetric_unit(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Map ``[-scale, scale]`` linearly onto ``[0, 1]`` (zero to mid-grey), clipping beyond; NaN stays NaN.
+
+    A fixed ``scale`` keeps images of different epochs comparable.
+    """
+    if not scale > 0:
+        raise ValueError(f"`scale` must be a positive number, got {scale!r}.")
+    return (x.float() / (2.0 * scale) + 0.5).clamp(0.0, 1.0)
+
+
+def apply_colormap(values: torch.Tensor, name: str = "viridis") -> torch.Tensor:
+    """Colour a map of values in [0, 1].
+
+    Shape:
+        values: (..., H, W), float in [0, 1] (NaN allowed); returns (..., 3, H, W) float in [0, 1], NaN in magenta.
+    """
+    if name not in _COLORMAPS:
+        raise ValueError(f"Unknown colour map {name!r}; available: {colormap_names()}.")
+    lut = torch.as_tensor(_COLORMAPS[name], dtype=torch.float32, device=values.device)
+    v = values.float()
+    bad = ~torch.isfinite(v)
+    v = torch.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    pos = v * (len(lut) - 1)
+    lo = pos.floor().long().clamp(max=len(lut) - 2)
+    frac = (pos - lo.float()).unsqueeze(-1)
+    rgb = lut[lo] * (1.0 - frac) + lut[lo + 1] * frac  # (..., H, W, 3)
+    if bad.any():
+        rgb[bad] = torch.tensor(NAN_COLOUR, device=values.device)
+    return rgb.movedim(-1, -3)
+
+
+def mark_non_finite(images: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Paint pixels whose ``source`` value is not finite in :data:`NAN_COLOUR`.
+
+    Shape:
+        images: (N, 3, H, W) in [0, 1]; source: (N, C, H, W), any C. Returns a new tensor.
+    """
+    bad = (~torch.isfinite(source)).any(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    if not bad.any():
+        return images
+    out = images.clone()
+    colour = torch.tensor(NAN_COLOUR, dtype=out.dtype, device=out.device).view(1, 3, 1, 1).expand_as(out)
+    out[bad] = colour[bad]
+    return out
+
+
+def upscale_factor(size: int, min_pixels: int) -> int:
+    """Smallest integer factor that makes a tile of ``size`` pixels at least ``min_pixels`` wide."""
+    return max(1, -(-min_pixels // max(1, size)))
+
+
+def tile_grid(tiles: torch.Tensor, ncol: int, *, pad: int = 1, pad_value: float = 1.0, upscale: int = 1) -> np.ndarray:
+    """Arrange tiles row-major in a grid, nearest-upsampled by ``upscale``.
+
+    Shape:
+        tiles: (N, 1 or 3, h, w) float in [0, 1]. Returns (H, W, 3) uint8.
+    """
+    if tiles.ndim != 4 or tiles.shape[1] not in (1, 3):
+        raise ValueError(f"`tiles` must have shape (N, 1 or 3, h, w), got {tuple(tiles.shape)}.")
+    tiles = tiles.detach().float().cpu()
+    if tiles.shape[1] == 1:
+        tiles = tiles.expand(-1, 3, -1, -1)
+    if upscale > 1:
+        tiles = tiles.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    n, _, h, w = tiles.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    grid = torch.full((3, nrow * (h + pad) + pad, ncol * (w + pad) + pad), float(pad_value))
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[:, top : top + h, left : left + w] = tiles[i]
+    return to_uint8(grid)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] to (H, W, 3) uint8."""
+    arr = image.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return arr.permute(1, 2, 0).cpu().numpy()
+
+
+def downsize(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink an (H, W, 3) uint8 image so its longer side is at most ``max_side`` (never enlarges)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    ratio = max_side / max(h, w)
+    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def label_left(image: np.ndarray, text: str, width: int = 64) -> np.ndarray:
+    """Put ``text`` in a white margin ``width`` pixels wide on the image's left side."""
+    h = image.shape[0]
+    canvas = Image.new("RGB", (width + image.shape[1], h), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((3, max(0, h // 2 - 6)), text, fill=(0, 0, 0), font=_font())
+    return np.asarray(canvas)
+
+
+def stack_rows(rows: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Stack (H_i, W_i, 3) uint8 images vertically, left-aligned, on white, ``gap`` pixels apart."""
+    if not rows:
+        raise ValueError("`rows` is empty.")
+    width = max(r.shape[1] for r in rows)
+    height = sum(r.shape[0] for r in rows) + gap * (len(rows) - 1)
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    top = 0
+    for r in rows:
+        out[top : top + r.shape[0], : r.shape[1]] = r
+        top += r.shape[0] + gap
+    return out
+
+
+def filmstrip(rows: Sequence[tuple[str, np.ndarray]], max_rows: int) -> np.ndarray:
+    """The most recent ``max_rows`` labelled rows (e.g. one per logged epoch), oldest at the top."""
+    recent = list(rows)[-max_rows:]
+    return stack_rows([label_left(img, label) for label, img in recent])

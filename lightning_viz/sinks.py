@@ -1,0 +1,83 @@
+"""Where our images, text, histograms and scalars go.
+
+Images, text, histograms and embeddings go to the first ``TensorBoardLogger`` in ``trainer.loggers`` (either Lightning
+namespace). Scalars go through every logger the Trainer has, so a CSV logger beside TensorBoard records them too.
+Everything is written on global rank zero only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_viz._compat import is_dummy_logger, is_tensorboard_logger
+
+NO_LOGGER_MESSAGE = (
+    "lightning_viz callbacks write to TensorBoard, but the Trainer has no logger. Pass one, e.g. "
+    "`Trainer(logger=TensorBoardLogger('runs'))` (from `lightning.pytorch.loggers` or `pytorch_lightning.loggers`), "
+    "or leave `logger` at its default."
+)
+
+
+class Sink:
+    """Writes one callback's output for a Trainer. Build it with :meth:`for_trainer`."""
+
+    def __init__(self, experiment: Any | None, loggers: list[Any], is_global_zero: bool) -> None:
+        self._experiment = experiment  # a SummaryWriter, or None when there is no TensorBoard logger
+        self._loggers = loggers
+        self._is_global_zero = is_global_zero
+
+    @classmethod
+    def for_trainer(cls, trainer: Any) -> Sink:
+        loggers = list(trainer.loggers)
+        tensorboard = next((lg for lg in loggers if is_tensorboard_logger(lg)), None)
+        experiment = tensorboard.experiment if (tensorboard is not None and trainer.is_global_zero) else None
+        return cls(experiment, loggers, trainer.is_global_zero)
+
+    @property
+    def writes_images(self) -> bool:
+        return self._experiment is not None
+
+    @property
+    def log_dir(self) -> str | None:
+        return getattr(self._experiment, "log_dir", None) if self._experiment is not None else None
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Write an (H, W, 3) uint8 image."""
+        if self._experiment is None:
+            return
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"images must be (H, W, 3) uint8, got {image.shape} {image.dtype} for tag {tag!r}.")
+        self._experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        if self._experiment is not None:
+            self._experiment.add_text(tag, markdown, global_step=step)
+
+    def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int) -> None:
+        if self._experiment is None:
+            return
+        values = torch.as_tensor(values).detach().float().cpu().flatten()
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            self._experiment.add_histogram(tag, values, global_step=step)
+
+    def embedding(self, mat: torch.Tensor, *, tag: str, step: int, **kwargs: Any) -> None:
+        if self._experiment is not None:
+            self._experiment.add_embedding(mat, tag=tag, global_step=step, **kwargs)
+
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Send scalars through every logger of the Trainer (TensorBoard, CSV, ...) on rank zero."""
+        if not self._is_global_zero or not metrics:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        for logger in self._loggers:
+            if not is_dummy_logger(logger):
+                logger.log_metrics(clean, step=step)
+
+    def flush(self) -> None:
+        if self._experiment is not None:
+            self._experiment.flush()

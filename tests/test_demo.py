@@ -1,0 +1,37 @@
+"""The demo, shortened: its event files hold the filter images at step 0 and at every logged epoch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import Events
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_writes_filter_images_and_scalars(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "demo.py"),
+            "--logdir",
+            str(tmp_path),
+            "--epochs",
+            "2",
+            "--limit-batches",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"lightning-viz board {tmp_path}/" in out.stdout
+    events = Events(str(tmp_path / "photos"))
+    assert events.image_steps("filters/model.conv1") == [0, 4, 8]
+    assert events.image_steps("filters/filmstrip/model.conv1") == [0, 4, 8]
+    for stat in ("weight_norm", "noise_score", "distance_from_init"):
+        assert [s for s, _ in events.scalars(f"filters/{stat}/model.conv1")] == [0, 4, 8]
