@@ -50,13 +50,58 @@ def training_step_seconds(model: torch.nn.Module, repeats: int) -> float:
     return median_seconds(step, repeats)
 
 
+VAL_BATCHES = 79  # CIFAR-10's 10,000 test images in batches of 128
+
+
+def _fake_trainer(x: torch.Tensor, y: torch.Tensor) -> types.SimpleNamespace:
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128)
+    return types.SimpleNamespace(
+        global_step=0,
+        sanity_checking=False,
+        current_epoch=0,
+        is_global_zero=True,
+        world_size=1,
+        val_dataloaders=loader,
+        train_dataloader=loader,
+    )
+
+
+def collection_seconds(monitor: lightning_viz.ActivationMonitor, model: torch.nn.Module, repeats: int) -> float:
+    """Extra seconds per validation batch that the ActivationMonitor's hooks add (with hooks minus without)."""
+    x = torch.randn(128, 3, 32, 32)
+    model.eval()
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def hooked() -> None:
+        monitor._recorder.attach()
+        try:
+            monitor._recorder.reset()
+            with torch.inference_mode():
+                model(x)
+        finally:
+            monitor._recorder.detach()
+
+    return max(0.0, median_seconds(hooked, repeats) - median_seconds(plain, repeats))
+
+
 def monitor_seconds(monitor: lightning_viz.VizCallback, model: torch.nn.Module, repeats: int) -> float:
     """Time the monitor's full call path (isolation, computation, rendering, writing) against a real event file."""
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
         monitor._sink = Sink(writer, [], is_global_zero=True)
-        trainer = types.SimpleNamespace(global_step=0, sanity_checking=False, current_epoch=0)
+        data = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))
+        trainer = _fake_trainer(*data)
         monitor._resolve(trainer, model)
+        if isinstance(monitor, lightning_viz.ActivationMonitor):
+            monitor._start(trainer)  # statistics of two batches, as a validation epoch would gather them
+            for i in range(2):
+                monitor._batch(i)
+                with torch.inference_mode():
+                    model.eval()(data[0][i * 128 : (i + 1) * 128])
+            monitor._recorder.detach()
 
         def call() -> None:
             trainer.global_step += 1
@@ -78,7 +123,12 @@ def main() -> None:
     rows = []
     for monitor in lightning_viz.default_suite():
         seconds = monitor_seconds(monitor, model, args.repeats)
-        overhead = seconds / monitor.every_n_epochs / epoch
+        per_epoch = seconds
+        if isinstance(monitor, lightning_viz.ActivationMonitor):
+            hooks = collection_seconds(monitor, model, args.repeats)
+            per_epoch += hooks * min(VAL_BATCHES, monitor.max_batches)
+            rows.append(("ActivationMonitor hooks, per validation batch", hooks, monitor.every_n_epochs, None))
+        overhead = per_epoch / monitor.every_n_epochs / epoch
         rows.append((type(monitor).__name__, seconds, monitor.every_n_epochs, overhead))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -90,8 +140,9 @@ def main() -> None:
     print(f"| training step | {step:.4f} | - | - |")
     print(f"| training epoch ({STEPS_PER_EPOCH} steps) | {epoch:.1f} | - | - |")
     for name, seconds, every, overhead in rows:
-        print(f"| {name} | {seconds:.4f} | {every} | {overhead:.3%} |")
-    total = sum(r[3] for r in rows)
+        share = "(in the row below)" if overhead is None else f"{overhead:.3%}"
+        print(f"| {name} | {seconds:.4f} | {every} | {share} |")
+    total = sum(r[3] for r in rows if r[3] is not None)
     print(f"| **default suite** | | | **{total:.3%}** |")
 
 

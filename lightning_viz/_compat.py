@@ -61,3 +61,14 @@ def is_tensorboard_logger(logger: Any) -> bool:
 
 def is_dummy_logger(logger: Any) -> bool:
     return isinstance(logger, DUMMY_LOGGERS)
+
+
+LIGHTNING_MODULES: tuple[type, ...] = _import_all("LightningModule")
+
+
+def is_overridden(method_name: str, instance: Any) -> bool:
+    """Whether ``instance``'s class overrides a ``LightningModule`` method (e.g. ``validation_step``)."""
+    for base in LIGHTNING_MODULES:
+        if isinstance(instance, base):
+            return getattr(type(instance), method_name, None) is not getattr(base, method_name, None)
+    return hasattr(instance, method_name)

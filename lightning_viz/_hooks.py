@@ -121,3 +121,56 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(module, attr, {}) or {})
     return total
+
+
+class CallSiteRecorder:
+    """Forward hooks that tell apart the call sites of a module used several times per forward.
+
+    torchvision's ResNet applies one ``self.relu`` twice per block: its outputs are different activations and must
+    not be mixed. The recorder counts each module's calls since the last :meth:`reset` (call it once per batch) and
+    passes ``(name, call_index)`` with each output to ``on_output``. Hooks live between :meth:`attach` and
+    :meth:`detach`; ``detach`` is safe to call twice.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], on_output: Callable[[str, int, Any], None]) -> None:
+        self._modules = dict(modules)
+        self._on_output = on_output
+        self._calls: dict[str, int] = {}
+        self._handles: list[Any] = []
+        #: Highest number of calls seen per module within one batch.
+        self.max_calls: dict[str, int] = {}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self._calls.clear()
+
+    def _hook(self, name: str) -> HookFn:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            index = self._calls.get(name, 0)
+            self._calls[name] = index + 1
+            self.max_calls[name] = max(self.max_calls.get(name, 0), index + 1)
+            self._on_output(name, index, output)
+
+        return hook
+
+    def site_name(self, name: str, index: int) -> str:
+        """``name`` for a module called once per forward, ``name#k`` (1-based) for the k-th call otherwise."""
+        return name if self.max_calls.get(name, 1) <= 1 else f"{name}#{index + 1}"

@@ -73,3 +73,14 @@ def resolve_layers(
             )
         resolved[name] = module
     return resolved
+
+
+def model_device(model: nn.Module):
+    """The device of a model's first parameter (or buffer); CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    import torch
+
+    return torch.device("cpu")

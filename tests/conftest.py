@@ -125,6 +125,9 @@ class Events:
 
     def text(self, tag: str) -> list[tuple[int, str]]:
         out = []
+        # torch's SummaryWriter.add_text stores a tag under "<tag>/text_summary"
+        if tag not in self.tags["tensors"]:
+            tag = f"{tag}/text_summary"
         for e in self.acc.Tensors(tag):
             out.append((e.step, e.tensor_proto.string_val[0].decode()))
         return out

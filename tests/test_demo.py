@@ -35,3 +35,7 @@ def test_demo_writes_filter_images_and_scalars(tmp_path):
     assert events.image_steps("filters/filmstrip/model.conv1") == [0, 4, 8]
     for stat in ("weight_norm", "noise_score", "distance_from_init"):
         assert [s for s, _ in events.scalars(f"filters/{stat}/model.conv1")] == [0, 4, 8]
+    for site in ("model.relu1", "model.relu2", "model.relu3"):
+        assert [s for s, _ in events.scalars(f"activations/dead_fraction/{site}")] == [4, 8]
+    assert events.image_steps("activations/maps/model.relu1") == [4, 8]
+    assert "| `model.relu3` |" in events.text("activations/dead_channels")[-1][1]

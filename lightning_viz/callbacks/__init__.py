@@ -1,6 +1,7 @@
 """One Lightning callback per file; each is thin: schedule, gather inputs, call ``functional``, render, write."""
 
+from lightning_viz.callbacks.activation_monitor import ActivationMonitor
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.callbacks.filter_monitor import FilterMonitor
 
-__all__ = ["FilterMonitor", "VizCallback"]
+__all__ = ["ActivationMonitor", "FilterMonitor", "VizCallback"]

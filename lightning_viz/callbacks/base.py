@@ -184,7 +184,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             rank_zero_warn(message)
 
     def _guard(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one visualization; on failure warn once and switch it off (``on_error="warn"``), or re-raise."""
+        """Run one visualization; on failure warn once and switch it off (``on_error="warn"``), or re-raise.
+
+        Returns ``fn``'s result, ``None`` when it is switched off, ``False`` when it failed just now.
+        """
         if key in self._disabled:
             return None
         try:
@@ -199,7 +202,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
                 f"{type(self).__name__}: {key!r} failed and is switched off for the rest of this run ({reason}). "
                 "Training goes on. Pass `on_error='raise'` to see the traceback.",
             )
-            return None
+            return False
 
     def _run(self, trainer: Any, pl_module: nn.Module, epochs_done: int) -> None:
         if not self._active or self._sink is None or trainer.sanity_checking:
@@ -207,6 +210,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         step = int(trainer.global_step)
         if self._last_step is not None and step <= self._last_step:
             return  # a step is never written twice for a tag
+        if not getattr(trainer, "is_global_zero", True):
+            self._last_step = step  # rank zero alone draws and writes; the others keep the same schedule
+            return
         started = time.perf_counter()
         with isolated(pl_module, grad=self.needs_grad):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)

@@ -1,0 +1,416 @@
+"""ActivationMonitor: per-channel firing rates, sparsity and dead units over a whole validation epoch, with history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_viz import render
+from lightning_viz._compat import is_overridden
+from lightning_viz._hooks import CallSiteRecorder
+from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
+from lightning_viz.callbacks.base import VizCallback, check_positive_int
+from lightning_viz.functional.activations import ChannelStats, activation_tiles
+from lightning_viz.probes import ProbeSet
+
+#: Modules that count as activations (sparsity is reported for all of them).
+ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Softplus,
+)
+#: Activations whose inactive output is exactly zero, so a channel can be *dead*.
+RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+_DEAD_COLOUR = torch.tensor([0.9, 0.0, 0.0])
+
+
+class ActivationMonitor(VizCallback):
+    """Sparsity and dead-unit accounting per activation call site, and activation maps of a probe image.
+
+    Statistics are streamed inside forward hooks over the validation batches the Trainer already runs on a logged
+    epoch (at most ``max_batches`` of them; no extra forward passes), into per-channel counters: activations are
+    never kept. Without a validation loop, the first ``max_batches`` training batches of a logged epoch are used.
+    Under DDP the counters are summed over all ranks before anything is judged dead.
+
+    A module applied several times per forward (torchvision's ResNet reuses ``relu`` in each block) is reported per
+    call site: ``layer1.0.relu#1``, ``layer1.0.relu#2``. Call sites are counted per batch, so a model that runs
+    several forward passes per validation step numbers the later passes' sites on from the first's.
+
+    Logged per site: scalars ``activations/sparsity/<site>`` (share of values <= 0), ``activations/mean/<site>``
+    and, for the ReLU family, ``activations/dead_fraction/<site>`` and ``activations/dead_count/<site>``; histograms
+    ``activations/firing_rate/<site>`` (per channel) and ``activations/values/<site>`` (a bounded random sample);
+    image ``activations/dead_history/<site>`` (rows = logged epochs, columns = channels coloured by firing rate,
+    dead channels red); text ``activations/dead_channels`` (dead channel indices per site); and image
+    ``activations/maps/<site>`` for the map layers: each channel's map of one probe image as a tile, on one colour
+    scale per site and call (stated as ``activations/map_scale/<site>``), dead channels framed in red.
+
+    Args:
+        layers: names of activation modules (``nn.ReLU``, ``nn.GELU``, ...); default: all of them.
+        pre_activation_layers: for models that apply ``F.relu`` functionally: names of the layers whose outputs are
+            fed to the ReLU; a value <= 0 counts as an inactive unit and these sites get dead counts.
+        count_dead: ``None`` (default) counts dead units where they are defined (the ReLU family and
+            ``pre_activation_layers``); ``True`` requires it and fails at setup for a site where it is not defined;
+            ``False`` never counts them.
+        max_batches: at most this many batches per logged epoch feed the statistics.
+        map_layers: module names whose activation maps are drawn; default: the first and the last monitored module.
+        probes: the probe whose maps are drawn (its image ``map_probe``); default: chosen from the validation data.
+        max_channels: at most this many channel tiles per map image.
+        history_length: logged epochs kept in the dead-channel history image.
+        histogram_samples: values sampled per site and epoch for the value histogram.
+        **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``. There is no baseline
+            (``log_baseline`` is ignored): statistics come from the Trainer's own batches, which start with epoch 1.
+    """
+
+    monitor_name = "activations"
+    default_every_n_epochs = 1
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[str] | None = None,
+        pre_activation_layers: Sequence[str] | None = None,
+        count_dead: bool | None = None,
+        max_batches: int = 50,
+        map_layers: Sequence[str] | None = None,
+        probes: ProbeSet | None = None,
+        map_probe: int = 0,
+        max_channels: int = 64,
+        history_length: int = 64,
+        histogram_samples: int = 4096,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["log_baseline"] = False
+        super().__init__(**kwargs)
+        for arg, value in (
+            ("layers", layers),
+            ("pre_activation_layers", pre_activation_layers),
+            ("map_layers", map_layers),
+        ):
+            if value is not None and (isinstance(value, str) or not all(isinstance(n, str) for n in value)):
+                raise TypeError(f"`{arg}` must be a list of layer names (str) or None, got {value!r}.")
+        if count_dead not in (None, True, False):
+            raise TypeError(f"`count_dead` must be None, True or False, got {count_dead!r}.")
+        for arg, value in (
+            ("max_batches", max_batches),
+            ("max_channels", max_channels),
+            ("history_length", history_length),
+            ("histogram_samples", histogram_samples),
+        ):
+            check_positive_int(arg, value)
+        if probes is not None and not isinstance(probes, ProbeSet):
+            raise TypeError(f"`probes` must be a lightning_viz.ProbeSet or None, got {type(probes).__name__}.")
+        if isinstance(map_probe, bool) or not isinstance(map_probe, int) or map_probe < 0:
+            raise ValueError(f"`map_probe` must be a non-negative int, got {map_probe!r}.")
+        self.layers = list(layers) if layers is not None else None
+        self.pre_activation_layers = list(pre_activation_layers) if pre_activation_layers is not None else None
+        self.count_dead = count_dead
+        self.max_batches = max_batches
+        self.map_layers = list(map_layers) if map_layers is not None else None
+        self.probes = probes if probes is not None else ProbeSet.auto(max(1, map_probe + 1), seed=self.seed)
+        self.map_probe = map_probe
+        self.max_channels = max_channels
+        self.history_length = history_length
+        self.histogram_samples = histogram_samples
+        self._modules: dict[str, nn.Module] = {}
+        self._dead_defined: dict[str, bool] = {}
+        self._map_modules: list[str] = []
+        self._recorder: CallSiteRecorder | None = None
+        self._stats: dict[tuple[str, int], ChannelStats] = {}
+        self._source = "val"
+        self._collecting = False
+        self._collected_epoch: int | None = None
+        self._history: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        #: The latest statistics per call site, for other monitors (e.g. the diagnosis) to read.
+        self.latest: dict[str, dict[str, Any]] = {}
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"layers": self.layers, "pre_activation_layers": self.pre_activation_layers}
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        modules: dict[str, nn.Module] = {}
+        dead: dict[str, bool] = {}
+        if self.layers is not None or self.pre_activation_layers is None:
+            if self.layers is None and not layers_of_kind(pl_module, ACTIVATION_KINDS):
+                candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
+                raise ValueError(
+                    "ActivationMonitor: the model has no activation modules (nn.ReLU, nn.GELU, ...) to hook; it "
+                    "probably applies F.relu functionally. Pass `pre_activation_layers=[...]` with the names of the "
+                    f"layers whose outputs are fed to the ReLU, e.g. from {candidates}."
+                )
+            resolved = resolve_layers(pl_module, self.layers, ACTIVATION_KINDS, argument="layers", default="all")
+            modules.update(resolved)
+            dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})
+        if self.pre_activation_layers is not None:
+            resolved = resolve_layers(
+                pl_module, self.pre_activation_layers, (nn.Module,), argument="pre_activation_layers"
+            )
+            modules.update(resolved)
+            dead.update({name: True for name in resolved})
+        if self.count_dead is True:
+            undefined = [f"{n!r} ({type(modules[n]).__name__})" for n, d in dead.items() if not d]
+            if undefined:
+                raise ValueError(
+                    "`count_dead=True`, but dead units are defined only for the ReLU family (nn.ReLU, nn.ReLU6) and "
+                    f"for `pre_activation_layers`; these layers are not: {', '.join(undefined)}. Use "
+                    "`count_dead=None` to report sparsity for them, or choose other `layers`."
+                )
+        elif self.count_dead is False:
+            dead = {name: False for name in dead}
+        if self.map_layers is None:
+            names = list(modules)
+            self._map_modules = names[:1] + names[-1:] if len(names) > 1 else names
+        else:
+            unknown = [n for n in self.map_layers if n not in modules]
+            if unknown:
+                raise ValueError(f"`map_layers`: {unknown} are not monitored layers; choose from {list(modules)[:40]}.")
+            self._map_modules = list(self.map_layers)
+        self._modules = modules
+        self._dead_defined = dead
+        self._release(pl_module)
+        self._recorder = CallSiteRecorder(modules, self._record)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._source = "val" if self._validation_expected(trainer, pl_module) else "train"
+
+    @staticmethod
+    def _validation_expected(trainer: Any, pl_module: Any) -> bool:
+        return is_overridden("validation_step", pl_module) and getattr(trainer, "limit_val_batches", 1.0) != 0
+
+    # ------------------------------------------------------------------------------------------- collection
+    def _record(self, name: str, index: int, output: Any) -> None:
+        # Runs inside the user's forward pass: a failure here must never reach their training.
+        if self._guard(self.monitor_name, self._accumulate, name, index, output) is False and self._recorder:
+            self._recorder.detach()
+            self._collecting = False
+
+    def _accumulate(self, name: str, index: int, output: Any) -> bool:
+        if not isinstance(output, torch.Tensor) or output.ndim < 2:
+            return True
+        stats = self._stats.get((name, index))
+        if stats is None:
+            stats = self._stats[(name, index)] = ChannelStats(
+                self.histogram_samples, self._generator(offset=len(self._stats))
+            )
+        stats.update(output)
+        return True
+
+    def _start(self, trainer: Any) -> None:
+        if not self._active or self._recorder is None or "activations" in self._disabled:
+            return
+        self._stats.clear()
+        self._recorder.max_calls.clear()
+        self._recorder.attach()
+        self._collecting = True
+
+    def _batch(self, batch_idx: int) -> None:
+        if not self._collecting or self._recorder is None:
+            return
+        self._recorder.reset()
+        if batch_idx >= self.max_batches:
+            self._recorder.detach()
+
+    def _finish(self, trainer: Any, pl_module: Any) -> None:
+        if not self._collecting or self._recorder is None:
+            return
+        self._recorder.detach()
+        self._collecting = False
+        if not self._stats:
+            return
+        self._collected_epoch = trainer.current_epoch
+        self._reduce(trainer)
+        self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
+
+    def _reduce(self, trainer: Any) -> None:
+        """Sum counters over all processes (every rank runs this collective, in the same site order)."""
+        if getattr(trainer, "world_size", 1) <= 1:
+            return
+        keys = sorted(self._stats)
+        packed = torch.cat([self._stats[k].counters() for k in keys], dim=1)
+        summed = trainer.strategy.reduce(packed, reduce_op="sum")
+        offset = 0
+        for key in keys:
+            width = self._stats[key].num_channels
+            self._stats[key].set_counters(summed[:, offset : offset + width])
+            offset += width
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._source == "val" and trainer.state.fn == "fit" and self._is_log_epoch(trainer):
+            self._start(trainer)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        self._batch(batch_idx)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._source == "val":
+            self._finish(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self._source == "train" and self._is_log_epoch(trainer):
+            self._start(trainer)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        if self._source == "train":
+            self._batch(batch_idx)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._source == "train":
+            self._finish(trainer, pl_module)
+            return
+        val_every = getattr(trainer, "check_val_every_n_epoch", 1) or 1
+        if (
+            self._active
+            and self._is_log_epoch(trainer)
+            and (trainer.current_epoch + 1) % val_every == 0
+            and self._collected_epoch != trainer.current_epoch
+        ):
+            self._warn_once(
+                "no validation",
+                f"ActivationMonitor: no validation batch ran in epoch {trainer.current_epoch} (empty validation "
+                f"loader?); from now on the statistics use up to `max_batches`={self.max_batches} training batches.",
+            )
+            self._source = "train"
+
+    def _runs_after_train_epoch(self) -> bool:
+        return False
+
+    def _release(self, pl_module: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+        self._collecting = False
+
+    def _cheaper_hint(self) -> str:
+        return "or lower `max_batches` / `max_channels` "
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def _sites(self) -> list[tuple[str, tuple[str, int]]]:
+        assert self._recorder is not None
+        order = {name: i for i, name in enumerate(self._modules)}
+        keys = sorted(self._stats, key=lambda k: (order[k[0]], k[1]))
+        return [(self._recorder.site_name(*key), key) for key in keys]
+
+    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        sites = self._sites()
+        dead_lines = []
+        for site, key in sites:
+            dead = self._guard(f"site {site}", self._log_site, site, key, step, epochs_done)
+            if isinstance(dead, str):
+                dead_lines.append(dead)
+        if dead_lines and self._sink is not None:
+            header = (
+                f"Dead channels after {epochs_done} epoch(s), step {step}:\n\n"
+                "| site | dead | channels |\n|---|---:|---|"
+            )
+            self._sink.text("activations/dead_channels", header + "\n" + "\n".join(dead_lines), step)
+        self._guard("maps", self._log_maps, trainer, pl_module, sites, step)
+
+    def _log_site(self, site: str, key: tuple[str, int], step: int, epochs_done: int) -> str | None:
+        sink = self._sink
+        assert sink is not None
+        stats = self._stats[key]
+        rate = stats.firing_rate()
+        scalars = {f"activations/sparsity/{site}": stats.sparsity(), f"activations/mean/{site}": stats.mean()}
+        latest: dict[str, Any] = {"sparsity": stats.sparsity(), "channels": stats.num_channels}
+        line = None
+        if self._dead_defined.get(key[0], False):
+            dead = stats.dead_mask()
+            count = int(dead.sum())
+            scalars[f"activations/dead_fraction/{site}"] = count / max(1, stats.num_channels)
+            scalars[f"activations/dead_count/{site}"] = count
+            indices = dead.nonzero().flatten().tolist()
+            latest.update(dead_fraction=count / max(1, stats.num_channels), dead_count=count, dead_channels=indices)
+            shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
+            line = f"| `{site}` | {count}/{stats.num_channels} | {shown or '-'} |"
+            history = self._history.setdefault(site, [])
+            history.append((f"ep {epochs_done}", rate.clone()))
+            del history[: -self.history_length]
+            sink.image(f"activations/dead_history/{site}", _history_image(history), step)
+        sink.scalars(scalars, step)
+        sink.histogram(f"activations/firing_rate/{site}", rate, step)
+        sink.histogram(f"activations/values/{site}", stats.samples(), step)
+        self.latest[site] = latest
+        return line
+
+    def _probe_image(self, trainer: Any) -> torch.Tensor:
+        if not self.probes.is_resolved:
+            loader = trainer.val_dataloaders if self._source == "val" else trainer.train_dataloader
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            self.probes.resolve(getattr(loader, "dataset", None), loader)
+        images = self.probes.images
+        assert images is not None
+        if self.map_probe >= len(images):
+            raise ValueError(f"`map_probe`={self.map_probe} but the probe set has {len(images)} image(s).")
+        return images[self.map_probe : self.map_probe + 1]
+
+    def _log_maps(self, trainer: Any, pl_module: nn.Module, sites: list, step: int) -> None:
+        if not self._map_modules or self._sink is None or not self._sink.writes_images:
+            return
+        image = self._probe_image(trainer).to(model_device(pl_module))
+        captured: dict[tuple[str, int], torch.Tensor] = {}
+
+        def keep(name: str, index: int, output: Any) -> None:
+            if name in self._map_modules and isinstance(output, torch.Tensor) and output.ndim == 4:
+                captured[(name, index)] = output[0].detach().float().cpu().clone()
+
+        recorder = CallSiteRecorder({n: self._modules[n] for n in self._map_modules}, keep)
+        recorder.attach()
+        try:
+            pl_module(image)
+        finally:
+            recorder.detach()
+        for site, key in sites:
+            if key not in captured:
+                continue
+            maps = captured[key][: self.max_channels]
+            finite = maps[torch.isfinite(maps)]
+            # The 99.5th percentile, not the maximum: one hot pixel would otherwise darken every tile of the site.
+            scale = float(torch.quantile(finite, 0.995)) if finite.numel() else 0.0
+            scale = scale if scale > 0 else 1.0
+            dead = self._stats[key].dead_mask()[: len(maps)] if self._dead_defined.get(key[0]) else None
+            tiles = activation_tiles(maps, scale, dead)
+            factor = render.upscale_factor(maps.shape[-1], 48)
+            grid = render.tile_grid(tiles, ncol=8, pad=1, upscale=factor)
+            self._sink.image(f"activations/maps/{site}", render.downsize(grid, 1024), step)
+            self._sink.scalars({f"activations/map_scale/{site}": scale}, step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "history": {k: [(label, rate.clone()) for label, rate in v] for k, v in self._history.items()},
+            "probes": self.probes.state_dict(),
+            "source": self._source,
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._history = {k: [(label, rate) for label, rate in v] for k, v in state.get("history", {}).items()}
+        if state.get("probes"):
+            self.probes.load_state_dict(state["probes"])
+        self._source = state.get("source", self._source)
+
+
+def _history_image(history: list[tuple[str, torch.Tensor]]) -> Any:
+    """Rows = logged epochs, columns = channels coloured by firing rate (viridis), dead channels red."""
+    rows = []
+    for label, rate in history:
+        channels = rate.numel()
+        cell = max(1, min(12, 768 // max(1, channels)))
+        colours = render.apply_colormap(rate.view(1, -1), "viridis")  # (3, 1, C)
+        colours[:, 0, rate == 0] = _DEAD_COLOUR.view(3, 1)
+        strip = colours.repeat_interleave(cell, dim=2).repeat_interleave(10, dim=1)
+        rows.append((label, render.to_uint8(strip)))
+    return render.filmstrip(rows, len(rows))
