@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_viz.callbacks import ActivationMonitor, FilterMonitor, VizCallback
+from lightning_viz.callbacks import ActivationMonitor, FilterMonitor, SaliencyMonitor, VizCallback
 from lightning_viz.probes import ProbeSet
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationMonitor", "FilterMonitor", "ProbeSet", "VizCallback", "default_suite", "__version__"]
+__all__ = [
+    "ActivationMonitor",
+    "FilterMonitor",
+    "SaliencyMonitor",
+    "ProbeSet",
+    "VizCallback",
+    "default_suite",
+    "__version__",
+]
 
 # Monitors in the default suite, by the keyword that configures each in `default_suite(...)`.
-_SUITE: dict[str, type[VizCallback]] = {"filters": FilterMonitor, "activations": ActivationMonitor}
+_SUITE: dict[str, type[VizCallback]] = {
+    "filters": FilterMonitor,
+    "activations": ActivationMonitor,
+    "saliency": SaliencyMonitor,
+}
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 
 

@@ -188,3 +188,77 @@ def filmstrip(rows: Sequence[tuple[str, np.ndarray]], max_rows: int) -> np.ndarr
     """The most recent ``max_rows`` labelled rows (e.g. one per logged epoch), oldest at the top."""
     recent = list(rows)[-max_rows:]
     return stack_rows([label_left(img, label) for label, img in recent])
+
+
+# Ten distinguishable colours (matplotlib's "tab10") for class maps; classes beyond 10 reuse them.
+CATEGORICAL = torch.tensor(
+    [
+        [0.122, 0.467, 0.706],
+        [1.000, 0.498, 0.055],
+        [0.173, 0.627, 0.173],
+        [0.839, 0.153, 0.157],
+        [0.580, 0.404, 0.741],
+        [0.549, 0.337, 0.294],
+        [0.890, 0.467, 0.761],
+        [0.498, 0.498, 0.498],
+        [0.737, 0.741, 0.133],
+        [0.090, 0.745, 0.812],
+    ]
+)
+
+
+def display_image(x: torch.Tensor) -> torch.Tensor:
+    """An input image for display: min-max stretched to [0, 1], grayscale expanded to RGB. (C, H, W) -> (3, H, W)."""
+    x = x.detach().float().cpu()
+    x = torch.nan_to_num(x)
+    lo, hi = x.min(), x.max()
+    x = (x - lo) / (hi - lo) if hi > lo else torch.full_like(x, 0.5)
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+
+
+def robust_unit(heat: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
+    """Scale a non-negative map by its ``quantile`` (so one extreme pixel does not darken the rest), clip to [0, 1]."""
+    heat = torch.nan_to_num(heat.detach().float().cpu())
+    scale = float(torch.quantile(heat.flatten(), quantile)) if heat.numel() else 0.0
+    return (heat / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(heat)
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor, colormap: str = "inferno", alpha: float = 0.6) -> torch.Tensor:
+    """A heat map in [0, 1] blended over the grayscale of ``image``. (3, H, W), (H, W) -> (3, H, W)."""
+    gray = image.mean(dim=0, keepdim=True).expand(3, -1, -1)
+    return (1 - alpha) * gray + alpha * apply_colormap(heat, colormap)
+
+
+def signed_image(g: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
+    """A signed input-space map (e.g. guided backprop) as an image: 0 grey, scaled by the ``quantile`` of ``|g|``."""
+    g = torch.nan_to_num(g.detach().float().cpu())
+    scale = float(torch.quantile(g.abs().flatten(), quantile)) if g.numel() else 0.0
+    out = (g / (2 * scale) + 0.5).clamp(0, 1) if scale > 0 else torch.full_like(g, 0.5)
+    return out.expand(3, -1, -1) if out.shape[0] == 1 else out[:3]
+
+
+def class_map(classes: torch.Tensor) -> torch.Tensor:
+    """A map of class indices in categorical colours. (H, W) -> (3, H, W)."""
+    return CATEGORICAL[classes.long().cpu() % len(CATEGORICAL)].permute(2, 0, 1)
+
+
+def header(labels: Sequence[str], tile_width: int, left: int = 64, height: int = 14, pad: int = 1) -> np.ndarray:
+    """A white strip with one label per column of a :func:`tile_grid` (tiles ``tile_width`` wide, ``pad`` apart)."""
+    width = left + pad + len(labels) * (tile_width + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((left + pad + i * (tile_width + pad) + 2, 1), label[: max(1, tile_width // 6)], fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def resize_tiles(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N, 3, h, w) tiles to (N, 3, size, size): nearest when enlarging by an integer factor, else bilinear."""
+    import torch.nn.functional as F
+
+    h, w = tiles.shape[-2:]
+    if (h, w) == (size, size):
+        return tiles
+    if size % h == 0 and size % w == 0:
+        return F.interpolate(tiles, size=(size, size), mode="nearest")
+    return F.interpolate(tiles, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)

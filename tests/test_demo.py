@@ -39,3 +39,5 @@ def test_demo_writes_filter_images_and_scalars(tmp_path):
         assert [s for s, _ in events.scalars(f"activations/dead_fraction/{site}")] == [4, 8]
     assert events.image_steps("activations/maps/model.relu1") == [4, 8]
     assert "| `model.relu3` |" in events.text("activations/dead_channels")[-1][1]
+    assert events.image_steps("saliency/grid") == [0, 8]  # every 2 epochs by default
+    assert events.image_steps("saliency/filmstrip/probe_00") == [0, 8]

@@ -1,0 +1,158 @@
+"""Batched occlusion sensitivity (Zeiler & Fergus): slide a baseline-valued square over the image, watch the output.
+
+All occluded images of all positions (and all input images) are built chunk by chunk and evaluated in batches that
+stay within ``max_batch_bytes`` of occluded input, not one forward pass per position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_viz.functional.saliency import capture_outputs
+
+
+def occlusion_grid(height: int, width: int, window: int, stride: int) -> tuple[list[int], list[int]]:
+    """Top and left offsets of the occluding window: 0, stride, 2*stride, ... while the window fits."""
+    if window < 1 or stride < 1:
+        raise ValueError(f"`window` and `stride` must be >= 1, got window={window}, stride={stride}.")
+    if window > height or window > width:
+        raise ValueError(f"occlusion `window`={window} is larger than the image ({height}x{width}).")
+    return list(range(0, height - window + 1, stride)), list(range(0, width - window + 1, stride))
+
+
+@dataclass
+class OcclusionResult:
+    """Model outputs with the window at each position.
+
+    Attributes:
+        logits: (N, gh, gw, K) output with the window at each grid position.
+        clean_logits: (N, K) output on the unoccluded images.
+        tops, lefts: the window's offsets along each grid axis.
+        window: the window's side.
+        layer_total: (N, gh, gw) total activation of the chosen layer's strongest channel (on the clean image),
+            or ``None`` when no layer was given.
+    """
+
+    logits: torch.Tensor
+    clean_logits: torch.Tensor
+    tops: list[int]
+    lefts: list[int]
+    window: int
+    layer_total: torch.Tensor | None = None
+
+    def probability(self, target: torch.Tensor) -> torch.Tensor:
+        """Softmax probability of each image's ``target`` class at each position, (N, gh, gw)."""
+        probs = self.logits.float().softmax(dim=-1)
+        index = target.to(probs.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
+        return probs.gather(-1, index).squeeze(-1)
+
+    def rows(self, index: torch.Tensor) -> OcclusionResult:
+        """The results of images ``index`` (e.g. one row per image and target class), in that order."""
+        index = index.to(self.logits.device)
+        total = self.layer_total[index] if self.layer_total is not None else None
+        return OcclusionResult(self.logits[index], self.clean_logits[index], self.tops, self.lefts, self.window, total)
+
+    def top_class(self) -> torch.Tensor:
+        """The most probable class at each position, (N, gh, gw)."""
+        return self.logits.argmax(dim=-1)
+
+
+@torch.no_grad()
+def occlusion(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    window: int = 8,
+    stride: int = 4,
+    baseline: float = 0.0,
+    max_batch_bytes: int = 64 * 2**20,
+    layer: nn.Module | None = None,
+) -> OcclusionResult:
+    """Evaluate ``model`` on every occluded copy of every image, in memory-bounded batches.
+
+    Args:
+        window: side of the square (all channels are occluded).
+        stride: step between window positions.
+        baseline: the value written into the window (0 is the mean colour for standardised inputs: grey).
+        max_batch_bytes: at most this many bytes of occluded images per forward pass.
+        layer: optionally, a module whose strongest channel's total activation is recorded at each position.
+
+    Shape:
+        x: (N, C, H, W).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"`x` must have shape (N, C, H, W), got {tuple(x.shape)}.")
+    n, c, h, w = x.shape
+    tops, lefts = occlusion_grid(h, w, window, stride)
+    positions = [(t, lf) for t in tops for lf in lefts]
+    per_image = x[0].numel() * x.element_size()
+    chunk = max(1, max_batch_bytes // per_image)
+    with torch.inference_mode(False):  # plain tensors: a model's in-place ops may need them
+        x = x.detach().clone()
+        channel = None
+        with capture_outputs([layer] if layer is not None else []) as captured:
+            clean = model(x).detach()
+            if layer is not None:
+                acts = captured[0][-1]
+                channel = acts.flatten(2).sum(-1).argmax(dim=1)  # (N,) strongest channel per image
+                captured[0].clear()
+            pairs = [(i, p) for i in range(n) for p in range(len(positions))]
+            outputs, totals = [], []
+            for start in range(0, len(pairs), chunk):
+                batch_pairs = pairs[start : start + chunk]
+                images = x[[i for i, _ in batch_pairs]].clone()
+                for row, (_, p) in enumerate(batch_pairs):
+                    t, lf = positions[p]
+                    images[row, :, t : t + window, lf : lf + window] = baseline
+                outputs.append(model(images).detach())
+                if layer is not None:
+                    acts = captured[0][-1]
+                    captured[0].clear()
+                    idx = channel[[i for i, _ in batch_pairs]]
+                    totals.append(acts.flatten(2).sum(-1).gather(1, idx.view(-1, 1)).squeeze(1).detach())
+    logits = torch.cat(outputs).view(n, len(tops), len(lefts), -1)
+    layer_total = torch.cat(totals).view(n, len(tops), len(lefts)) if layer is not None else None
+    return OcclusionResult(logits, clean, tops, lefts, window, layer_total)
+
+
+def occlusion_attribution(result: OcclusionResult, target: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel attribution as Captum's ``Occlusion`` defines it: the drop of the target score when a window covering
+    the pixel is occluded, averaged over every window position that covers it (0 where none does).
+
+    Shape:
+        returns (N, H, W).
+    """
+    h, w = image_size
+    n = result.logits.shape[0]
+    target = target.to(result.logits.device).view(-1)
+    clean = result.clean_logits.gather(1, target.view(-1, 1)).view(n, 1, 1)
+    occluded = result.logits.gather(-1, target.view(-1, 1, 1, 1).expand(-1, *result.logits.shape[1:3], 1))
+    drop = clean - occluded.squeeze(-1)  # (N, gh, gw)
+    total = torch.zeros(n, h, w, dtype=drop.dtype, device=drop.device)
+    count = torch.zeros(h, w, dtype=drop.dtype, device=drop.device)
+    k = result.window
+    for gi, t in enumerate(result.tops):
+        for gj, lf in enumerate(result.lefts):
+            total[:, t : t + k, lf : lf + k] += drop[:, gi, gj].view(n, 1, 1)
+            count[t : t + k, lf : lf + k] += 1
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def upsample_grid(grid: torch.Tensor, result: OcclusionResult, image_size: tuple[int, int]) -> torch.Tensor:
+    """Paint each grid value over its window's centre area so the map lines up with the image. (N, gh, gw) -> (N, H, W).
+
+    Each pixel takes the value of the window position whose centre is nearest (positions lie on a regular grid).
+    """
+    h, w = image_size
+    k = result.window
+    centres_y = torch.tensor([t + (k - 1) / 2 for t in result.tops])
+    centres_x = torch.tensor([lf + (k - 1) / 2 for lf in result.lefts])
+    iy = (torch.arange(h).view(-1, 1) - centres_y.view(1, -1)).abs().argmin(dim=1)
+    ix = (torch.arange(w).view(-1, 1) - centres_x.view(1, -1)).abs().argmin(dim=1)
+    return grid[:, iy][:, :, ix]
+
+
+__all__ = ["OcclusionResult", "occlusion", "occlusion_attribution", "occlusion_grid", "upsample_grid"]

@@ -1,0 +1,354 @@
+"""Gradient-based saliency on a plain ``nn.Module``, batched over images. Pure functions, no Trainer.
+
+Every method explains the *score* of a target class: the model's output (logit, before any softmax) at that class.
+Gradients are taken with ``torch.autograd.grad`` w.r.t. a clone of the input, so no parameter's ``.grad`` is touched;
+parameters are frozen (``requires_grad=False``) for the duration, so autograd builds no weight-gradient graph, and
+their flags are restored afterwards. The functions work inside ``torch.inference_mode`` (Lightning's validation):
+they leave it locally. They do not change the model's train/eval mode: call ``model.eval()`` first (and restore it).
+
+Methods:
+    - :func:`gradient` / :func:`vanilla_gradient`: ``d score / d x`` (Simonyan et al.); the map is ``|grad|`` maxed
+      over colour channels.
+    - :func:`smoothgrad`: the mean ``|grad|`` over ``n`` noisy copies, noise sigma = ``noise_level * (x_max - x_min)``
+      per image (Smilkov et al.).
+    - :func:`guided_backprop` and :func:`deconvnet`: gradients with the ReLU backward rule replaced (Springenberg et
+      al.; Zeiler & Fergus): guided passes ``clamp(grad, 0) * (input > 0)``, deconvnet ``clamp(grad, 0)``.
+    - :func:`grad_cam`: channel weights = spatial mean of ``d score / d A`` for a conv layer's output ``A``,
+      map = ``relu(sum_k w_k A_k)`` (Selvaraju et al.).
+    - :func:`fullgrad`: ``|grad * x|`` plus ``|d score / d out_l * b_l|`` for every conv / BatchNorm bias, each
+      min-max normalised per image and summed over channels, bias terms upsampled (Srinivas & Fleuret, 2019).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_RELU_RULES = ("guided", "deconvnet")
+
+
+@contextlib.contextmanager
+def gradient_context(model: nn.Module) -> Iterator[None]:
+    """Enable autograd (also inside ``inference_mode``) and freeze the model's parameters; restore both on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """A frozen copy of an eval-mode model for fast repeated forward/backward passes over its *input*.
+
+    Convolutions and the BatchNorm after them are folded into one convolution (``torch.fx``'s ``fuse``; exact up to
+    float rounding in eval mode), parameters are frozen and, on request, stored channels-last (faster CPU and GPU
+    convolutions). Models that ``torch.fx`` cannot trace are deep-copied unfused; if even that fails the model itself
+    is returned (its parameters are then frozen only inside :func:`gradient_context`). Use the copy for input-space
+    methods (gradient, SmoothGrad, guided backprop, deconvnet, occlusion), not for layer methods (Grad-CAM,
+    FullGrad), whose layers the fusion replaces. ReLU modules survive the fusion, so ReLU rules still apply.
+    """
+    import copy
+
+    if model.training:
+        raise ValueError("inference_copy needs a model in eval mode (BatchNorm folding uses the running statistics).")
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fast = fuse(model)
+    except Exception:
+        try:
+            fast = copy.deepcopy(model)
+        except Exception:
+            return model
+    fast.eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    return fast
+
+
+def _check_inputs(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"`x` must be a float tensor of shape (N, C, H, W), got {shape}.")
+    target = torch.as_tensor(target, device=x.device).long().flatten()
+    if target.numel() == 1 and len(x) > 1:
+        target = target.expand(len(x))
+    if target.numel() != len(x):
+        raise ValueError(f"`target` has {target.numel()} entries for {len(x)} images.")
+    return target
+
+
+def target_scores(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The output at each row's target class. Shape: (N, K), (N,) -> (N,)."""
+    if output.ndim != 2:
+        raise ValueError(f"the model must return class scores of shape (N, K), got {tuple(output.shape)}.")
+    return output.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    # A clone outside inference mode: the model's in-place ops must not touch the caller's tensor.
+    return x.detach().clone().requires_grad_(True)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """``d score[target] / d x`` per image, computed in chunks of ``batch_size``.
+
+    Shape:
+        x: (N, C, H, W); target: (N,) or scalar. Returns (N, C, H, W).
+    """
+    target = _check_inputs(x, target)
+    grads = []
+    with gradient_context(model):
+        for start in range(0, len(x), batch_size):
+            xb = _fresh(x[start : start + batch_size])
+            scores = target_scores(model(xb), target[start : start + batch_size])
+            (g,) = torch.autograd.grad(scores.sum(), xb)
+            grads.append(g.detach())
+    return torch.cat(grads)
+
+
+def gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Vanilla gradient map: ``|d score / d x|``, max over colour channels. Shape: (N, C, H, W) -> (N, H, W)."""
+    return input_gradient(model, x, target, batch_size=batch_size).abs().amax(dim=1)
+
+
+vanilla_gradient = gradient
+
+
+def smoothgrad(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    n: int = 25,
+    noise_level: float = 0.15,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    batch_size: int = 64,
+    reduce: bool = True,
+) -> torch.Tensor:
+    """SmoothGrad: the mean of ``|grad|`` over ``n`` noisy copies of each image.
+
+    Args:
+        noise_level: sigma of the Gaussian noise relative to each image's value range ``x_max - x_min``.
+        generator: source of the noise (a private generator keeps the global RNG untouched).
+        noise: explicit noise of shape (N, n, C, H, W) (then ``noise_level`` and ``generator`` are unused).
+        batch_size: noisy images per forward/backward pass.
+        reduce: max over colour channels (a map per image) instead of per-channel values.
+
+    Shape:
+        x: (N, C, H, W). Returns (N, H, W) with ``reduce``, else (N, C, H, W).
+    """
+    target = _check_inputs(x, target)
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n}.")
+    if noise is not None:
+        if noise.shape != (len(x), n, *x.shape[1:]):
+            raise ValueError(f"`noise` must have shape {(len(x), n, *x.shape[1:])}, got {tuple(noise.shape)}.")
+    sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (N,)
+    total = torch.zeros_like(x, dtype=torch.float32)
+    flat = len(x) * n
+    with gradient_context(model):
+        for start in range(0, flat, batch_size):
+            idx = torch.arange(start, min(start + batch_size, flat), device=x.device)
+            image = idx // n
+            if noise is not None:
+                eps = noise.reshape(flat, *x.shape[1:])[idx].to(x.device, x.dtype)
+            else:
+                eps = torch.randn((len(idx), *x.shape[1:]), generator=generator, device="cpu").to(x.device, x.dtype)
+                eps = eps * sigma[image].view(-1, 1, 1, 1)
+            xb = _fresh(x[image] + eps)
+            scores = target_scores(model(xb), target[image])
+            (g,) = torch.autograd.grad(scores.sum(), xb)
+            total.index_add_(0, image, g.detach().abs().float())
+    mean = total / n
+    return mean.amax(dim=1) if reduce else mean
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (out > 0)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.clamp(min=0)
+
+
+def relu_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.ReLU)]
+
+
+@contextlib.contextmanager
+def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[int]:
+    """Swap every ``nn.ReLU``'s forward for an out-of-place ReLU with the ``rule`` backward; restore on exit.
+
+    The swap is on the module instance, so a ReLU module applied several times per forward gets the rule at every
+    call, and ``inplace=True`` modules never modify our tensors (their ``inplace`` flag itself is untouched).
+    Yields the number of modules swapped (0: functional ``F.relu`` calls cannot be overridden).
+    """
+    if rule not in _RELU_RULES:
+        raise ValueError(f"`rule` must be one of {list(_RELU_RULES)}, got {rule!r}.")
+    function = _GuidedReLU if rule == "guided" else _DeconvReLU
+    swapped: list[nn.Module] = []
+    try:
+        for module in relu_modules(model):
+            module.forward = function.apply  # instance attribute shadows the class's forward
+            swapped.append(module)
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            module.__dict__.pop("forward", None)
+
+
+def _relu_rule_gradient(model, x, target, rule: str, batch_size: int) -> torch.Tensor:
+    with relu_backward_rule(model, rule) as count:
+        if count == 0:
+            warnings.warn(
+                f"{rule}: the model has no nn.ReLU modules, so its ReLU backward rule cannot be replaced (functional "
+                "F.relu calls cannot be overridden); the result is the plain gradient. Use nn.ReLU modules.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return input_gradient(model, x, target, batch_size=batch_size)
+
+
+def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Guided backpropagation: signed input-space gradients. Shape: (N, C, H, W) -> (N, C, H, W)."""
+    return _relu_rule_gradient(model, x, target, "guided", batch_size)
+
+
+def deconvnet(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Deconvnet: signed input-space reconstructions. Shape: (N, C, H, W) -> (N, C, H, W)."""
+    return _relu_rule_gradient(model, x, target, "deconvnet", batch_size)
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Forward hooks keeping each module's output tensors (per call) with their graph; removed on exit.
+
+    The hook hands the rest of the network a *clone*: an in-place op downstream (``out += identity`` in a ResNet,
+    an in-place ReLU) then cannot modify the tensor we differentiate with respect to.
+    """
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = []
+
+    def make(i: int):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                captured[i].append(output)
+                return output.clone()
+            return None
+
+        return hook
+
+    try:
+        for i, module in enumerate(modules):
+            handles.append(module.register_forward_hook(make(i)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def grad_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    layer: nn.Module,
+    *,
+    relu: bool = True,
+    upsample: bool = True,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Grad-CAM of ``layer`` (a module with (N, K, h, w) output; its last call per forward is used).
+
+    Shape:
+        x: (N, C, H, W). Returns (N, H, W) with ``upsample`` (bilinear), else (N, h, w).
+    """
+    target = _check_inputs(x, target)
+    maps = []
+    with gradient_context(model):
+        for start in range(0, len(x), batch_size):
+            xb = _fresh(x[start : start + batch_size])
+            with capture_outputs([layer]) as captured:
+                scores = target_scores(model(xb), target[start : start + batch_size])
+            if not captured[0]:
+                raise RuntimeError("the Grad-CAM layer was not called in the forward pass.")
+            acts = captured[0][-1]
+            if acts.ndim != 4:
+                raise ValueError(f"the Grad-CAM layer's output must be (N, K, h, w), got {tuple(acts.shape)}.")
+            (g,) = torch.autograd.grad(scores.sum(), acts)
+            cam = (g.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1).detach()
+            maps.append(cam.clamp(min=0) if relu else cam)
+    cam = torch.cat(maps)
+    if upsample:
+        cam = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    return cam
+
+
+def effective_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a layer adds to its output: a conv's ``bias``; for BatchNorm in eval, ``beta - mean * gamma / std``."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return None if module.bias is None else module.bias.detach()
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.running_mean is None or module.running_var is None:
+            return None
+        gamma = module.weight.detach() if module.weight is not None else torch.ones_like(module.running_mean)
+        beta = module.bias.detach() if module.bias is not None else torch.zeros_like(module.running_mean)
+        return beta - module.running_mean * gamma / torch.sqrt(module.running_var + module.eps)
+    return None
+
+
+def _minmax(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    t = t.abs()
+    flat = t.flatten(1)
+    t = t - flat.amin(1).view(-1, *[1] * (t.ndim - 1))
+    return t / (t.flatten(1).amax(1).view(-1, *[1] * (t.ndim - 1)) + eps)
+
+
+def fullgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """FullGrad saliency (input-gradient term plus every conv/BatchNorm bias-gradient term). Shape -> (N, H, W)."""
+    target = _check_inputs(x, target)
+    layers = [m for m in model.modules() if effective_bias(m) is not None]
+    out = []
+    with gradient_context(model):
+        for start in range(0, len(x), batch_size):
+            xb = _fresh(x[start : start + batch_size])
+            with capture_outputs(layers) as captured:
+                scores = target_scores(model(xb), target[start : start + batch_size])
+            sites = [(layer, t) for layer, outs in zip(layers, captured) for t in outs if t.ndim == 4]
+            grads = torch.autograd.grad(scores.sum(), [xb] + [t for _, t in sites], allow_unused=True)
+            saliency = _minmax(grads[0] * xb.detach()).sum(dim=1)
+            for (layer, _), g in zip(sites, grads[1:]):
+                if g is None:
+                    continue
+                term = _minmax(g * effective_bias(layer).view(1, -1, 1, 1))
+                term = F.interpolate(term, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                saliency = saliency + term.sum(dim=1)
+            out.append(saliency.detach())
+    return torch.cat(out)
