@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_viz.callbacks import ActivationMonitor, FilterMonitor, SaliencyMonitor, VizCallback
+from lightning_viz.callbacks import ActivationMonitor, EmbeddingMonitor, FilterMonitor, SaliencyMonitor, VizCallback
 from lightning_viz.probes import ProbeSet
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ _SUITE: dict[str, type[VizCallback]] = {
     "filters": FilterMonitor,
     "activations": ActivationMonitor,
     "saliency": SaliencyMonitor,
+    "embedding": EmbeddingMonitor,
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 

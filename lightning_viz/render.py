@@ -262,3 +262,68 @@ def resize_tiles(tiles: torch.Tensor, size: int) -> torch.Tensor:
     if size % h == 0 and size % w == 0:
         return F.interpolate(tiles, size=(size, size), mode="nearest")
     return F.interpolate(tiles, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def scatter(
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    size: int = 480,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+    radius: int = 2,
+) -> np.ndarray:
+    """A 2-D scatter plot of points coloured by class, with a legend. (N, 2) -> (H, W, 3) uint8.
+
+    Without labels every point is grey and there is no legend.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    margin, legend_w = 12, 0
+    classes: list[int] = []
+    if labels is not None:
+        classes = sorted(int(c) for c in np.unique(labels))
+        legend_w = 110
+    canvas = Image.new("RGB", (size + legend_w, size + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0))
+    finite = np.isfinite(coords).all(axis=1)
+    if finite.any():
+        lo, hi = coords[finite].min(0), coords[finite].max(0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        xy = (coords - lo) / span * (size - 2 * margin) + margin
+        palette = (CATEGORICAL.numpy() * 255).astype(int)
+        for i in np.flatnonzero(finite):
+            x, y = xy[i, 0], xy[i, 1] + 16
+            colour = (128, 128, 128) if labels is None else tuple(palette[int(labels[i]) % len(palette)])
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+    for row, c in enumerate(classes[:40]):
+        colour = tuple((CATEGORICAL[c % len(CATEGORICAL)].numpy() * 255).astype(int))
+        top = 20 + row * 13
+        draw.rectangle((size + 6, top, size + 14, top + 8), fill=colour)
+        name = class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
+        draw.text((size + 18, top - 2), name[:14], fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def hstack(images: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Place (H_i, W_i, 3) uint8 images side by side, top-aligned, on white."""
+    height = max(img.shape[0] for img in images)
+    width = sum(img.shape[1] for img in images) + gap * (len(images) - 1)
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    left = 0
+    for img in images:
+        out[: img.shape[0], left : left + img.shape[1]] = img
+        left += img.shape[1] + gap
+    return out
+
+
+def frame(tiles: torch.Tensor, colours: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """Draw a coloured frame of ``width`` pixels inside each tile. (N, 3, h, w), (N, 3) -> (N, 3, h, w)."""
+    out = tiles.clone()
+    c = colours.view(-1, 3, 1, 1)
+    out[:, :, :width, :] = c
+    out[:, :, -width:, :] = c
+    out[:, :, :, :width] = c
+    out[:, :, :, -width:] = c
+    return out

@@ -41,3 +41,6 @@ def test_demo_writes_filter_images_and_scalars(tmp_path):
     assert "| `model.relu3` |" in events.text("activations/dead_channels")[-1][1]
     assert events.image_steps("saliency/grid") == [0, 8]  # every 2 epochs by default
     assert events.image_steps("saliency/filmstrip/probe_00") == [0, 8]
+    assert events.image_steps("embedding/map") == [0, 8]
+    assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 8]
+    assert os.path.exists(tmp_path / "photos" / "version_0" / "projector_config.pbtxt")

@@ -57,14 +57,20 @@ def test_no_hooks_or_mode_changes_after_fit(tmp_path, pl_ns):
 
 def test_default_suite_options():
     suite = lightning_viz.default_suite(every_n_epochs=3, filters={"max_filters": 8}, seed=5)
-    assert [type(cb).__name__ for cb in suite] == ["FilterMonitor", "ActivationMonitor", "SaliencyMonitor"]
+    assert [type(cb).__name__ for cb in suite] == [
+        "FilterMonitor",
+        "ActivationMonitor",
+        "SaliencyMonitor",
+        "EmbeddingMonitor",
+    ]
     assert all(cb.every_n_epochs == 3 and cb.seed == 5 for cb in suite)
     assert suite[0].max_filters == 8
     assert [type(cb).__name__ for cb in lightning_viz.default_suite(filters=False)] == [
         "ActivationMonitor",
         "SaliencyMonitor",
+        "EmbeddingMonitor",
     ]
-    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2]
+    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 2]
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['filter'\]"):
         lightning_viz.default_suite(filter={})
     with pytest.raises(TypeError, match=r"`filters` must be a dict of FilterMonitor options or False"):

@@ -1,0 +1,107 @@
+"""Feature-space quality: k-NN accuracy, silhouette, nearest neighbours, 2-D projections and their alignment.
+
+Distances are cosine distances on the features (1 - cosine similarity), the usual choice for penultimate-layer codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# The projections live in the worker module (numpy-only imports, so the child process starts fast); they are
+# re-exported here for direct use.
+from lightning_viz._projection_worker import PROJECTIONS as PROJECTIONS
+from lightning_viz._projection_worker import pca_2d as pca_2d
+from lightning_viz._projection_worker import project as project
+
+
+def _normalise(features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(features.detach().float(), dim=1)
+
+
+def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine distances. Shape: (N, D), (M, D) -> (N, M)."""
+    return (1.0 - _normalise(a) @ _normalise(b).T).clamp_min(0)
+
+
+def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Leave-one-out k-NN accuracy (majority vote of the k nearest others, ties to the nearest's class).
+
+    Shape:
+        features: (N, D); labels: (N,). Returns the share of points whose vote equals their label.
+    """
+    n = len(features)
+    if n < 2:
+        raise ValueError("k-NN accuracy needs at least 2 points.")
+    k = min(k, n - 1)
+    dist = cosine_distances(features, features)
+    dist.fill_diagonal_(float("inf"))
+    order = dist.topk(k, largest=False).indices  # (N, k), nearest first
+    neighbour_labels = labels[order]
+    num_classes = int(labels.max()) + 1
+    votes = torch.zeros(n, num_classes).scatter_add_(1, neighbour_labels, torch.ones(n, k))
+    # break ties in favour of the nearest neighbour's class
+    votes.scatter_add_(1, neighbour_labels[:, :1], torch.full((n, 1), 0.5))
+    return float((votes.argmax(1) == labels).float().mean())
+
+
+def silhouette(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette coefficient with cosine distance, in [-1, 1]: near 1 = tight, well-separated classes."""
+    dist = cosine_distances(features, features)
+    classes = labels.unique()
+    if len(classes) < 2:
+        return float("nan")
+    onehot = (labels.view(-1, 1) == classes.view(1, -1)).float()  # (N, C)
+    sums = dist @ onehot  # total distance to each class
+    counts = onehot.sum(0)
+    own = onehot.bool()
+    own_counts = (counts.view(1, -1).expand_as(sums)[own] - 1).clamp_min(1)
+    a = sums[own] / own_counts
+    mean_other = sums / counts.view(1, -1)
+    mean_other[own] = float("inf")
+    b = mean_other.min(1).values
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    singleton = counts.view(1, -1).expand_as(sums)[own] <= 1
+    s[singleton] = 0.0
+    return float(s.mean())
+
+
+def nearest_neighbours(query: torch.Tensor, features: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest ``features`` rows of each query, skipping exact duplicates of the query (distance ~0).
+
+    Returns:
+        (indices, distances), each (Q, k), nearest first.
+    """
+    dist = cosine_distances(query, features)
+    dist[dist < 1e-6] = float("inf")
+    k = min(k, features.shape[0])
+    result = dist.topk(k, largest=False)
+    return result.indices, result.values
+
+
+def procrustes_align(coords: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Rotate/reflect, scale and shift ``coords`` to best match ``reference`` (same points, same order).
+
+    Successive maps of the same points then don't flip or spin between epochs; their shape is unchanged.
+    """
+    if coords.shape != reference.shape:
+        raise ValueError(f"shapes differ: {coords.shape} vs {reference.shape}.")
+    mu_c, mu_r = coords.mean(0), reference.mean(0)
+    c, r = coords - mu_c, reference - mu_r
+    u, s, vt = np.linalg.svd(c.T @ r)
+    rotation = u @ vt
+    scale = s.sum() / max((c**2).sum(), 1e-12)
+    return (c @ rotation * scale + mu_r).astype(np.float32)
+
+
+def subset_indices(size: int, count: int, seed: int) -> list[int]:
+    """A fixed, seeded choice of ``min(count, size)`` dataset indices, in increasing order."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(size, generator=gen)[: min(count, size)]
+    return sorted(chosen.tolist())
+
+
+def labels_or_none(labels: Sequence[int | None]) -> torch.Tensor | None:
+    return None if any(lb is None for lb in labels) else torch.tensor(list(labels), dtype=torch.long)
