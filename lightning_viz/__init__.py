@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_viz.callbacks import ActivationMonitor, EmbeddingMonitor, FilterMonitor, SaliencyMonitor, VizCallback
+from lightning_viz.callbacks import (
+    ActivationMonitor,
+    EmbeddingMonitor,
+    ExemplarMonitor,
+    FilterMonitor,
+    SaliencyMonitor,
+    VizCallback,
+)
 from lightning_viz.probes import ProbeSet
 
 __version__ = "0.1.0"
@@ -25,6 +32,7 @@ _SUITE: dict[str, type[VizCallback]] = {
     "activations": ActivationMonitor,
     "saliency": SaliencyMonitor,
     "embedding": EmbeddingMonitor,
+    "exemplars": ExemplarMonitor,
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 

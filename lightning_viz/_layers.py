@@ -84,3 +84,23 @@ def model_device(model: nn.Module):
     import torch
 
     return torch.device("cpu")
+
+
+def detached_deepcopy(model: nn.Module, copier=None) -> nn.Module:
+    """``copy.deepcopy`` of a model without what hangs off it: a LightningModule's Trainer (with its loaders, loggers
+    and threads) is left out of the copy and kept on the original."""
+    import contextlib
+    import copy
+
+    copier = copier or copy.deepcopy
+    saved = []
+    for module in model.modules():
+        if getattr(module, "_trainer", None) is not None:
+            saved.append((module, module.__dict__["_trainer"]))
+            module.__dict__["_trainer"] = None
+    try:
+        return copier(model)
+    finally:
+        for module, trainer in saved:
+            with contextlib.suppress(Exception):
+                module.__dict__["_trainer"] = trainer

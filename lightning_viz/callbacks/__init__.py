@@ -3,7 +3,15 @@
 from lightning_viz.callbacks.activation_monitor import ActivationMonitor
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.callbacks.embedding_monitor import EmbeddingMonitor
+from lightning_viz.callbacks.exemplar_monitor import ExemplarMonitor
 from lightning_viz.callbacks.filter_monitor import FilterMonitor
 from lightning_viz.callbacks.saliency_monitor import SaliencyMonitor
 
-__all__ = ["ActivationMonitor", "EmbeddingMonitor", "FilterMonitor", "SaliencyMonitor", "VizCallback"]
+__all__ = [
+    "ActivationMonitor",
+    "EmbeddingMonitor",
+    "ExemplarMonitor",
+    "FilterMonitor",
+    "SaliencyMonitor",
+    "VizCallback",
+]

@@ -56,17 +56,17 @@ def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module
     methods (gradient, SmoothGrad, guided backprop, deconvnet, occlusion), not for layer methods (Grad-CAM,
     FullGrad), whose layers the fusion replaces. ReLU modules survive the fusion, so ReLU rules still apply.
     """
-    import copy
-
     if model.training:
         raise ValueError("inference_copy needs a model in eval mode (BatchNorm folding uses the running statistics).")
+    from lightning_viz._layers import detached_deepcopy
+
     try:
         from torch.fx.experimental.optimization import fuse
 
-        fast = fuse(model)
+        fast = detached_deepcopy(model, fuse)
     except Exception:
         try:
-            fast = copy.deepcopy(model)
+            fast = detached_deepcopy(model)
         except Exception:
             return model
     fast.eval()

@@ -1,0 +1,240 @@
+"""ExemplarMonitor: the dataset images that most excite each channel, and what part of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_viz import render
+from lightning_viz._data import read_batches, trainer_dataset
+from lightning_viz._layers import model_device, resolve_layers
+from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
+from lightning_viz.functional import exemplars as X
+from lightning_viz.functional import saliency as sal
+
+
+class ExemplarMonitor(VizCallback):
+    """Top-k dataset images per channel, the receptive-field crop under the strongest unit, and its projection.
+
+    Every ``every_n_epochs`` (default 5: it reads up to ``max_samples`` images), the monitor streams over the
+    validation dataset (read by index in batches; the training set when there is no validation data), keeping per
+    channel only the ``k`` highest spatial-maximum activations, their sample indices and locations - memory is
+    O(channels x k). It then re-reads those images and draws, per layer (tag ``exemplars/<layer>``), one row per
+    channel with, for each exemplar: the image with the unit's receptive field outlined, the crop under the receptive
+    field, and the guided-backprop (or deconvnet) projection of that single activation, cropped the same way (Zeiler &
+    Fergus; Springenberg et al.). Receptive fields are computed on the model (exact, see
+    :func:`lightning_viz.functional.exemplars.receptive_field_boxes`). A text panel ``exemplars/indices/<layer>``
+    lists each channel's exemplar indices and scores.
+
+    Args:
+        layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output); default the last
+            ``Conv2d``.
+        channels: channel indices (the same for every layer); default up to ``max_channels`` evenly spaced ones.
+        k: exemplars per channel.
+        max_samples: at most this many dataset samples are scanned per call.
+        projection: ``"guided"`` (guided backprop) or ``"deconvnet"``.
+        show_full: also show the whole image with the receptive field outlined.
+        tile_size: pixels per tile; batch_size: images per forward pass.
+        **kwargs: ``every_n_epochs`` (default 5), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
+    """
+
+    monitor_name = "exemplars"
+    default_every_n_epochs = 5
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[str] | None = None,
+        channels: Sequence[int] | None = None,
+        max_channels: int = 16,
+        k: int = 9,
+        max_samples: int = 2000,
+        projection: str = "guided",
+        show_full: bool = True,
+        tile_size: int = 32,
+        batch_size: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise TypeError(f"`layers` must be a list of layer names (str) or None, got {layers!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int (exemplars per channel), got {k!r}.")
+        if channels is not None:
+            if isinstance(channels, (str, int)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in channels
+            ):
+                raise TypeError(f"`channels` must be a list of channel indices (int), got {channels!r}.")
+            if not channels or min(channels) < 0:
+                raise ValueError(f"`channels` must be non-empty non-negative indices, got {list(channels)}.")
+        for arg, value in (
+            ("max_channels", max_channels),
+            ("max_samples", max_samples),
+            ("tile_size", tile_size),
+            ("batch_size", batch_size),
+        ):
+            check_positive_int(arg, value)
+        check_choice("projection", projection, ("guided", "deconvnet"))
+        self.layers = list(layers) if layers is not None else None
+        self.channels = list(channels) if channels is not None else None
+        self.max_channels = max_channels
+        self.k = k
+        self.max_samples = max_samples
+        self.projection = projection
+        self.show_full = bool(show_full)
+        self.tile_size = tile_size
+        self.batch_size = batch_size
+        self._modules: dict[str, nn.Module] = {}
+        #: The latest exemplars per layer: {"channels": [...], "ids": (C, k), "scores": (C, k)}.
+        self.latest: dict[str, dict[str, Any]] = {}
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"layers": self.layers, "channels": self.channels}
+
+    def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self.layers is None:
+            self._modules = resolve_layers(pl_module, None, (nn.Conv2d,), argument="layers", default="last")
+        else:
+            self._modules = resolve_layers(pl_module, self.layers, (nn.Module,), argument="layers")
+        for name, module in self._modules.items():
+            if isinstance(module, (nn.Linear, nn.Flatten, nn.modules.conv._ConvNd)) and not isinstance(
+                module, nn.Conv2d
+            ):
+                raise ValueError(
+                    f"`layers`: layer {name!r} is a {type(module).__name__}, whose output has no 2-D spatial map; "
+                    "choose a Conv2d (or another layer with (N, C, H, W) output)."
+                )
+            out_channels = getattr(module, "out_channels", None)
+            if out_channels is not None and self.channels is not None and max(self.channels) >= out_channels:
+                raise ValueError(
+                    f"`channels`: index {max(self.channels)} is out of range for layer {name!r}, which has "
+                    f"{out_channels} channels (0..{out_channels - 1})."
+                )
+
+    def _cheaper_hint(self) -> str:
+        return "or lower `max_samples` "
+
+    def _channels_for(self, name: str, count: int) -> list[int]:
+        if self.channels is not None:
+            if max(self.channels) >= count:
+                raise ValueError(
+                    f"`channels`: index {max(self.channels)} is out of range for layer {name!r}, which has "
+                    f"{count} channels."
+                )
+            return list(self.channels)
+        if count <= self.max_channels:
+            return list(range(count))
+        return torch.linspace(0, count - 1, self.max_channels).round().long().unique().tolist()
+
+    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        dataset = trainer_dataset(trainer, "val")
+        if dataset is None:
+            raise ValueError("ExemplarMonitor needs an indexable validation (or training) dataset.")
+        indices = list(range(min(len(dataset), self.max_samples)))
+        device = model_device(pl_module)
+        tops: dict[str, X.StreamingTopK] = {}
+        chosen: dict[str, list[int]] = {}
+        captured_shapes: dict[str, tuple[int, ...]] = {}
+        image_shape = None
+        names = list(self._modules)
+        for batch_start, (images, _) in zip(
+            range(0, len(indices), self.batch_size), read_batches(dataset, indices, self.batch_size)
+        ):
+            image_shape = tuple(images.shape[1:])
+            with sal.capture_outputs([self._modules[n] for n in names]) as captured:
+                pl_module(images.to(device))
+            ids = torch.arange(batch_start, batch_start + len(images))
+            for name, outs in zip(names, captured):
+                acts = outs[-1].detach()
+                if acts.ndim != 4:
+                    raise ValueError(
+                        f"layer {name!r} outputs shape {tuple(acts.shape)}, not a (N, C, H, W) spatial map."
+                    )
+                if name not in tops:
+                    chosen[name] = self._channels_for(name, acts.shape[1])
+                    tops[name] = X.StreamingTopK(len(chosen[name]), self.k)
+                    captured_shapes[name] = tuple(acts.shape[1:])
+                scores, locations = X.spatial_max(acts[:, chosen[name]])
+                tops[name].update(scores, ids, locations)
+        assert image_shape is not None
+        for name in names:
+            self._guard(
+                f"layer {name}",
+                self._render,
+                pl_module,
+                dataset,
+                indices,
+                name,
+                chosen[name],
+                tops[name],
+                image_shape,
+                step,
+            )
+
+    def _render(self, pl_module, dataset, indices, name, channels, top, image_shape, step) -> None:
+        sink = self._sink
+        assert sink is not None
+        module = self._modules[name]
+        device = model_device(pl_module)
+        c, k = top.ids.shape
+        flat_ids = top.ids.flatten()
+        images, _ = next(read_batches(dataset, [indices[int(i)] for i in flat_ids], len(flat_ids)))
+        images = images.float()
+        channel_of = torch.tensor(channels).repeat_interleave(k)
+        positions = top.locations.reshape(-1, 2)
+        boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
+        projections = X.unit_projection(
+            pl_module, module, images.to(device), channel_of, positions, rule=self.projection
+        ).cpu()
+        rows = []
+        for ci in range(c):
+            tiles = []
+            for j in range(k):
+                i = ci * k + j
+                if not torch.isfinite(top.scores[ci, j]):
+                    continue  # fewer samples than k
+                top_, left, bottom, right = boxes[i].tolist()
+                shown = render.display_image(images[i])
+                if self.show_full:
+                    full = _outline(shown, boxes[i])
+                    tiles.append(_fit(full, self.tile_size))
+                tiles.append(_fit(shown[:, top_:bottom, left:right], self.tile_size))
+                tiles.append(_fit(render.signed_image(projections[i][:, top_:bottom, left:right]), self.tile_size))
+            if tiles:
+                grid = render.tile_grid(torch.stack(tiles), ncol=len(tiles))
+                rows.append(render.label_left(grid, f"ch {channels[ci]}"))
+        if rows:
+            sink.image(f"exemplars/{name}", render.downsize(render.stack_rows(rows), 2048), step)
+        lines = ["| channel | exemplars (sample index: score) |", "|---:|---|"]
+        for ci in range(c):
+            pairs = [
+                f"{indices[int(top.ids[ci, j])]}: {float(top.scores[ci, j]):.3g}"
+                for j in range(k)
+                if torch.isfinite(top.scores[ci, j])
+            ]
+            lines.append(f"| {channels[ci]} | {', '.join(pairs)} |")
+        sink.text(f"exemplars/indices/{name}", "\n".join(lines), step)
+        self.latest[name] = {"channels": channels, "ids": top.ids.clone(), "scores": top.scores.clone(), "boxes": boxes}
+
+
+def _fit(tile: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a (3, h, w) tile to (3, size, size) (nearest when enlarging, so pixels stay pixels)."""
+    mode = "nearest" if max(tile.shape[-2:]) <= size else "bilinear"
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    return F.interpolate(tile.unsqueeze(0), size=(size, size), mode=mode, **kwargs).squeeze(0).clamp(0, 1)
+
+
+def _outline(image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Draw a 1-pixel yellow rectangle (top, left, bottom, right) on a (3, H, W) image."""
+    out = image.clone()
+    top, left, bottom, right = box.tolist()
+    colour = torch.tensor([1.0, 0.85, 0.0]).view(3, 1)
+    out[:, top, left:right] = colour
+    out[:, bottom - 1, left:right] = colour
+    out[:, top:bottom, left] = colour
+    out[:, top:bottom, right - 1] = colour
+    return out
