@@ -8,6 +8,7 @@ from lightning_viz.callbacks import (
     ActivationMonitor,
     EmbeddingMonitor,
     ExemplarMonitor,
+    FeatureVisMonitor,
     FilterMonitor,
     SaliencyMonitor,
     VizCallback,
@@ -18,9 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMonitor",
+    "EmbeddingMonitor",
+    "ExemplarMonitor",
+    "FeatureVisMonitor",
     "FilterMonitor",
-    "SaliencyMonitor",
     "ProbeSet",
+    "SaliencyMonitor",
     "VizCallback",
     "default_suite",
     "__version__",
@@ -33,6 +37,7 @@ _SUITE: dict[str, type[VizCallback]] = {
     "saliency": SaliencyMonitor,
     "embedding": EmbeddingMonitor,
     "exemplars": ExemplarMonitor,
+    "featurevis": FeatureVisMonitor,
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 

@@ -104,3 +104,12 @@ def detached_deepcopy(model: nn.Module, copier=None) -> nn.Module:
         for module, trainer in saved:
             with contextlib.suppress(Exception):
                 module.__dict__["_trainer"] = trainer
+
+
+def evenly_spaced(count: int, limit: int) -> list[int]:
+    """All of ``range(count)`` when it has at most ``limit`` items, else ``limit`` evenly spaced indices."""
+    import torch
+
+    if count <= limit:
+        return list(range(count))
+    return torch.linspace(0, count - 1, limit).round().long().unique().tolist()

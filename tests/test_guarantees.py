@@ -63,6 +63,7 @@ def test_default_suite_options():
         "SaliencyMonitor",
         "EmbeddingMonitor",
         "ExemplarMonitor",
+        "FeatureVisMonitor",
     ]
     assert all(cb.every_n_epochs == 3 and cb.seed == 5 for cb in suite)
     assert suite[0].max_filters == 8
@@ -71,8 +72,9 @@ def test_default_suite_options():
         "SaliencyMonitor",
         "EmbeddingMonitor",
         "ExemplarMonitor",
+        "FeatureVisMonitor",
     ]
-    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 2, 5]
+    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 2, 5, 5]
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['filter'\]"):
         lightning_viz.default_suite(filter={})
     with pytest.raises(TypeError, match=r"`filters` must be a dict of FilterMonitor options or False"):

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
-from lightning_viz._layers import model_device, resolve_layers
+from lightning_viz._layers import evenly_spaced, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
 from lightning_viz.functional import exemplars as X
 from lightning_viz.functional import saliency as sal
@@ -126,9 +126,7 @@ class ExemplarMonitor(VizCallback):
                     f"{count} channels."
                 )
             return list(self.channels)
-        if count <= self.max_channels:
-            return list(range(count))
-        return torch.linspace(0, count - 1, self.max_channels).round().long().unique().tolist()
+        return evenly_spaced(count, self.max_channels)
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         dataset = trainer_dataset(trainer, "val")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_RELU_RULES = ("guided", "deconvnet")
+_RELU_RULES = ("guided", "deconvnet", "redirected")
 
 
 @contextlib.contextmanager
@@ -199,6 +199,24 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose backward also lets a gradient through a negative unit when it would push that unit up.
+
+    Used by feature visualisation in its first steps (as Lucid does): from noise, a ReLU channel that is off
+    everywhere would otherwise get no gradient at all and never start.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.where((x < 0) & (grad > 0), torch.zeros_like(grad), grad)
+
+
 def relu_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.ReLU)]
 
@@ -213,7 +231,7 @@ def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[int]:
     """
     if rule not in _RELU_RULES:
         raise ValueError(f"`rule` must be one of {list(_RELU_RULES)}, got {rule!r}.")
-    function = _GuidedReLU if rule == "guided" else _DeconvReLU
+    function = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU, "redirected": _RedirectedReLU}[rule]
     swapped: list[nn.Module] = []
     try:
         for module in relu_modules(model):

@@ -1,0 +1,255 @@
+"""FeatureVisMonitor: what each channel looks for, by activation maximisation from the same noise every epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_viz import render
+from lightning_viz._data import read_batches, trainer_dataset
+from lightning_viz._layers import evenly_spaced, layers_of_kind, model_device, resolve_layers
+from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
+from lightning_viz.functional import featurevis as FV
+
+_CLASS_OBJECTIVES = ("class_logit", "class_probability")
+
+
+class FeatureVisMonitor(VizCallback):
+    """Activation-maximisation images per channel, from a fixed starting noise, so epochs are comparable.
+
+    Every ``every_n_epochs`` (default 5) the images of all chosen channels of a layer are optimised together in one
+    batch (``steps`` Adam steps on a decorrelated FFT parameterisation with jitter / scale / rotation robustness, see
+    :mod:`lightning_viz.functional.featurevis`), starting from the same seeded noise each time: the difference
+    between two epochs' images is the network's doing. Logged per layer: ``featurevis/<layer>`` (a row per seed, a
+    column per channel) and ``featurevis/filmstrip/<layer>`` (a row per logged epoch, first seed: each column is one
+    channel's filmstrip). The model's parameters are never updated nor given a ``.grad``; its modes are restored.
+
+    Args:
+        layers: layers whose channels are visualised (default: the last ``nn.Conv2d``). Ignored for class objectives.
+        channels: channel (or, for class objectives, class) indices; default up to ``max_channels`` evenly spaced.
+        objective: ``"channel"`` (default), ``"neuron"``, ``"deepdream"``, ``"class_logit"`` or
+            ``"class_probability"``.
+        param: ``"fft"`` (default) or ``"pixel"``.
+        steps, lr: optimisation steps and Adam learning rate.
+        size: image side; default the data's image size (64 when unknown).
+        seeds: number of starting noises per channel (rows of the grid).
+        l2, tv: L2 and total-variation penalty weights.
+        input_mean, input_std: per-channel statistics of the model's input; default estimated once from up to 256
+            validation images (and kept in the checkpoint).
+        **kwargs: ``every_n_epochs`` (default 5), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
+    """
+
+    monitor_name = "featurevis"
+    default_every_n_epochs = 5
+    needs_grad = True
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[str] | None = None,
+        channels: Sequence[int] | None = None,
+        max_channels: int = 16,
+        objective: str = "channel",
+        param: str = "fft",
+        steps: int = 128,
+        lr: float = 0.05,
+        size: int | None = None,
+        seeds: int = 1,
+        l2: float = 0.0,
+        tv: float = 0.0,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        filmstrip_length: int = 8,
+        tile_size: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise TypeError(f"`layers` must be a list of layer names (str) or None, got {layers!r}.")
+        check_choice("objective", objective, FV.OBJECTIVES)
+        check_choice("param", param, FV.PARAMETERISATIONS)
+        if channels is not None:
+            if isinstance(channels, (str, int)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in channels
+            ):
+                raise TypeError(f"`channels` must be a list of indices (int), got {channels!r}.")
+            if not channels or min(channels) < 0:
+                raise ValueError(f"`channels` must be non-empty non-negative indices, got {list(channels)}.")
+        for arg, value in (
+            ("max_channels", max_channels),
+            ("steps", steps),
+            ("seeds", seeds),
+            ("filmstrip_length", filmstrip_length),
+            ("tile_size", tile_size),
+        ):
+            check_positive_int(arg, value)
+        check_positive_int("size", size, allow_none=True)
+        if size is not None and size < FV.Transforms().min_size():
+            raise ValueError(
+                f"`size`={size} is too small for the transforms (padding and jitter); use at least "
+                f"{FV.Transforms().min_size()}."
+            )
+        for arg, value in (("lr", lr), ("l2", l2), ("tv", tv)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < 0
+                or (arg == "lr" and not value)
+            ):
+                raise ValueError(
+                    f"`{arg}` must be a {'positive' if arg == 'lr' else 'non-negative'} number, got {value!r}."
+                )
+        self.layers = list(layers) if layers is not None else None
+        self.channels = list(channels) if channels is not None else None
+        self.max_channels = max_channels
+        self.objective = objective
+        self.param = param
+        self.steps = steps
+        self.lr = float(lr)
+        self.size = size
+        self.seeds = seeds
+        self.l2, self.tv = float(l2), float(tv)
+        self.input_mean = list(input_mean) if input_mean is not None else None
+        self.input_std = list(input_std) if input_std is not None else None
+        self.filmstrip_length = filmstrip_length
+        self.tile_size = tile_size
+        self._modules: dict[str, nn.Module] = {}
+        self._in_channels = 3
+        self._num_classes: int | None = None
+        self._stats: tuple[list[float], list[float]] | None = None
+        self._image_size: int | None = None
+        self._filmstrips: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        #: The latest objective values per layer: {"channels": [...], "initial": (N,), "final": (N,)}.
+        self.latest: dict[str, dict[str, Any]] = {}
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"layers": self.layers, "objective": self.objective}
+
+    def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        convs = layers_of_kind(pl_module, (nn.Conv2d,))
+        self._in_channels = next(iter(convs.values())).in_channels if convs else 3
+        linears = layers_of_kind(pl_module, (nn.Linear,))
+        self._num_classes = list(linears.values())[-1].out_features if linears else None
+        if self.objective in _CLASS_OBJECTIVES:
+            self._modules = {"logits": pl_module}
+            limit = self._num_classes
+            what = "classes (the last nn.Linear's outputs)"
+        else:
+            names = self.layers
+            self._modules = resolve_layers(pl_module, names, (nn.Module,) if names else (nn.Conv2d,), default="last")
+            limit = min((getattr(m, "out_channels", 10**9) for m in self._modules.values()), default=None)
+            what = "channels"
+        if self.channels is not None and limit is not None and limit < 10**9 and max(self.channels) >= limit:
+            raise ValueError(f"`channels`: index {max(self.channels)} is out of range; the model has {limit} {what}.")
+
+    def _cheaper_hint(self) -> str:
+        return "or lower `steps` / `max_channels` "
+
+    def _input_stats(self, trainer: Any) -> tuple[list[float], list[float]]:
+        if self.input_mean is not None and self.input_std is not None:
+            return self.input_mean, self.input_std
+        if self._stats is None:
+            dataset = trainer_dataset(trainer, "val")
+            if dataset is None:
+                self._stats = ([0.0] * self._in_channels, [1.0] * self._in_channels)
+            else:
+                images, _ = next(read_batches(dataset, list(range(min(256, len(dataset)))), 256))
+                images = images.float()
+                self._image_size = int(max(images.shape[-2:]))
+                dims = (0, 2, 3)
+                self._stats = (images.mean(dims).tolist(), images.std(dims).clamp_min(1e-6).tolist())
+        return self._stats
+
+    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        mean, std = self._input_stats(trainer)
+        size = self.size or self._image_size or 64
+        size = max(size, FV.Transforms().min_size())
+        for name, module in self._modules.items():
+            self._guard(f"layer {name}", self._log_layer, pl_module, name, module, mean, std, size, step, epochs_done)
+
+    def _objective(self, name: str, count: int, targets: list[int]) -> FV.Objective:
+        if self.objective == "class_logit":
+            return FV.class_logit(targets)
+        if self.objective == "class_probability":
+            return FV.class_probability(targets)
+        if self.objective == "deepdream":
+            return FV.deepdream(name)
+        return (FV.neuron if self.objective == "neuron" else FV.channel)(name, targets)
+
+    def _targets(self, pl_module: nn.Module, name: str, module: nn.Module, size: int) -> list[int]:
+        if self.objective in _CLASS_OBJECTIVES:
+            count = self._num_classes or 1
+        elif self.objective == "deepdream":
+            return [0]
+        else:
+            count = getattr(module, "out_channels", None)
+            if count is None:  # any module: look at its output once
+                from lightning_viz.functional.saliency import capture_outputs
+
+                with capture_outputs([module]) as captured, torch.no_grad():
+                    pl_module(torch.zeros(1, self._in_channels, size, size, device=model_device(pl_module)))
+                count = captured[0][-1].shape[1]
+        if self.channels is not None:
+            if max(self.channels) >= count:
+                raise ValueError(f"`channels`: index {max(self.channels)} is out of range for {name!r} ({count}).")
+            return list(self.channels)
+        return evenly_spaced(count, self.max_channels)
+
+    def _log_layer(self, pl_module, name, module, mean, std, size, step, epochs_done) -> None:
+        sink = self._sink
+        assert sink is not None
+        targets = self._targets(pl_module, name, module, size)
+        per_seed = len(targets)
+        objective = self._objective(name, per_seed, targets * self.seeds)
+        result = FV.visualize(
+            pl_module,
+            objective,
+            n=per_seed * self.seeds,
+            size=size,
+            channels=self._in_channels,
+            param=self.param,
+            steps=self.steps,
+            lr=self.lr,
+            l2=self.l2,
+            tv=self.tv,
+            generator=self._generator(),  # the same starting noise and transforms at every logged epoch
+            input_mean=torch.tensor(mean),
+            input_std=torch.tensor(std),
+            modules={name: module} if module is not pl_module else None,
+        )
+        self.latest[name] = {"channels": targets, "initial": result.initial_objective, "final": result.objective}
+        tiles = render.resize_tiles(_rgb(result.images), self.tile_size)
+        label = "class" if self.objective in _CLASS_OBJECTIVES else "ch"
+        head = render.header([f"{label} {t}" for t in targets], self.tile_size)
+        rows = [
+            render.label_left(render.tile_grid(tiles[s * per_seed : (s + 1) * per_seed], ncol=per_seed), f"seed {s}")
+            for s in range(self.seeds)
+        ]
+        tag = "logits" if module is pl_module else name
+        sink.image(f"featurevis/{tag}", render.stack_rows([head, *rows], gap=0), step)
+        strip = self._filmstrips.setdefault(tag, [])
+        first = render.tile_grid(tiles[:per_seed], ncol=per_seed)
+        strip.append((f"ep {epochs_done}", torch.from_numpy(first.copy())))
+        del strip[: -self.filmstrip_length]
+        image = render.filmstrip([(lb, img.numpy()) for lb, img in strip], self.filmstrip_length)
+        sink.image(f"featurevis/filmstrip/{tag}", render.stack_rows([head, image], gap=0), step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "stats": [list(self._stats[0]), list(self._stats[1])] if self._stats else None,
+            "image_size": self._image_size,
+            "filmstrips": {k: [(lb, img.clone()) for lb, img in v] for k, v in self._filmstrips.items()},
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        stats = state.get("stats")
+        self._stats = (list(stats[0]), list(stats[1])) if stats else None
+        self._image_size = state.get("image_size")
+        self._filmstrips = {k: [(lb, img) for lb, img in v] for k, v in state.get("filmstrips", {}).items()}
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
