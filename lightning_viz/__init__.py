@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning_viz.callbacks import (
     ActivationMonitor,
+    DiagnosisMonitor,
     EmbeddingMonitor,
     ExemplarMonitor,
     FeatureVisMonitor,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMonitor",
+    "DiagnosisMonitor",
     "EmbeddingMonitor",
     "ExemplarMonitor",
     "FeatureVisMonitor",
@@ -38,6 +40,7 @@ _SUITE: dict[str, type[VizCallback]] = {
     "embedding": EmbeddingMonitor,
     "exemplars": ExemplarMonitor,
     "featurevis": FeatureVisMonitor,
+    "diagnosis": DiagnosisMonitor,
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 

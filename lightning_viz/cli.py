@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1: only this machine; TensorBoard's --bind_all would expose the run)",
     )
+    report = sub.add_parser("report", help="write one self-contained HTML page per run (findings, images, scalars)")
+    report.add_argument("logdir")
+    report.add_argument("-o", "--output", default=None, help="the HTML file (default LOGDIR/report.html)")
     return parser
 
 
@@ -58,6 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return subprocess.call(cmd)
         except KeyboardInterrupt:
             return 0
+    if args.command == "report":
+        if extra:
+            print(f"lightning-viz report: unknown arguments {extra}", file=sys.stderr)
+            return 2
+        from lightning_viz.report import write_reports
+
+        try:
+            paths = write_reports(args.logdir, args.output)
+        except FileNotFoundError as exc:
+            print(f"lightning-viz report: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(path)
+        return 0
     return 2
 
 

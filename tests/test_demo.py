@@ -44,3 +44,4 @@ def test_demo_writes_filter_images_and_scalars(tmp_path):
     assert events.image_steps("embedding/map") == [0, 8]
     assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 8]
     assert os.path.exists(tmp_path / "photos" / "version_0" / "projector_config.pbtxt")
+    assert [s for s, _ in events.text("diagnosis/findings")] == [4, 8]

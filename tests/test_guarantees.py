@@ -64,6 +64,7 @@ def test_default_suite_options():
         "EmbeddingMonitor",
         "ExemplarMonitor",
         "FeatureVisMonitor",
+        "DiagnosisMonitor",
     ]
     assert all(cb.every_n_epochs == 3 and cb.seed == 5 for cb in suite)
     assert suite[0].max_filters == 8
@@ -73,8 +74,9 @@ def test_default_suite_options():
         "EmbeddingMonitor",
         "ExemplarMonitor",
         "FeatureVisMonitor",
+        "DiagnosisMonitor",
     ]
-    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 2, 5, 5]
+    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 2, 5, 5, 1]
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['filter'\]"):
         lightning_viz.default_suite(filter={})
     with pytest.raises(TypeError, match=r"`filters` must be a dict of FilterMonitor options or False"):

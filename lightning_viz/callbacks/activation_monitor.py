@@ -325,7 +325,7 @@ class ActivationMonitor(VizCallback):
         stats = self._stats[key]
         rate = stats.firing_rate()
         scalars = {f"activations/sparsity/{site}": stats.sparsity(), f"activations/mean/{site}": stats.mean()}
-        latest: dict[str, Any] = {"sparsity": stats.sparsity(), "channels": stats.num_channels}
+        latest: dict[str, Any] = {"sparsity": stats.sparsity(), "channels": stats.num_channels, "epoch": epochs_done}
         line = None
         if self._dead_defined.get(key[0], False):
             dead = stats.dead_mask()

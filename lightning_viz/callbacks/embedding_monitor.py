@@ -220,7 +220,7 @@ class EmbeddingMonitor(VizCallback):
         else:
             knn = E.knn_accuracy(features, label_tensor, self.knn_k)
             sil = E.silhouette(features, label_tensor)
-            self.latest = {"knn_accuracy": knn, "silhouette": sil, "step": float(step)}
+            self.latest = {"knn_accuracy": knn, "silhouette": sil, "step": float(step), "epoch": float(epochs_done)}
             sink.scalars({"embedding/knn_accuracy": knn, "embedding/silhouette": sil}, step)
         if self.projector and sink.writes_images and sink.log_dir:
             self._guard(

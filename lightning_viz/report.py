@@ -1,0 +1,176 @@
+"""``lightning-viz report``: one self-contained HTML page per run, read from its event files.
+
+The page holds the diagnosis findings, the latest image of every image tag (filmstrips included) embedded as data,
+and a small chart of every scalar. Everything taken from the event files (run names, tags, text) is HTML-escaped;
+nothing links outside the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+FINDINGS_TAG = "diagnosis/findings"
+_EVENT_PREFIX = "events.out.tfevents."
+
+
+@dataclass
+class RunData:
+    name: str
+    findings: str | None = None
+    images: list[tuple[str, int, bytes]] = field(default_factory=list)  #: (tag, step, PNG bytes)
+    scalars: list[tuple[str, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+def find_runs(logdir: str) -> list[str]:
+    """Directories under ``logdir`` (itself included) that hold event files, sorted."""
+    runs = []
+    for root, _, files in os.walk(logdir):
+        if any(f.startswith(_EVENT_PREFIX) for f in files):
+            runs.append(root)
+    return sorted(runs)
+
+
+def read_run(path: str, name: str) -> RunData:
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(path, size_guidance={"images": 1, "scalars": 0, "tensors": 0, "histograms": 1})
+    acc.Reload()
+    tags = acc.Tags()
+    data = RunData(name)
+    for tag in (FINDINGS_TAG, f"{FINDINGS_TAG}/text_summary"):
+        if tag in tags.get("tensors", []):
+            events = acc.Tensors(tag)
+            if events:
+                data.findings = events[-1].tensor_proto.string_val[0].decode("utf-8", "replace")
+    for tag in sorted(tags.get("images", [])):
+        events = acc.Images(tag)
+        if events:
+            data.images.append((tag, events[-1].step, events[-1].encoded_image_string))
+    for tag in sorted(tags.get("scalars", [])):
+        data.scalars.append((tag, [(e.step, e.value) for e in acc.Scalars(tag)]))
+    return data
+
+
+def _inline(text: str) -> str:
+    """Escape, then render `code` and **bold** (the only inline Markdown our findings use)."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def markdown_to_html(markdown: str) -> str:
+    """A small Markdown subset: headings, bullet lists, paragraphs, inline code and bold; everything escaped."""
+    out: list[str] = []
+    in_list = False
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(stripped[2:])}</li>")
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if not stripped:
+            continue
+        level = len(stripped) - len(stripped.lstrip("#"))
+        if 0 < level <= 6 and stripped[level : level + 1] == " ":
+            out.append(f"<h{level}>{_inline(stripped[level + 1 :])}</h{level}>")
+        else:
+            out.append(f"<p>{_inline(stripped)}</p>")
+    if in_list:
+        out.append("</ul>")
+    return "\n".join(out)
+
+
+def _sparkline(points: Sequence[tuple[int, float]], width: int = 220, height: int = 48) -> str:
+    finite = [(s, v) for s, v in points if v == v and abs(v) != float("inf")]
+    if not finite:
+        return '<svg width="220" height="48"></svg>'
+    steps = [s for s, _ in finite]
+    values = [v for _, v in finite]
+    s0, s1 = min(steps), max(steps)
+    v0, v1 = min(values), max(values)
+    sx = (width - 4) / (s1 - s0) if s1 > s0 else 0.0
+    sy = (height - 4) / (v1 - v0) if v1 > v0 else 0.0
+    coords = " ".join(
+        f"{2 + (s - s0) * sx:.1f},{height - 2 - ((v - v0) * sy if sy else (height - 4) / 2):.1f}" for s, v in finite
+    )
+    return (
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{coords}"/></svg>'
+    )
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+.findings { background: #fafafa; border: 1px solid #ddd; padding: 8px 16px; }
+figure { display: inline-block; margin: 8px; vertical-align: top; }
+figcaption { font-size: 12px; color: #555; }
+img { image-rendering: pixelated; max-width: 100%; }
+.scalars { display: flex; flex-wrap: wrap; }
+.scalar { margin: 6px; font-size: 12px; width: 230px; }
+code { background: #eee; padding: 0 3px; }
+"""
+
+
+def render_html(run: RunData) -> str:
+    title = html.escape(run.name)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>lightning_viz report: {title}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>lightning_viz report: {title}</h1>",
+        '<h2 id="findings">Findings</h2>',
+    ]
+    if run.findings is None:
+        parts.append('<div class="findings"><p>No diagnosis in this run (add a DiagnosisMonitor).</p></div>')
+    else:
+        parts.append(f'<div class="findings">{markdown_to_html(run.findings)}</div>')
+    parts.append('<h2 id="images">Latest images</h2>')
+    for tag, step, png in run.images:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{html.escape(tag, quote=True)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(tag)} (step {step})</figcaption></figure>"
+        )
+    parts.append('<h2 id="scalars">Scalars</h2><div class="scalars">')
+    for tag, points in run.scalars:
+        last = points[-1][1] if points else float("nan")
+        parts.append(
+            f'<div class="scalar"><div>{html.escape(tag)}: <strong>{last:.4g}</strong></div>{_sparkline(points)}</div>'
+        )
+    parts.append("</div></body></html>")
+    return "\n".join(parts)
+
+
+def write_reports(logdir: str, output: str | None = None) -> list[str]:
+    """Write one HTML page per run under ``logdir``; returns the paths written.
+
+    ``output`` names the file for a single run; with several runs, each page is ``<stem>-<run>.html`` beside it.
+    """
+    runs = find_runs(logdir)
+    if not runs:
+        raise FileNotFoundError(f"no TensorBoard event files under {logdir!r}.")
+    output = output or os.path.join(logdir, "report.html")
+    stem, ext = os.path.splitext(output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    written = []
+    for path in runs:
+        name = os.path.relpath(path, logdir)
+        name = os.path.basename(os.path.abspath(logdir)) if name == "." else name
+        target = output if len(runs) == 1 else f"{stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}{ext or '.html'}"
+        page = render_html(read_run(path, name))
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(page)
+        written.append(target)
+    return written
