@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py --logdir runs
 
 lint: $(STAMP)
-	$(PY) -m ruff check lightning_viz tests examples benchmarks
-	$(PY) -m ruff format --check lightning_viz tests examples benchmarks
+	$(PY) -m ruff check lightning_viz tests examples benchmarks docs
+	$(PY) -m ruff format --check lightning_viz tests examples benchmarks docs
 
 # pytest exits 5 when it collected nothing: say so, and fail.
 test: lint

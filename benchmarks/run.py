@@ -63,6 +63,10 @@ def _fake_trainer(x: torch.Tensor, y: torch.Tensor) -> types.SimpleNamespace:
         world_size=1,
         val_dataloaders=loader,
         train_dataloader=loader,
+        callbacks=[],
+        should_stop=False,
+        max_epochs=1000,
+        callback_metrics={"train_loss": torch.tensor(1.0), "val_loss": torch.tensor(1.0)},
     )
 
 
@@ -128,9 +132,78 @@ def monitor_seconds(monitor: lightning_viz.VizCallback, model: torch.nn.Module, 
     return seconds
 
 
+def real_run(steps: int, epochs: int) -> None:
+    """Fit resnet18 on CIFAR-shaped random data with and without the suite (every monitor logging every epoch, so
+    each epoch pays for all of them), and compare the measured extra time with the per-call costs measured above."""
+    import glob
+    import os
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = resnet18(num_classes=10)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    gen = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(steps * 128, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * 128,)))
+    val = TensorDataset(torch.randn(1024, 3, 32, 32, generator=gen), torch.randint(0, 10, (1024,)))
+    results = {}
+    for label, suite in (("plain", []), ("suite", lightning_viz.default_suite(every_n_epochs=1))):
+        with tempfile.TemporaryDirectory() as logdir:
+            torch.manual_seed(0)
+            trainer = pl.Trainer(
+                max_epochs=epochs,
+                accelerator="cpu",
+                logger=pl.loggers.TensorBoardLogger(logdir, name="r", version=0),
+                callbacks=suite,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                num_sanity_val_steps=0,
+            )
+            started = time.perf_counter()
+            trainer.fit(Module(), DataLoader(train, batch_size=128), DataLoader(val, batch_size=128))
+            seconds = time.perf_counter() - started
+            size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(logdir, "r", "version_0", "events.*")))
+            results[label] = (seconds, size)
+    extra = results["suite"][0] - results["plain"][0]
+    print(f"\nreal run: resnet18, {steps} steps of 128 + 8 validation batches per epoch, {epochs} epochs, CPU")
+    print(
+        f"- without callbacks: {results['plain'][0]:.1f} s; with default_suite(every_n_epochs=1): "
+        f"{results['suite'][0]:.1f} s; measured extra: {extra:.1f} s over {epochs + 1} logged points "
+        "(baseline + epochs)"
+    )
+    print(
+        f"- event-file bytes with every monitor logging: {results['suite'][1] / 1e6:.2f} MB for {epochs + 1} "
+        f"logged points = {results['suite'][1] / (epochs + 1) / 1e6:.2f} MB per logged epoch"
+    )
+    REAL["extra"] = extra
+
+
+REAL: dict[str, float] = {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--real", type=int, default=0, help="also fit for real with this many training steps/epoch")
+    parser.add_argument("--real-epochs", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = resnet18(num_classes=10)
@@ -165,6 +238,16 @@ def main() -> None:
         print(f"| {name} | {seconds:.4f} | {every} | {share} |")
     total = sum(r[3] for r in rows if r[3] is not None)
     print(f"| **default suite** | | | **{total:.3%}** |")
+    if args.real:
+        per_call = sum(r[1] for r in rows if r[3] is not None)  # every monitor once (hooks counted below)
+        hooks = next((r[1] for r in rows if r[3] is None and "hooks" in r[0]), 0.0)
+        predicted = (args.real_epochs + 1) * per_call + args.real_epochs * 8 * hooks
+        real_run(args.real, args.real_epochs)
+        print(
+            f"- predicted from the per-call table: {predicted:.1f} s (each monitor at every logged point, "
+            f"ActivationMonitor hooks on 8 validation batches per epoch); measured / predicted = "
+            f"{REAL['extra'] / predicted:.2f}"
+        )
 
 
 if __name__ == "__main__":

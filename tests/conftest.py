@@ -144,3 +144,33 @@ def namespace(request):
 @pytest.fixture
 def pl_ns():
     return pl
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def demo_logs(tmp_path_factory):
+    """The demo, shortened (3 epochs of 4 batches), run once per session: (log directory, its stdout)."""
+    import subprocess
+    import sys
+
+    logdir = tmp_path_factory.mktemp("demo")
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "demo.py"),
+            "--logdir",
+            str(logdir),
+            "--epochs",
+            "3",
+            "--limit-batches",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return logdir, out.stdout

@@ -236,7 +236,13 @@ def _fit(pl_ns, tmp_path, monitor, model=None, **kw):
 def test_monitor_grid_rows_columns_and_filmstrips(tmp_path, pl_ns):
     probes = ProbeSet(torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)), [0, 1, 2])
     monitor = SaliencyMonitor(
-        probes=probes, occlusion_window=4, occlusion_stride=4, tile_size=32, every_n_epochs=1, on_error="raise"
+        probes=probes,
+        occlusion_window=4,
+        occlusion_stride=4,
+        tile_size=32,
+        every_n_epochs=1,
+        filmstrip_probes=3,
+        on_error="raise",
     )
     module, events = _fit(pl_ns, tmp_path, monitor)
     assert events.image_steps("saliency/grid") == [0, 4, 8]

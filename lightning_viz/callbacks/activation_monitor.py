@@ -84,7 +84,7 @@ class ActivationMonitor(VizCallback):
         layers: Sequence[str] | None = None,
         pre_activation_layers: Sequence[str] | None = None,
         count_dead: bool | None = None,
-        max_batches: int = 50,
+        max_batches: int = 20,
         map_layers: Sequence[str] | None = None,
         probes: ProbeSet | None = None,
         map_probe: int = 0,
@@ -146,12 +146,18 @@ class ActivationMonitor(VizCallback):
         dead: dict[str, bool] = {}
         if self.layers is not None or self.pre_activation_layers is None:
             if self.layers is None and not layers_of_kind(pl_module, ACTIVATION_KINDS):
+                # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
+                # of the way rather than stop a default suite from training.
                 candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
-                raise ValueError(
+                self._warn_once(
+                    "nothing to hook",
                     "ActivationMonitor: the model has no activation modules (nn.ReLU, nn.GELU, ...) to hook; it "
                     "probably applies F.relu functionally. Pass `pre_activation_layers=[...]` with the names of the "
-                    f"layers whose outputs are fed to the ReLU, e.g. from {candidates}."
+                    f"layers whose outputs are fed to the ReLU, e.g. from {candidates}. The monitor is off.",
                 )
+                self._active = False
+                self._modules, self._recorder = {}, None
+                return
             resolved = resolve_layers(pl_module, self.layers, ACTIVATION_KINDS, argument="layers", default="all")
             modules.update(resolved)
             dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})

@@ -73,11 +73,11 @@ class EmbeddingMonitor(VizCallback):
         batch_size: samples per forward pass.
         filmstrip_length: maps in the filmstrip.
         class_names: optional names for the legend and metadata.
-        **kwargs: ``every_n_epochs`` (default 2), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
+        **kwargs: ``every_n_epochs`` (default 3), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
 
     monitor_name = "embedding"
-    default_every_n_epochs = 2
+    default_every_n_epochs = 3
 
     def __init__(
         self,
@@ -297,7 +297,7 @@ class EmbeddingMonitor(VizCallback):
             tiles = torch.stack(
                 [render.display_image(im) for im in torch.cat([probe_images[p : p + 1], neighbour_images])]
             )
-            tiles = render.resize_tiles(tiles, 48)
+            tiles = render.resize_tiles(tiles, 40)
             colours = torch.full((len(tiles), 3), 0.5)
             colours[0] = torch.tensor([0.0, 0.0, 0.0])
             probe_label = self.probes.labels[p] if self.probes.labels is not None else None

@@ -37,7 +37,8 @@ class ExemplarMonitor(VizCallback):
         k: exemplars per channel.
         max_samples: at most this many dataset samples are scanned per call.
         projection: ``"guided"`` (guided backprop) or ``"deconvnet"``.
-        show_full: also show the whole image with the receptive field outlined.
+        show_full: also show the whole image with the receptive field outlined (off by default: it adds half
+            again to the image's size on disk).
         tile_size: pixels per tile; batch_size: images per forward pass.
         **kwargs: ``every_n_epochs`` (default 5), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
@@ -54,7 +55,7 @@ class ExemplarMonitor(VizCallback):
         k: int = 9,
         max_samples: int = 2000,
         projection: str = "guided",
-        show_full: bool = True,
+        show_full: bool = False,
         tile_size: int = 32,
         batch_size: int = 256,
         **kwargs: Any,

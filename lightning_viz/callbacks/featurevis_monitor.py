@@ -20,7 +20,7 @@ _CLASS_OBJECTIVES = ("class_logit", "class_probability")
 class FeatureVisMonitor(VizCallback):
     """Activation-maximisation images per channel, from a fixed starting noise, so epochs are comparable.
 
-    Every ``every_n_epochs`` (default 5) the images of all chosen channels of a layer are optimised together in one
+    Every ``every_n_epochs`` (default 10) the images of all chosen channels of a layer are optimised together in one
     batch (``steps`` Adam steps on a decorrelated FFT parameterisation with jitter / scale / rotation robustness, see
     :mod:`lightning_viz.functional.featurevis`), starting from the same seeded noise each time: the difference
     between two epochs' images is the network's doing. Logged per layer: ``featurevis/<layer>`` (a row per seed, a
@@ -39,11 +39,11 @@ class FeatureVisMonitor(VizCallback):
         l2, tv: L2 and total-variation penalty weights.
         input_mean, input_std: per-channel statistics of the model's input; default estimated once from up to 256
             validation images (and kept in the checkpoint).
-        **kwargs: ``every_n_epochs`` (default 5), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
+        **kwargs: ``every_n_epochs`` (default 10), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
 
     monitor_name = "featurevis"
-    default_every_n_epochs = 5
+    default_every_n_epochs = 10
     needs_grad = True
 
     def __init__(
@@ -54,7 +54,7 @@ class FeatureVisMonitor(VizCallback):
         max_channels: int = 16,
         objective: str = "channel",
         param: str = "fft",
-        steps: int = 128,
+        steps: int = 64,
         lr: float = 0.05,
         size: int | None = None,
         seeds: int = 1,

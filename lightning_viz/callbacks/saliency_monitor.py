@@ -80,17 +80,17 @@ class SaliencyMonitor(VizCallback):
         methods: Sequence[str] | None = None,
         probes: ProbeSet | None = None,
         gradcam_layer: str | None = None,
-        smoothgrad_samples: int = 25,
+        smoothgrad_samples: int = 16,
         noise_level: float = 0.15,
         occlusion_window: int = 8,
         occlusion_stride: int = 4,
         occlusion_baseline: float = 0.0,
         occlusion_layer: str | None = None,
         batch_size: int = 64,
-        max_probes: int = 8,
+        max_probes: int = 6,
         tile_size: int = 48,
-        filmstrip_probes: int = 4,
-        filmstrip_length: int = 8,
+        filmstrip_probes: int = 2,
+        filmstrip_length: int = 6,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -256,12 +256,16 @@ class SaliencyMonitor(VizCallback):
         first_rows = {}
         for r, (probe, _, _) in enumerate(rows):
             first_rows.setdefault(probe, r)
+        # filmstrip rows at two thirds of the grid's tile size: they accumulate, and must stay small on disk
+        small = max(8, self.tile_size * 2 // 3)
+        small_head = render.header(["input"] + [_COLUMN_TITLES[n] for n in names[1:]], small)
         for probe in range(min(self.filmstrip_probes, len(images))):
+            row_tiles = render.resize_tiles(tiles[first_rows[probe]], small)
             strip = self._filmstrips.setdefault(probe, [])
-            strip.append((f"ep {epochs_done}", torch.from_numpy(row_images[first_rows[probe]].copy())))
+            strip.append((f"ep {epochs_done}", torch.from_numpy(render.tile_grid(row_tiles, ncol=len(names)).copy())))
             del strip[: -self.filmstrip_length]
             image = render.filmstrip([(label, img.numpy()) for label, img in strip], self.filmstrip_length)
-            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([head, image], gap=0), step)
+            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([small_head, image], gap=0), step)
 
     def _compute(self, method, model, fast, xr, xfr, target, x, xf, index) -> dict[str, torch.Tensor]:
         bs = self.batch_size
