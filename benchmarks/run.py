@@ -132,7 +132,7 @@ def monitor_seconds(monitor: lightning_viz.VizCallback, model: torch.nn.Module, 
     return seconds
 
 
-def real_run(steps: int, epochs: int) -> None:
+def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
     """Fit resnet18 on CIFAR-shaped random data with and without the suite (every monitor logging every epoch, so
     each epoch pays for all of them), and compare the measured extra time with the per-call costs measured above."""
     import glob
@@ -164,7 +164,8 @@ def real_run(steps: int, epochs: int) -> None:
     train = TensorDataset(torch.randn(steps * 128, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * 128,)))
     val = TensorDataset(torch.randn(1024, 3, 32, 32, generator=gen), torch.randint(0, 10, (1024,)))
     results = {}
-    for label, suite in (("plain", []), ("suite", lightning_viz.default_suite(every_n_epochs=1))):
+    full = lightning_viz.default_suite(every_n_epochs=1, embedding={"projection": projection})
+    for label, suite in (("plain", []), ("suite", full)):
         with tempfile.TemporaryDirectory() as logdir:
             torch.manual_seed(0)
             trainer = pl.Trainer(
@@ -183,7 +184,10 @@ def real_run(steps: int, epochs: int) -> None:
             size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(logdir, "r", "version_0", "events.*")))
             results[label] = (seconds, size)
     extra = results["suite"][0] - results["plain"][0]
-    print(f"\nreal run: resnet18, {steps} steps of 128 + 8 validation batches per epoch, {epochs} epochs, CPU")
+    print(
+        f"\nreal run: resnet18, {steps} steps of 128 + 8 validation batches per epoch, {epochs} epochs, CPU, "
+        f"embedding projection {projection}"
+    )
     print(
         f"- without callbacks: {results['plain'][0]:.1f} s; with default_suite(every_n_epochs=1): "
         f"{results['suite'][0]:.1f} s; measured extra: {extra:.1f} s over {epochs + 1} logged points "
@@ -204,6 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--real", type=int, default=0, help="also fit for real with this many training steps/epoch")
     parser.add_argument("--real-epochs", type=int, default=2)
+    parser.add_argument("--real-projection", default="umap", help="the EmbeddingMonitor's projection in the real run")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = resnet18(num_classes=10)
@@ -242,7 +247,7 @@ def main() -> None:
         per_call = sum(r[1] for r in rows if r[3] is not None)  # every monitor once (hooks counted below)
         hooks = next((r[1] for r in rows if r[3] is None and "hooks" in r[0]), 0.0)
         predicted = (args.real_epochs + 1) * per_call + args.real_epochs * 8 * hooks
-        real_run(args.real, args.real_epochs)
+        real_run(args.real, args.real_epochs, args.real_projection)
         print(
             f"- predicted from the per-call table: {predicted:.1f} s (each monitor at every logged point, "
             f"ActivationMonitor hooks on 8 validation batches per epoch); measured / predicted = "
