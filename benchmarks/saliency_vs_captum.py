@@ -11,26 +11,24 @@ Needs captum (the ``test`` extra).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 import warnings
 
 import torch
 from captum.attr import Deconvolution, GuidedBackprop, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 from torchvision.models import resnet18
 
-from lightning_viz.functional import occlusion as occ
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from run import median_seconds  # noqa: E402
+
+from lightning_viz.functional import occlusion as occ  # noqa: E402
 from lightning_viz.functional import saliency as sal
 
 
 def seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -327,3 +327,11 @@ def frame(tiles: torch.Tensor, colours: torch.Tensor, width: int = 2) -> torch.T
     out[:, :, :, :width] = c
     out[:, :, :, -width:] = c
     return out
+
+
+def push_filmstrip(strip: list, label: str, row: np.ndarray, length: int) -> np.ndarray:
+    """Append a labelled row to ``strip`` (kept as uint8 tensors, so it saves in a checkpoint), keep the last
+    ``length`` rows, and return the filmstrip image."""
+    strip.append((label, torch.from_numpy(np.ascontiguousarray(row).copy())))
+    del strip[:-length]
+    return filmstrip([(lb, img.numpy()) for lb, img in strip], length)

@@ -147,7 +147,7 @@ def test_unit_projection_is_confined_to_the_receptive_field():
     [
         ({"k": 0}, ValueError, r"`k` must be a positive int \(exemplars per channel\), got 0"),
         ({"channels": [1, -2]}, ValueError, r"`channels` must be non-empty non-negative indices"),
-        ({"channels": 3}, TypeError, r"`channels` must be a list of channel indices"),
+        ({"channels": 3}, TypeError, r"`channels` must be a list of indices"),
         ({"projection": "lrp"}, ValueError, r"`projection` must be one of \['guided', 'deconvnet'\]"),
     ],
 )

@@ -12,7 +12,7 @@ from lightning_viz import render
 from lightning_viz._compat import is_overridden
 from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int
 from lightning_viz.functional.activations import ChannelStats, activation_tiles
 from lightning_viz.probes import ProbeSet
 
@@ -100,8 +100,7 @@ class ActivationMonitor(VizCallback):
             ("pre_activation_layers", pre_activation_layers),
             ("map_layers", map_layers),
         ):
-            if value is not None and (isinstance(value, str) or not all(isinstance(n, str) for n in value)):
-                raise TypeError(f"`{arg}` must be a list of layer names (str) or None, got {value!r}.")
+            check_names(arg, value)
         if count_dead not in (None, True, False):
             raise TypeError(f"`count_dead` must be None, True or False, got {count_dead!r}.")
         for arg, value in (

@@ -237,3 +237,19 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _cheaper_hint(self) -> str:
         return ""
+
+
+def check_names(name: str, value: Any) -> None:
+    """``value`` must be ``None`` or a list of layer names."""
+    if value is not None and (isinstance(value, str) or not all(isinstance(n, str) for n in value)):
+        raise TypeError(f"`{name}` must be a list of layer names (str) or None, got {value!r}.")
+
+
+def check_indices(name: str, value: Any) -> None:
+    """``value`` must be ``None`` or a non-empty list of non-negative ints."""
+    if value is None:
+        return
+    if isinstance(value, (str, int)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+        raise TypeError(f"`{name}` must be a list of indices (int), got {value!r}.")
+    if not value or min(value) < 0:
+        raise ValueError(f"`{name}` must be non-empty non-negative indices, got {list(value)}.")

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import evenly_spaced, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_choice, check_indices, check_names, check_positive_int
 from lightning_viz.functional import exemplars as X
 from lightning_viz.functional import saliency as sal
 
@@ -61,17 +61,10 @@ class ExemplarMonitor(VizCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise TypeError(f"`layers` must be a list of layer names (str) or None, got {layers!r}.")
+        check_names("layers", layers)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int (exemplars per channel), got {k!r}.")
-        if channels is not None:
-            if isinstance(channels, (str, int)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in channels
-            ):
-                raise TypeError(f"`channels` must be a list of channel indices (int), got {channels!r}.")
-            if not channels or min(channels) < 0:
-                raise ValueError(f"`channels` must be non-empty non-negative indices, got {list(channels)}.")
+        check_indices("channels", channels)
         for arg, value in (
             ("max_channels", max_channels),
             ("max_samples", max_samples),

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import evenly_spaced, layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_choice, check_indices, check_names, check_positive_int
 from lightning_viz.functional import featurevis as FV
 
 _CLASS_OBJECTIVES = ("class_logit", "class_probability")
@@ -67,17 +67,10 @@ class FeatureVisMonitor(VizCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise TypeError(f"`layers` must be a list of layer names (str) or None, got {layers!r}.")
+        check_names("layers", layers)
         check_choice("objective", objective, FV.OBJECTIVES)
         check_choice("param", param, FV.PARAMETERISATIONS)
-        if channels is not None:
-            if isinstance(channels, (str, int)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in channels
-            ):
-                raise TypeError(f"`channels` must be a list of indices (int), got {channels!r}.")
-            if not channels or min(channels) < 0:
-                raise ValueError(f"`channels` must be non-empty non-negative indices, got {list(channels)}.")
+        check_indices("channels", channels)
         for arg, value in (
             ("max_channels", max_channels),
             ("steps", steps),
@@ -230,11 +223,9 @@ class FeatureVisMonitor(VizCallback):
         ]
         tag = "logits" if module is pl_module else name
         sink.image(f"featurevis/{tag}", render.stack_rows([head, *rows], gap=0), step)
-        strip = self._filmstrips.setdefault(tag, [])
         first = render.tile_grid(tiles[:per_seed], ncol=per_seed)
-        strip.append((f"ep {epochs_done}", torch.from_numpy(first.copy())))
-        del strip[: -self.filmstrip_length]
-        image = render.filmstrip([(lb, img.numpy()) for lb, img in strip], self.filmstrip_length)
+        strip = self._filmstrips.setdefault(tag, [])
+        image = render.push_filmstrip(strip, f"ep {epochs_done}", first, self.filmstrip_length)
         sink.image(f"featurevis/filmstrip/{tag}", render.stack_rows([head, image], gap=0), step)
 
     def _extra_state(self) -> dict[str, Any]:

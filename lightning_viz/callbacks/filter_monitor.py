@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_viz import render
 from lightning_viz._layers import resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int
 from lightning_viz.functional import filters as F
 
 Scale = Union[Literal["running_max"], float]
@@ -63,8 +63,7 @@ class FilterMonitor(VizCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise TypeError(f"`layers` must be a list of layer names (str) or None, got {layers!r}.")
+        check_names("layers", layers)
         for name, value in (
             ("max_filters", max_filters),
             ("max_channels", max_channels),
@@ -151,9 +150,7 @@ class FilterMonitor(VizCallback):
             ncol=self.filmstrip_filters,
         )
         strip = self._filmstrips.setdefault(name, [])
-        strip.append((f"ep {epochs_done}", torch.from_numpy(row.copy())))
-        del strip[: -self.filmstrip_length]
-        image = render.filmstrip([(label, img.numpy()) for label, img in strip], self.filmstrip_length)
+        image = render.push_filmstrip(strip, f"ep {epochs_done}", row, self.filmstrip_length)
         sink.image(f"filters/filmstrip/{name}", render.downsize(image, self.max_image_side), step)
 
         stats = F.filter_statistics(weight, self._initial.get(name))

@@ -260,11 +260,9 @@ class SaliencyMonitor(VizCallback):
         small = max(8, self.tile_size * 2 // 3)
         small_head = render.header(["input"] + [_COLUMN_TITLES[n] for n in names[1:]], small)
         for probe in range(min(self.filmstrip_probes, len(images))):
-            row_tiles = render.resize_tiles(tiles[first_rows[probe]], small)
+            row = render.tile_grid(render.resize_tiles(tiles[first_rows[probe]], small), ncol=len(names))
             strip = self._filmstrips.setdefault(probe, [])
-            strip.append((f"ep {epochs_done}", torch.from_numpy(render.tile_grid(row_tiles, ncol=len(names)).copy())))
-            del strip[: -self.filmstrip_length]
-            image = render.filmstrip([(label, img.numpy()) for label, img in strip], self.filmstrip_length)
+            image = render.push_filmstrip(strip, f"ep {epochs_done}", row, self.filmstrip_length)
             sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([small_head, image], gap=0), step)
 
     def _compute(self, method, model, fast, xr, xfr, target, x, xf, index) -> dict[str, torch.Tensor]:
