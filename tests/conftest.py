@@ -94,6 +94,17 @@ def trainer_kwargs(tmp_path, **overrides):
     return kwargs
 
 
+def fit_monitor(pl_ns, tmp_path, monitor, model=None, *, train=None, val=None, channels=3, n=64, **trainer_overrides):
+    """Fit a tiny module with one monitor and a TensorBoard logger at ``tmp_path/run``; returns (module, Events)."""
+    if train is None:
+        train, val = loaders(n=n, channels=channels)
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl_ns.Trainer(callbacks=[monitor], logger=logger, **trainer_kwargs(tmp_path, **trainer_overrides))
+    module = make_module(pl_ns, model)
+    trainer.fit(module, train, val)
+    return module, Events(str(tmp_path / "run"))
+
+
 class Events:
     """Everything in a run directory's event files, read with TensorBoard's own EventAccumulator."""
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Events, loaders, make_module, trainer_kwargs
+from conftest import Events, fit_monitor, loaders, make_module, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -67,14 +67,7 @@ class Planted(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _fit(pl_ns, tmp_path, monitor, model, train=None, val=None, **kw):
-    if train is None:
-        train, val = loaders(n=64)
-    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
-    trainer = pl_ns.Trainer(callbacks=[monitor], logger=logger, **trainer_kwargs(tmp_path, **kw))
-    module = make_module(pl_ns, model)
-    trainer.fit(module, train, val)
-    return module, Events(str(tmp_path / "run"))
+_fit = fit_monitor
 
 
 def test_planted_dead_channels_are_exactly_reported(tmp_path, pl_ns):

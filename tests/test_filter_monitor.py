@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
+from conftest import Events, TinyCNN, fit_monitor, loaders, make_module, trainer_kwargs
 from torch import nn
 
 from lightning_viz import FilterMonitor
@@ -65,13 +65,7 @@ def test_nan_weights_render_magenta():
     assert torch.allclose(tiles[0, :, 0, 0], torch.full((3,), 0.5))
 
 
-def _fit(pl_ns, tmp_path, monitor, model=None, channels=3, **kw):
-    train, val = loaders(channels=channels)
-    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
-    trainer = pl_ns.Trainer(callbacks=[monitor], logger=logger, **trainer_kwargs(tmp_path, **kw))
-    module = make_module(pl_ns, model)
-    trainer.fit(module, train, val)
-    return module, Events(str(tmp_path / "run"))
+_fit = fit_monitor
 
 
 def test_logs_images_scalars_histograms_per_layer(tmp_path, pl_ns):

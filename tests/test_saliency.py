@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
+from conftest import TinyCNN, fit_monitor
 from torch import nn
 
 from lightning_viz import ProbeSet, SaliencyMonitor
@@ -224,13 +224,7 @@ def test_methods_work_inside_inference_mode(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------- the monitor
-def _fit(pl_ns, tmp_path, monitor, model=None, **kw):
-    train, val = loaders(n=64)
-    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
-    trainer = pl_ns.Trainer(callbacks=[monitor], logger=logger, **trainer_kwargs(tmp_path, **kw))
-    module = make_module(pl_ns, model)
-    trainer.fit(module, train, val)
-    return module, Events(str(tmp_path / "run"))
+_fit = fit_monitor
 
 
 def test_monitor_grid_rows_columns_and_filmstrips(tmp_path, pl_ns):
