@@ -264,3 +264,36 @@ def test_feature_layer_output_not_a_tensor(tmp_path, pl_ns):
 def test_configuration_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         EmbeddingMonitor(**kwargs)
+
+
+def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
+    """With an unshuffled validation loader, logged epochs add no forward pass: the codes come from validation."""
+    data = _planted()
+    monitor = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise", subset_size=50)
+    passes = []
+    original = monitor._features
+
+    def counting(pl_module, images):
+        passes.append(len(images))
+        return original(pl_module, images)
+
+    monitor._features = counting
+    _, events = _fit(pl_ns, tmp_path, monitor, data, max_epochs=2)
+    probes = len(monitor.probes)
+    # the baseline (step 0) reads its 50 samples itself; after that only the probes of the neighbour strips
+    assert sum(n for n in passes if n != probes) == 50
+    assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 1, 2]
+    assert all(v == 1.0 for _, v in events.scalars("embedding/knn_accuracy"))  # same codes, same quality (lr=0)
+    assert not monitor._capture_handles
+    # a shuffled validation loader: no running index, so the monitor reads the subset itself
+    shuffled = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise", subset_size=50)
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path / "s"), name="run", version=0)
+    trainer = pl_ns.Trainer(
+        callbacks=[shuffled], logger=logger, **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=1)
+    )
+    trainer.fit(
+        make_module(pl_ns, Coder(), lr=0.0),
+        DataLoader(data, batch_size=32),
+        DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
+    )
+    assert shuffled._captured_epoch is None

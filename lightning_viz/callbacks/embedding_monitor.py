@@ -43,8 +43,11 @@ class _Job:
 class EmbeddingMonitor(VizCallback):
     """Features of a fixed validation subset, logged as TensorBoard projector data, a 2-D map and quality scalars.
 
-    Each logged epoch (after validation), the features of the chosen layer are gathered for a fixed, seeded subset of
-    the validation data (``subset_size`` samples, read from the dataset by index in batches):
+    Each logged epoch, the features of the chosen layer are gathered for a fixed, seeded subset of the validation data
+    (``subset_size`` samples). With one process and an unshuffled validation loader they are captured by a forward
+    hook during the validation pass the Trainer runs anyway (a running count gives each sample's dataset index), so
+    no forward pass is added; otherwise (DDP, a shuffled or custom sampler, and the baseline before any validation)
+    the samples are read from the dataset by index and passed through the model in batches. Then:
 
     - **Projector** (TensorBoard's "Projector" tab): one embedding per logged step, with metadata (true label,
       predicted label) and sprite thumbnails kept within the projector's 8192x8192 sprite limit. We write
@@ -133,6 +136,12 @@ class EmbeddingMonitor(VizCallback):
         self._worker: subprocess.Popen | None = None
         self._worker_log: Any = None
         self._image_side: int | None = None
+        self._capture_handles: list[Any] = []
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._captured_epoch: int | None = None
+        self._wanted: set[int] = set()
+        self._seen = 0
+        self._batch_out: list[Any] = []
         #: The latest quality numbers, for other monitors (e.g. the diagnosis).
         self.latest: dict[str, float] = {}
 
@@ -201,15 +210,24 @@ class EmbeddingMonitor(VizCallback):
         assert sink is not None
         dataset = self._subset(trainer)
         assert self._indices is not None
+        reuse = self._captured_epoch == trainer.current_epoch and all(i in self._captured for i in self._indices)
         codes, logits, labels, thumbs = [], [], [], []
-        for images, batch_labels in read_batches(dataset, self._indices, self.batch_size):
-            code, out = self._features(pl_module, images)
-            codes.append(code)
-            logits.append(out)
+        for start, (images, batch_labels) in zip(
+            range(0, len(self._indices), self.batch_size), read_batches(dataset, self._indices, self.batch_size)
+        ):
+            if reuse:  # the codes of this validation epoch, captured as the Trainer ran it: no forward pass here
+                rows = [self._captured[i] for i in self._indices[start : start + len(images)]]
+                codes.append(torch.stack([code for code, _ in rows]))
+                logits.append(torch.stack([out for _, out in rows]) if all(o is not None for _, o in rows) else None)
+            else:
+                code, out = self._features(pl_module, images)
+                codes.append(code)
+                logits.append(out)
             labels.extend(batch_labels)
             if self.projector and sink.writes_images:
                 self._image_side = max(images.shape[-2:])
                 thumbs.append(_thumbnails(images, self._thumb_size()))
+        self._captured = {}
         features = torch.cat(codes)
         label_tensor = E.labels_or_none(labels)
         predicted = torch.cat(logits).argmax(1) if all(lg is not None for lg in logits) else None
@@ -229,6 +247,80 @@ class EmbeddingMonitor(VizCallback):
         self._guard("neighbours", self._log_neighbours, trainer, pl_module, features, dataset, label_tensor, step)
         if sink.writes_images:
             self._guard("map", self._submit, features, label_tensor, step, epochs_done)
+
+    # --------------------------------------------------- codes captured during the Trainer's own validation
+    def _can_capture(self, trainer: Any) -> bool:
+        """Capture only where a running count gives each sample's dataset index: one process, a sequential
+        validation loader (the usual, unshuffled one)."""
+        from torch.utils.data import SequentialSampler
+
+        from lightning_viz._data import first_loader
+
+        loader = first_loader(getattr(trainer, "val_dataloaders", None))
+        sampler = getattr(loader, "sampler", None)
+        return (
+            getattr(trainer, "world_size", 1) == 1
+            and isinstance(sampler, SequentialSampler)
+            and getattr(loader, "batch_sampler", None) is not None
+            and type(loader.batch_sampler).__name__ == "BatchSampler"
+        )
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if (
+            not self._active
+            or self._module is None
+            or trainer.sanity_checking
+            or getattr(trainer.state, "fn", None) != "fit"
+            or not self._is_log_epoch(trainer)
+            or not getattr(trainer, "is_global_zero", True)
+            or not self._can_capture(trainer)
+            or "embedding" in self._disabled
+        ):
+            return
+        self._subset(trainer)
+        self._wanted = set(self._indices or [])
+        self._captured, self._seen, self._batch_out = {}, 0, []
+
+        def keep(module, inputs, output=None):
+            if not self._batch_out:  # the first call per batch: the model's own forward pass
+                code = inputs[0] if self._use_input else output
+                logits = output if self._use_input else None
+                self._batch_out.append((code, logits))
+
+        hook = self._module.register_forward_hook(lambda m, i, o: keep(m, i, o))
+        self._capture_handles = [hook]
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._capture_handles or dataloader_idx != 0:
+            return
+        try:
+            if self._batch_out:
+                code, logits = self._batch_out[0]
+                if isinstance(code, torch.Tensor):
+                    code = code.detach().float()
+                    code = code.flatten(2).mean(-1) if code.ndim > 2 else code
+                    usable = isinstance(logits, torch.Tensor) and logits.ndim == 2
+                    for row in range(len(code)):
+                        index = self._seen + row
+                        if index in self._wanted:
+                            out = logits[row].detach().float().cpu() if usable else None
+                            self._captured[index] = (code[row].cpu(), out)
+                    self._seen += len(code)
+        finally:
+            self._batch_out = []
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture_handles:
+            self._remove_capture_hooks()
+            self._captured_epoch = trainer.current_epoch
+
+    def _remove_capture_hooks(self) -> None:
+        for handle in self._capture_handles:
+            handle.remove()
+        self._capture_handles = []
+        self._batch_out = []
 
     # ----------------------------------------------------------------------------------------- projector
     def _thumb_size(self, image_side: int | None = None) -> int:
@@ -435,6 +527,7 @@ class EmbeddingMonitor(VizCallback):
             self._worker_log = None
 
     def _release(self, pl_module: Any) -> None:
+        self._remove_capture_hooks()
         try:
             self._wait_for_maps()
         finally:
@@ -445,6 +538,7 @@ class EmbeddingMonitor(VizCallback):
                 self._tmp = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._remove_capture_hooks()
         self._jobs.clear()  # the run is failing: don't wait for maps, stop the child
         self._stop_worker(kill=True)
         super().on_exception(trainer, pl_module, exception)
