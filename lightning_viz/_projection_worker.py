@@ -1,7 +1,7 @@
 """Compute 2-D projections in a child process, off the training path.
 
     python .../lightning_viz/_projection_worker.py        # then, one tab-separated job per line on stdin:
-    FEATURES.npy OUTPUT.npy METHOD SEED N_NEIGHBORS
+    FEATURES.npy OUTPUT.npy METHOD SEED N_NEIGHBORS TENSORS.tsv   (or - for no projector tensor file)
 
 The file runs as a script, not with ``-m``, and imports only numpy (and umap-learn or scikit-learn when asked), so
 the child starts in a fraction of a second without importing torch, Lightning or this package.
@@ -64,10 +64,13 @@ def project(features, method: str, seed: int = 0, n_neighbors: int = 15):
 def run_job(line: str) -> None:
     import numpy as np
 
-    features_path, output, method, seed, n_neighbors = line.split("\t")
+    features_path, output, method, seed, n_neighbors, tsv = line.split("\t")
     started = time.perf_counter()
     try:
         features = np.load(features_path, allow_pickle=False)
+        if tsv != "-":  # the projector's tensor file: formatting text is slow, so it is written here too
+            np.savetxt(tsv + ".tmp", features, delimiter="\t", fmt="%.5g")
+            os.replace(tsv + ".tmp", tsv)
         coords = project(features, method, seed=int(seed), n_neighbors=int(n_neighbors))
     except Exception:
         with open(output + ".error", "w") as f:

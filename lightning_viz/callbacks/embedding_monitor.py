@@ -33,6 +33,7 @@ class _Job:
     epochs_done: int
     workdir: str
     labels: np.ndarray | None
+    tsv: str = "-"  #: the projector tensor file the child writes, or "-"
     sent: bool = False
 
     @property
@@ -240,13 +241,18 @@ class EmbeddingMonitor(VizCallback):
             sil = E.silhouette(features, label_tensor)
             self.latest = {"knn_accuracy": knn, "silhouette": sil, "step": float(step), "epoch": float(epochs_done)}
             sink.scalars({"embedding/knn_accuracy": knn, "embedding/silhouette": sil}, step)
+        tsv = None
         if self.projector and sink.writes_images and sink.log_dir:
-            self._guard(
+            tsv = self._guard(
                 "projector", self._write_projector, sink.log_dir, features, label_tensor, predicted, thumbs, step
             )
+            tsv = tsv if isinstance(tsv, str) else None
         self._guard("neighbours", self._log_neighbours, trainer, pl_module, features, dataset, label_tensor, step)
-        if sink.writes_images:
-            self._guard("map", self._submit, features, label_tensor, step, epochs_done)
+        submitted = sink.writes_images and self._guard(
+            "map", self._submit, features, label_tensor, step, epochs_done, tsv
+        )
+        if tsv is not None and submitted is not True:  # no child to write the projector's tensor file
+            np.savetxt(tsv, features.numpy(), delimiter="\t", fmt="%.5g")
 
     # --------------------------------------------------- codes captured during the Trainer's own validation
     def _can_capture(self, trainer: Any) -> bool:
@@ -330,14 +336,13 @@ class EmbeddingMonitor(VizCallback):
         side = min(self.sprite_size, image_side or self._image_side or self.sprite_size)
         return max(1, min(side, _SPRITE_LIMIT // per_side))
 
-    def _write_projector(self, log_dir, features, labels, predicted, thumbs, step) -> None:
+    def _write_projector(self, log_dir, features, labels, predicted, thumbs, step) -> str:
         from google.protobuf import text_format
         from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
         subdir = os.path.join("embedding", f"{step:08d}")
         path = os.path.join(log_dir, subdir)
         os.makedirs(path, exist_ok=True)
-        np.savetxt(os.path.join(path, "tensors.tsv"), features.numpy(), delimiter="\t", fmt="%.5g")
         rows = ["label\tpredicted"]
         for i in range(len(features)):
             true = self._name(int(labels[i])) if labels is not None else "?"
@@ -368,6 +373,7 @@ class EmbeddingMonitor(VizCallback):
         with open(tmp, "w") as f:
             f.write(text_format.MessageToString(config))
         os.replace(tmp, config_path)
+        return os.path.join(path, "tensors.tsv")  # written by the child process with the map, or by the caller
 
     def _name(self, c: int) -> str:
         return self.class_names[c] if self.class_names is not None and c < len(self.class_names) else str(c)
@@ -403,15 +409,18 @@ class EmbeddingMonitor(VizCallback):
         sink.image("embedding/neighbours", render.stack_rows(rows), step)
 
     # --------------------------------------------------------------------------------- off-path projection
-    def _submit(self, features: torch.Tensor, labels: torch.Tensor | None, step: int, epochs_done: int) -> None:
+    def _submit(
+        self, features: torch.Tensor, labels: torch.Tensor | None, step: int, epochs_done: int, tsv: str | None = None
+    ) -> bool:
         if self._tmp is None:
             self._tmp = tempfile.mkdtemp(prefix="lightning_viz_")
         workdir = os.path.join(self._tmp, f"{step:08d}")
         os.makedirs(workdir, exist_ok=True)
         np.save(os.path.join(workdir, "features.npy"), features.numpy().astype(np.float32), allow_pickle=False)
-        job = _Job(step, epochs_done, workdir, labels.numpy() if labels is not None else None)
+        job = _Job(step, epochs_done, workdir, labels.numpy() if labels is not None else None, tsv=tsv or "-")
         self._jobs.append(job)
         self._poll()
+        return True
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.poll() is None
@@ -430,7 +439,7 @@ class EmbeddingMonitor(VizCallback):
             )
         features = os.path.join(job.workdir, "features.npy")
         assert self._worker.stdin is not None
-        self._worker.stdin.write(f"{features}\t{job.output}\t{self.projection}\t{self.seed}\t15\n")
+        self._worker.stdin.write(f"{features}\t{job.output}\t{self.projection}\t{self.seed}\t15\t{job.tsv}\n")
         self._worker.stdin.flush()
         job.sent = True
 
