@@ -172,12 +172,27 @@ def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
+    class EpochClock(pl.Callback):
+        """Placed last: times each training epoch including validation and every other callback's epoch-end work."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.seconds.append(time.perf_counter() - self.started)
+
     gen = torch.Generator().manual_seed(0)
     train = TensorDataset(torch.randn(steps * 128, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * 128,)))
     val = TensorDataset(torch.randn(1024, 3, 32, 32, generator=gen), torch.randint(0, 10, (1024,)))
     results = {}
     full = lightning_viz.default_suite(every_n_epochs=1, embedding={"projection": projection})
+    clocks = {}
     for label, suite in (("plain", []), ("suite", full)):
+        clocks[label] = EpochClock()
+        suite = [*suite, clocks[label]]
         with tempfile.TemporaryDirectory() as logdir:
             torch.manual_seed(0)
             trainer = pl.Trainer(
@@ -210,6 +225,10 @@ def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
         f"logged points = {results['suite'][1] / (epochs + 1) / 1e6:.2f} MB per logged epoch"
     )
     REAL["extra"] = extra
+    # steady state: epochs after the first, whose calls pay no one-off costs
+    later = [s - p for s, p in zip(clocks["suite"].seconds[1:], clocks["plain"].seconds[1:])]
+    REAL["steady"] = statistics.median(later) if later else float("nan")
+    print(f"- per-epoch extra after the first epoch: {[round(v, 1) for v in later]} s")
 
 
 REAL: dict[str, float] = {}
@@ -279,6 +298,11 @@ def main() -> None:
             f"- predicted from the per-call table: {predicted:.1f} s (each monitor at every logged point, "
             f"ActivationMonitor hooks on 8 validation batches per epoch); measured / predicted = "
             f"{REAL['extra'] / predicted:.2f}"
+        )
+        per_epoch = per_call + 8 * hooks
+        print(
+            f"- steady state: {REAL['steady']:.1f} s measured per epoch against {per_epoch:.1f} s predicted "
+            f"(measured / predicted = {REAL['steady'] / per_epoch:.2f})"
         )
 
 
