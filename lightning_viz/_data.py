@@ -41,3 +41,21 @@ def read_batches(
             images.append(torch.as_tensor(image))
             labels.append(_as_label(label))
         yield torch.stack(images), labels
+
+
+def _has_batches(loader: Any) -> bool:
+    if loader is None:
+        return False
+    try:
+        return len(loader) > 0
+    except TypeError:  # an iterable-style loader has no length: it may still have batches
+        return True
+
+
+def resolve_probes(probes: Any, trainer: Any, sources: Sequence[str] = ("val_dataloaders", "train_dataloader")) -> None:
+    """Choose an automatic ProbeSet from the first of the Trainer's ``sources`` loaders that has batches."""
+    if probes.is_resolved:
+        return
+    loaders = (first_loader(getattr(trainer, attr, None)) for attr in sources)
+    loader = next((lo for lo in loaders if _has_batches(lo)), None)
+    probes.resolve(getattr(loader, "dataset", None), loader)

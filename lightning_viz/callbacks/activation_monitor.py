@@ -10,9 +10,10 @@ from torch import nn
 
 from lightning_viz import render
 from lightning_viz._compat import is_overridden
+from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int, check_probe_set
 from lightning_viz.functional.activations import ChannelStats, activation_tiles
 from lightning_viz.probes import ProbeSet
 
@@ -110,8 +111,7 @@ class ActivationMonitor(VizCallback):
             ("histogram_samples", histogram_samples),
         ):
             check_positive_int(arg, value)
-        if probes is not None and not isinstance(probes, ProbeSet):
-            raise TypeError(f"`probes` must be a lightning_viz.ProbeSet or None, got {type(probes).__name__}.")
+        check_probe_set("probes", probes)
         if isinstance(map_probe, bool) or not isinstance(map_probe, int) or map_probe < 0:
             raise ValueError(f"`map_probe` must be a non-negative int, got {map_probe!r}.")
         self.layers = list(layers) if layers is not None else None
@@ -352,11 +352,7 @@ class ActivationMonitor(VizCallback):
         return line
 
     def _probe_image(self, trainer: Any) -> torch.Tensor:
-        if not self.probes.is_resolved:
-            loader = trainer.val_dataloaders if self._source == "val" else trainer.train_dataloader
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-            self.probes.resolve(getattr(loader, "dataset", None), loader)
+        resolve_probes(self.probes, trainer, ("val_dataloaders",) if self._source == "val" else ("train_dataloader",))
         images = self.probes.images
         assert images is not None
         if self.map_probe >= len(images):

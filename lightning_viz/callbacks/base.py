@@ -253,3 +253,11 @@ def check_indices(name: str, value: Any) -> None:
         raise TypeError(f"`{name}` must be a list of indices (int), got {value!r}.")
     if not value or min(value) < 0:
         raise ValueError(f"`{name}` must be non-empty non-negative indices, got {list(value)}.")
+
+
+def check_probe_set(name: str, value: Any) -> None:
+    """``value`` must be ``None`` or a :class:`~lightning_viz.ProbeSet`."""
+    from lightning_viz.probes import ProbeSet
+
+    if value is not None and not isinstance(value, ProbeSet):
+        raise TypeError(f"`{name}` must be a lightning_viz.ProbeSet or None, got {type(value).__name__}.")

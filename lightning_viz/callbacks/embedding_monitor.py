@@ -20,7 +20,7 @@ from torch import nn
 from lightning_viz import _projection_worker, render
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int, check_probe_set
 from lightning_viz.functional import embedding as E
 from lightning_viz.probes import ProbeSet
 
@@ -114,8 +114,7 @@ class EmbeddingMonitor(VizCallback):
             check_positive_int(arg, value)
         if subset_size < 2:
             raise ValueError(f"`subset_size` must be at least 2, got {subset_size}.")
-        if probes is not None and not isinstance(probes, ProbeSet):
-            raise TypeError(f"`probes` must be a lightning_viz.ProbeSet or None, got {type(probes).__name__}.")
+        check_probe_set("probes", probes)
         self.layer = layer
         self.subset_size = subset_size
         self.projection = projection

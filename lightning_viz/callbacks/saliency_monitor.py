@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from lightning_viz import render
+from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_positive_int
+from lightning_viz.callbacks.base import VizCallback, check_positive_int, check_probe_set
 from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
 from lightning_viz.probes import ProbeSet
@@ -103,8 +104,7 @@ class SaliencyMonitor(VizCallback):
             raise ValueError(f"`methods`: unknown method(s) {unknown}; available: {list(METHODS)}.")
         if not methods:
             raise ValueError(f"`methods` is empty; choose from {list(METHODS)}.")
-        if probes is not None and not isinstance(probes, ProbeSet):
-            raise TypeError(f"`probes` must be a lightning_viz.ProbeSet or None, got {type(probes).__name__}.")
+        check_probe_set("probes", probes)
         for arg, value in (
             ("smoothgrad_samples", smoothgrad_samples),
             ("occlusion_window", occlusion_window),
@@ -199,10 +199,7 @@ class SaliencyMonitor(VizCallback):
     # ---------------------------------------------------------------------------------------------- logging
     def _probe_batch(self, trainer: Any, pl_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.probes.is_resolved:
-            loader = getattr(trainer, "val_dataloaders", None) or getattr(trainer, "train_dataloader", None)
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-            self.probes.resolve(getattr(loader, "dataset", None), loader)
+            resolve_probes(self.probes, trainer)
             self._check_probes(pl_module, self.probes.images)
         images = self.probes.images[: self.max_probes]
         labels = self.probes.labels[: self.max_probes] if self.probes.labels is not None else None
