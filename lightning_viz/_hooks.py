@@ -67,6 +67,14 @@ def preserved_grads(model: nn.Module) -> Iterator[None]:
                 param.requires_grad_(requires_grad)
 
 
+def eager_compiled() -> contextlib.AbstractContextManager:
+    """Run ``torch.compile``-d code eagerly in the body (``torch.compiler.set_stance("force_eager")``)."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:  # torch < 2.6
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 @contextlib.contextmanager
 def isolated(model: nn.Module, *, eval_mode: bool = True, grad: bool = False) -> Iterator[None]:
     """Run the body without side effects on ``model`` or the global RNG streams.
@@ -75,8 +83,12 @@ def isolated(model: nn.Module, *, eval_mode: bool = True, grad: bool = False) ->
         model: the module our work touches.
         eval_mode: switch the model to eval mode inside (BatchNorm statistics and dropout must not change).
         grad: leave ``torch.inference_mode`` and enable autograd inside, for gradient-based methods.
+
+    A ``torch.compile``-d model runs eagerly inside: our hooks and swapped ReLU rules then take effect, and our calls
+    neither trigger recompilations nor use up the user's recompile limit.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(eager_compiled())
         stack.enter_context(preserved_rng())
         stack.enter_context(preserved_modes(model))
         stack.enter_context(preserved_grads(model))

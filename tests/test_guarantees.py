@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import lightning_viz
 from lightning_viz import VizCallback
-from lightning_viz._hooks import hook_count
+from lightning_viz._hooks import hook_count, isolated
 
 FAST = dict(featurevis={"steps": 4}, embedding={"projection": "pca"})  # the full suite, quick settings
 
@@ -250,3 +250,28 @@ def test_default_suite_options():
         lightning_viz.default_suite(filter={})
     with pytest.raises(TypeError, match=r"`filters` must be a dict of FilterMonitor options or False"):
         lightning_viz.default_suite(filters=3)
+
+
+def test_compiled_models_run_eagerly_inside_our_work():
+    """Our hooks fire on a torch.compile-d model, and our calls cause no recompilation of the user's model."""
+    from lightning_viz.functional import saliency as sal
+
+    compiled_graphs = []
+
+    def counting_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = torch.compile(TinyCNN(), backend=counting_backend).eval()
+    x = torch.randn(2, 3, 16, 16)
+    model(x)
+    compiled = len(compiled_graphs)
+    assert compiled >= 1
+    with isolated(model, grad=True):
+        cam = sal.grad_cam(model, x, torch.tensor([0, 1]), model._orig_mod.conv2)
+        guided = sal.guided_backprop(model, x, torch.tensor([0, 1]))
+    assert cam.shape == (2, 16, 16) and torch.isfinite(guided).all()
+    assert len(compiled_graphs) == compiled  # nothing recompiled for our passes
+    model(x)
+    assert len(compiled_graphs) == compiled  # and the user's next call still uses the compiled code

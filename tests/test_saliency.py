@@ -159,12 +159,31 @@ def test_fast_copy_gives_the_same_maps():
     model = resnet18(num_classes=10).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     fast = sal.inference_copy(model)
-    assert type(fast).__name__ == "GraphModule" and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
-    xf = x.contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(sal.gradient(fast, xf, t), sal.gradient(model, x, t), rtol=1e-3, atol=1e-6)
-    assert torch.allclose(sal.guided_backprop(fast, xf, t), sal.guided_backprop(model, x, t), rtol=1e-3, atol=1e-6)
-    a = occ.occlusion(fast, xf, window=8, stride=8).logits
+    assert isinstance(fast, torch.fx.GraphModule) and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert torch.allclose(sal.gradient(fast, x, t), sal.gradient(model, x, t), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(sal.guided_backprop(fast, x, t), sal.guided_backprop(model, x, t), rtol=1e-3, atol=1e-6)
+    a = occ.occlusion(fast, x, window=8, stride=8).logits
     assert torch.allclose(a, occ.occlusion(model, x, window=8, stride=8).logits, rtol=1e-3, atol=1e-4)
+    cl = sal.inference_copy(model, channels_last=True)
+    assert cl.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(sal.gradient(cl, x, t), sal.gradient(model, x, t), rtol=1e-3, atol=1e-6)
+
+
+def test_grad_cam_on_the_copy_keeps_its_layer_unfolded():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        model.layer4[1].bn2.running_mean.uniform_(-0.5, 0.5)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    fast = sal.inference_copy(model, keep=["layer4.1.conv2"])
+    bns = [name for name, m in fast.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns == ["layer4.1.bn2"]  # every other BatchNorm is folded away
+    layer = fast.get_submodule("layer4.1.conv2")
+    assert torch.allclose(
+        sal.grad_cam(fast, x, t, layer), sal.grad_cam(model, x, t, model.layer4[1].conv2), rtol=1e-3, atol=1e-6
+    )
 
 
 def test_resnet18_every_method_runs_and_the_model_is_unchanged():

@@ -31,7 +31,7 @@ _COLUMN_TITLES = {
     "occlusion_top": "occl top",
     "occlusion_layer": "occl act",
 }
-_INPUT_SPACE = {"gradient", "smoothgrad", "guided_backprop", "deconvnet", "occlusion"}
+_INPUT_SPACE = {"gradient", "smoothgrad", "guided_backprop", "deconvnet", "gradcam", "occlusion"}
 
 
 class SaliencyMonitor(VizCallback):
@@ -51,9 +51,11 @@ class SaliencyMonitor(VizCallback):
     comparable across epochs; ``occl. top`` the most probable class at each position (categorical colours), and with
     ``occlusion_layer`` the total activation of that layer's strongest channel (``occl. act``).
 
-    Input-space methods run on a frozen copy of the model with conv+BatchNorm folded and channels-last weights
-    (:func:`lightning_viz.functional.saliency.inference_copy`), Grad-CAM and FullGrad on the model itself; all in eval
-    mode, gradients by ``torch.autograd.grad``, the model's modes, ``.grad`` and RNG streams restored afterwards.
+    Input-space methods and Grad-CAM run on a frozen copy of the model with conv+BatchNorm folded (except the
+    Grad-CAM layer; :func:`lightning_viz.functional.saliency.inference_copy`), FullGrad on the model itself (it needs
+    the BatchNorm biases); all in eval mode, gradients by ``torch.autograd.grad``, the model's modes, ``.grad`` and
+    RNG streams restored afterwards. Occlusion recomputes only the window's patch in the first local layers
+    (:func:`lightning_viz.functional.occlusion.occlusion`), exact up to float rounding.
 
     Args:
         methods: any of ``gradient``, ``smoothgrad``, ``guided_backprop``, ``deconvnet``, ``gradcam``, ``fullgrad``,
@@ -136,6 +138,7 @@ class SaliencyMonitor(VizCallback):
         self.filmstrip_probes = filmstrip_probes
         self.filmstrip_length = filmstrip_length
         self._gradcam_module: nn.Module | None = None
+        self._gradcam_name: str | None = None
         self._occlusion_module: nn.Module | None = None
         self._no_relu = False
         self._filmstrips: dict[int, list[tuple[str, torch.Tensor]]] = {}
@@ -147,8 +150,8 @@ class SaliencyMonitor(VizCallback):
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         if "gradcam" in self.methods:
             names = [self.gradcam_layer] if self.gradcam_layer is not None else None
-            self._gradcam_module = next(
-                iter(resolve_layers(pl_module, names, (nn.Conv2d,), argument="gradcam_layer", default="last").values())
+            self._gradcam_name, self._gradcam_module = next(
+                iter(resolve_layers(pl_module, names, (nn.Conv2d,), argument="gradcam_layer", default="last").items())
             )
         if self.occlusion_layer is not None:
             self._occlusion_module = resolve_layers(
@@ -213,10 +216,10 @@ class SaliencyMonitor(VizCallback):
         device = model_device(pl_module)
         images, labels = self._probe_batch(trainer, pl_module)
         x = images.to(device)
-        fast = sal.inference_copy(pl_module) if _INPUT_SPACE & set(self.methods) else pl_module
-        xf = x.contiguous(memory_format=torch.channels_last) if fast is not pl_module else x
+        keep = [self._gradcam_name] if self._gradcam_name is not None else []
+        fast = sal.inference_copy(pl_module, keep=keep) if _INPUT_SPACE & set(self.methods) else pl_module
         with torch.no_grad():
-            probs = fast(xf).float().softmax(dim=1)
+            probs = fast(x).float().softmax(dim=1)
         predicted = probs.argmax(dim=1)
 
         # Rows: each probe for its true class, and for the predicted class when that differs (or labels are unknown).
@@ -232,12 +235,12 @@ class SaliencyMonitor(VizCallback):
                 rows.append((i, pred, f"p{i} pred {pred}\n({p:.2f})"))
         index = torch.tensor([r[0] for r in rows], device=device)
         target = torch.tensor([r[1] for r in rows], device=device)
-        xr, xfr = x[index], xf[index]
+        xr = x[index]
 
         display = torch.stack([render.display_image(img) for img in images])[index.cpu()]
         columns: dict[str, torch.Tensor] = {"input": display}
         for method in self.methods:
-            result = self._guard(method, self._compute, method, pl_module, fast, xr, xfr, target, x, xf, index)
+            result = self._guard(method, self._compute, method, pl_module, fast, xr, target, x, index)
             if isinstance(result, dict):
                 for name, tiles in result.items():
                     columns[name] = self._tiles(name, tiles, display)
@@ -262,15 +265,15 @@ class SaliencyMonitor(VizCallback):
             image = render.push_filmstrip(strip, f"ep {epochs_done}", row, self.filmstrip_length)
             sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([small_head, image], gap=0), step)
 
-    def _compute(self, method, model, fast, xr, xfr, target, x, xf, index) -> dict[str, torch.Tensor]:
+    def _compute(self, method, model, fast, xr, target, x, index) -> dict[str, torch.Tensor]:
         bs = self.batch_size
         if method == "gradient":
-            return {method: sal.gradient(fast, xfr, target, batch_size=bs)}
+            return {method: sal.gradient(fast, xr, target, batch_size=bs)}
         if method == "smoothgrad":
             return {
                 method: sal.smoothgrad(
                     fast,
-                    xfr,
+                    xr,
                     target,
                     n=self.smoothgrad_samples,
                     noise_level=self.noise_level,
@@ -282,10 +285,17 @@ class SaliencyMonitor(VizCallback):
             fn = sal.guided_backprop if method == "guided_backprop" else sal.deconvnet
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # said once at setup
-                return {method: fn(fast, xfr, target, batch_size=bs)}
+                return {method: fn(fast, xr, target, batch_size=bs)}
         if method == "gradcam":
-            assert self._gradcam_module is not None
-            return {method: sal.grad_cam(model, xr, target, self._gradcam_module, batch_size=bs)}
+            assert self._gradcam_module is not None and self._gradcam_name is not None
+            # the folded copy when its graph calls the (unfolded) layer itself, else the model
+            graph = getattr(fast, "graph", None)
+            called = graph is not None and any(
+                n.op == "call_module" and n.target == self._gradcam_name for n in graph.nodes
+            )
+            on = fast if called else model
+            layer = fast.get_submodule(self._gradcam_name) if called else self._gradcam_module
+            return {method: sal.grad_cam(on, xr, target, layer, batch_size=bs)}
         if method == "fullgrad":
             return {method: sal.fullgrad(model, xr, target, batch_size=bs)}
         # occlusion: every probe once (not once per row), then each row reads its class. The folded copy has no
@@ -293,7 +303,7 @@ class SaliencyMonitor(VizCallback):
         use_fast = self._occlusion_module is None
         result = occ.occlusion(
             fast if use_fast else model,
-            xf if use_fast else x,
+            x,
             window=self.occlusion_window,
             stride=self.occlusion_stride,
             baseline=self.occlusion_baseline,

@@ -1,16 +1,21 @@
 """Batched occlusion sensitivity (Zeiler & Fergus): slide a baseline-valued square over the image, watch the output.
 
-All occluded images of all positions (and all input images) are built chunk by chunk and evaluated in batches that
-stay within ``max_batch_bytes`` of occluded input, not one forward pass per position.
+All occluded images of all positions (and all input images) are evaluated in batches that stay within
+``max_batch_bytes`` of occluded input, not one forward pass per position. When the model's first layers are local
+(convolutions, pooling, activations, residual additions) and ``torch.fx`` can trace it, only the patch that the window
+changes is recomputed in those layers (:mod:`lightning_viz.functional._incremental`); the outputs equal full forward
+passes up to float rounding, and the first batch is checked against full passes.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lightning_viz.functional._incremental import IncrementalOcclusion
 from lightning_viz.functional.saliency import capture_outputs
 
 
@@ -70,6 +75,7 @@ def occlusion(
     baseline: float = 0.0,
     max_batch_bytes: int = 64 * 2**20,
     layer: nn.Module | None = None,
+    incremental: bool = True,
 ) -> OcclusionResult:
     """Evaluate ``model`` on every occluded copy of every image, in memory-bounded batches.
 
@@ -79,6 +85,8 @@ def occlusion(
         baseline: the value written into the window (0 is the mean colour for standardised inputs: grey).
         max_batch_bytes: at most this many bytes of occluded images per forward pass.
         layer: optionally, a module whose strongest channel's total activation is recorded at each position.
+        incremental: recompute only the window's patch in the model's first local layers when the model allows it
+            (not with ``layer``). Exact up to float rounding; set ``False`` to always run full forward passes.
 
     Shape:
         x: (N, C, H, W).
@@ -90,8 +98,41 @@ def occlusion(
     positions = [(t, lf) for t in tops for lf in lefts]
     per_image = x[0].numel() * x.element_size()
     chunk = max(1, max_batch_bytes // per_image)
-    with torch.inference_mode(False):  # plain tensors: a model's in-place ops may need them
+    pairs_image = torch.arange(n).repeat_interleave(len(positions))
+    pairs_top = torch.tensor([t for t, _ in positions]).repeat(n)
+    pairs_left = torch.tensor([lf for _, lf in positions]).repeat(n)
+    # plain tensors (a model's in-place ops may need them); leaving inference mode turns grad mode on, so off again
+    with torch.inference_mode(False), torch.no_grad():
         x = x.detach().clone()
+
+        def occluded(sl: slice) -> torch.Tensor:
+            images = x[pairs_image[sl].to(x.device)].clone()
+            for row, (t, lf) in enumerate(zip(pairs_top[sl].tolist(), pairs_left[sl].tolist())):
+                images[row, :, t : t + window, lf : lf + window] = baseline
+            return images
+
+        fast = IncrementalOcclusion.build(model, x[:1], window, stride) if incremental and layer is None else None
+        if fast is not None:
+            clean = fast.prepare(x).detach()
+            first = slice(0, min(4, len(pairs_image)))
+            got = fast.forward(pairs_image[first], pairs_top[first], pairs_left[first], window, baseline)
+            want = model(occluded(first))
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
+                warnings.warn(
+                    "occlusion: recomputing only the occluded patch gave different outputs than full forward passes "
+                    f"(max difference {float((got - want).abs().max()):.3g}); using full forward passes.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                fast = None
+        if fast is not None:
+            outputs = []
+            for start in range(0, len(pairs_image), chunk):
+                sl = slice(start, start + chunk)
+                outputs.append(fast.forward(pairs_image[sl], pairs_top[sl], pairs_left[sl], window, baseline).detach())
+            logits = torch.cat(outputs).view(n, len(tops), len(lefts), -1)
+            return OcclusionResult(logits, clean, tops, lefts, window, None)
+
         channel = None
         with capture_outputs([layer] if layer is not None else []) as captured:
             clean = model(x).detach()
@@ -99,19 +140,14 @@ def occlusion(
                 acts = captured[0][-1]
                 channel = acts.flatten(2).sum(-1).argmax(dim=1)  # (N,) strongest channel per image
                 captured[0].clear()
-            pairs = [(i, p) for i in range(n) for p in range(len(positions))]
             outputs, totals = [], []
-            for start in range(0, len(pairs), chunk):
-                batch_pairs = pairs[start : start + chunk]
-                images = x[[i for i, _ in batch_pairs]].clone()
-                for row, (_, p) in enumerate(batch_pairs):
-                    t, lf = positions[p]
-                    images[row, :, t : t + window, lf : lf + window] = baseline
-                outputs.append(model(images).detach())
+            for start in range(0, len(pairs_image), chunk):
+                sl = slice(start, start + chunk)
+                outputs.append(model(occluded(sl)).detach())
                 if layer is not None:
                     acts = captured[0][-1]
                     captured[0].clear()
-                    idx = channel[[i for i, _ in batch_pairs]]
+                    idx = channel[pairs_image[sl].to(channel.device)]
                     totals.append(acts.flatten(2).sum(-1).gather(1, idx.view(-1, 1)).squeeze(1).detach())
     logits = torch.cat(outputs).view(n, len(tops), len(lefts), -1)
     layer_total = torch.cat(totals).view(n, len(tops), len(lefts)) if layer is not None else None

@@ -46,24 +46,56 @@ def gradient_context(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
+    """A ``torch.fx`` copy of an eval-mode ``model`` with each ``Conv2d`` followed by ``BatchNorm2d`` folded into one
+    convolution (exact up to float rounding). Convolutions named in ``keep`` stay unfolded, so their own output can
+    still be hooked (Grad-CAM's layer). Submodule names are kept. Raises when ``torch.fx`` cannot trace the model.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv, bn = modules.get(prev.target), modules[node.target]
+        if type(conv) is not nn.Conv2d or prev.target in keep or bn.track_running_stats is False:
+            continue
+        fused = fuse_conv_bn_eval(conv, bn)
+        parent, _, name = prev.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        modules[prev.target] = fused
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def inference_copy(model: nn.Module, *, keep: Sequence[str] = (), channels_last: bool = False) -> nn.Module:
     """A frozen copy of an eval-mode model for fast repeated forward/backward passes over its *input*.
 
-    Convolutions and the BatchNorm after them are folded into one convolution (``torch.fx``'s ``fuse``; exact up to
-    float rounding in eval mode), parameters are frozen and, on request, stored channels-last (faster CPU and GPU
-    convolutions). Models that ``torch.fx`` cannot trace are deep-copied unfused; if even that fails the model itself
-    is returned (its parameters are then frozen only inside :func:`gradient_context`). Use the copy for input-space
-    methods (gradient, SmoothGrad, guided backprop, deconvnet, occlusion), not for layer methods (Grad-CAM,
-    FullGrad), whose layers the fusion replaces. ReLU modules survive the fusion, so ReLU rules still apply.
+    Convolutions and the BatchNorm after them are folded into one convolution (:func:`fold_batchnorm`; exact up to
+    float rounding in eval mode), except the convolutions named in ``keep``; parameters are frozen and, on request,
+    stored channels-last (on this project's 2-core CPU reference that was *slower* for batches of a few images and no
+    faster for occlusion, so it is off by default). Models that ``torch.fx`` cannot trace are deep-copied unfolded; if
+    even that fails the model itself is returned (its parameters are then frozen only inside
+    :func:`gradient_context`). Use the copy for input-space methods (gradient, SmoothGrad, guided backprop,
+    deconvnet, occlusion) and for Grad-CAM of a layer in ``keep``; not for FullGrad, whose BatchNorm biases the
+    folding removes. ReLU modules survive the folding, so ReLU rules still apply.
     """
     if model.training:
         raise ValueError("inference_copy needs a model in eval mode (BatchNorm folding uses the running statistics).")
     from lightning_viz._layers import detached_deepcopy
 
     try:
-        from torch.fx.experimental.optimization import fuse
-
-        fast = detached_deepcopy(model, fuse)
+        fast = detached_deepcopy(model, lambda m: fold_batchnorm(m, keep))
     except Exception:
         try:
             fast = detached_deepcopy(model)
