@@ -262,6 +262,7 @@ def test_compiled_models_run_eagerly_inside_our_work():
         compiled_graphs.append(gm)
         return gm.forward
 
+    torch._dynamo.reset()  # no compiled code cached by earlier tests for TinyCNN.forward
     torch.manual_seed(0)
     model = torch.compile(TinyCNN(), backend=counting_backend).eval()
     x = torch.randn(2, 3, 16, 16)
