@@ -30,6 +30,7 @@ from run import median_seconds  # noqa: E402
 
 from lightning_viz.functional import occlusion as occ  # noqa: E402
 from lightning_viz.functional import saliency as sal
+from lightning_viz.functional._incremental import IncrementalOcclusion
 
 GRADCAM_LAYER = "layer4.1.conv2"
 
@@ -47,11 +48,41 @@ def matmul_gflops(repeats: int) -> float:
     return 2 * 2048**3 / seconds(lambda: a @ b, repeats) / 1e9
 
 
+def occlusion_scaling(repeats: int) -> None:
+    """Incremental occlusion against full forward passes as the image grows (window and stride grow with it)."""
+    torch.manual_seed(0)
+    fast = sal.inference_copy(resnet18(num_classes=10).eval())
+    print("| image | window / stride | images | incremental (s) | full passes (s) | ratio | local layers end at |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for size, window, stride, n in ((64, 8, 4, 8), (128, 16, 8, 8), (224, 32, 16, 4)):
+        x = torch.randn(n, 3, size, size)
+        times = {}
+        for incremental in (True, False):
+            times[incremental] = seconds(
+                lambda inc=incremental, x=x, w=window, s=stride: occ.occlusion(
+                    fast, x, window=w, stride=s, max_batch_bytes=64 * 3 * 64 * 64 * 4, incremental=inc
+                ),
+                max(1, repeats // 2),
+            )
+        split = IncrementalOcclusion.build(fast, x[:1], window, stride)
+        end = ", ".join(node.name for node in split.frontier) if split is not None else "-"
+        print(
+            f"| {size}x{size} | {window} / {stride} | {n} | {times[True]:.2f} | {times[False]:.2f} | "
+            f"{times[True] / times[False]:.2f} | {end} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument(
+        "--scaling", action="store_true", help="only time our occlusion, incremental vs full passes, at 3 image sizes"
+    )
     args = parser.parse_args()
+    if args.scaling:
+        occlusion_scaling(args.repeats)
+        return
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = resnet18(num_classes=10).eval()
