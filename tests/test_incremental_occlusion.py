@@ -127,6 +127,19 @@ def test_models_it_cannot_split_run_full_passes():
         assert torch.allclose(got.logits, _full(model, x, window=4, stride=4).logits)
 
 
+def test_batchnorm_without_running_statistics_is_not_local():
+    """In eval mode it still normalises with the batch's statistics: a patch would not be exact, so the split stops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 64, 3)
+    ).eval()
+    x = torch.randn(3, 3, 8, 8)
+    built = IncrementalOcclusion.build(model, x[:1], 2, 2)
+    assert built is not None and [s.kind for s in built.steps] == ["input", "window"]
+    got = _incremental(model, x, window=2, stride=2)
+    assert torch.allclose(got.logits, _full(model, x, window=2, stride=2).logits, atol=1e-6)
+
+
 def test_a_wrong_patch_is_caught_and_full_passes_are_used(monkeypatch):
     torch.manual_seed(0)
     model = TinyCNN().eval()

@@ -250,7 +250,8 @@ class IncrementalOcclusion:
             if geometry is not None:
                 geo, pad = geometry
                 return _Step(node, "window", (tensor_args[0],), *hw, module=module, geometry=geo, pad_value=pad)
-            if isinstance(module, _POINTWISE_MODULES) and not module.training:
+            batch_statistics = isinstance(module, nn.BatchNorm2d) and module.running_mean is None
+            if isinstance(module, _POINTWISE_MODULES) and not module.training and not batch_statistics:
                 if _tensor_meta_hw(tensor_args[0]) != hw:
                     return None
                 return _Step(node, "pointwise", (tensor_args[0],), *hw, module=module)
