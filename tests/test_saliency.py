@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TinyCNN, fit_monitor
 from torch import nn
 
@@ -99,6 +100,17 @@ def test_fullgrad_completeness(model, batch):
     assert torch.allclose(total, scores, atol=1e-4)
     maps = sal.fullgrad(model, x, t)
     assert maps.shape == (3, 16, 16) and (maps >= 0).all()
+
+    def normalised(v):  # |v| min-max scaled per image, as in the FullGrad paper's code
+        flat = v.abs().flatten(1)
+        flat = flat - flat.min(1, keepdim=True).values
+        return (flat / (flat.max(1, keepdim=True).values + 1e-6)).view_as(v)
+
+    expected = normalised(grads[0] * x).sum(1)
+    for layer, g in zip(layers, grads[1:]):
+        term = normalised(g * sal.effective_bias(layer).view(1, -1, 1, 1))
+        expected += F.interpolate(term, size=(16, 16), mode="bilinear", align_corners=True).sum(1)
+    assert torch.allclose(maps, expected, rtol=1e-4, atol=1e-5)
 
 
 class RegionModel(nn.Module):

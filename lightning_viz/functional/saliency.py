@@ -397,8 +397,10 @@ def fullgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_s
             for (layer, _), g in zip(sites, grads[1:]):
                 if g is None:
                     continue
-                term = _minmax(g * effective_bias(layer).view(1, -1, 1, 1))
+                term = _minmax(g * effective_bias(layer).view(1, -1, 1, 1)).sum(dim=1, keepdim=True)
+                # summed over channels before upsampling: bilinear interpolation is linear, so this equals upsampling
+                # each channel and summing, at 1/C of the cost
                 term = F.interpolate(term, size=x.shape[-2:], mode="bilinear", align_corners=True)
-                saliency = saliency + term.sum(dim=1)
+                saliency = saliency + term.squeeze(1)
             out.append(saliency.detach())
     return torch.cat(out)
