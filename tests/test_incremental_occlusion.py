@@ -61,6 +61,22 @@ class Untraceable(TinyCNN):
         return super().forward(-x)
 
 
+class SharedInPlace(nn.Module):
+    """An in-place ReLU on a tensor that is read again afterwards: the model then sees the ReLU'd values there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a = self.relu(h)  # h itself is now ReLU'd too
+        return self.head((h + self.conv2(a)).mean(dim=(2, 3)))
+
+
 def _bn_stats(model):
     with torch.no_grad():
         for m in model.modules():
@@ -138,6 +154,16 @@ def test_batchnorm_without_running_statistics_is_not_local():
     assert built is not None and [s.kind for s in built.steps] == ["input", "window"]
     got = _incremental(model, x, window=2, stride=2)
     assert torch.allclose(got.logits, _full(model, x, window=2, stride=2).logits, atol=1e-6)
+
+
+def test_an_in_place_op_on_a_shared_tensor_ends_the_local_layers():
+    torch.manual_seed(0)
+    model = SharedInPlace().eval()
+    x = torch.randn(2, 3, 12, 12)
+    kinds, frontier = _local_steps(model, x, 3, 3)
+    assert kinds == ["input", "window"] and frontier == ["conv"]
+    got = _incremental(model, x, window=3, stride=3)
+    assert torch.allclose(got.logits, _full(model, x, window=3, stride=3).logits, atol=1e-6)
 
 
 def test_a_wrong_patch_is_caught_and_full_passes_are_used(monkeypatch):

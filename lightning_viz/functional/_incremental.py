@@ -126,6 +126,12 @@ def _tensor_meta_hw(node: fx.Node) -> tuple[int, int] | None:
     return int(shape[2]), int(shape[3])
 
 
+def _overwrites_shared(node: fx.Node, inplace: bool) -> bool:
+    """An in-place op whose input is also read elsewhere: the model then sees the modified tensor there, which a
+    patch computed out of place would not reproduce. Such a node ends the local layers."""
+    return bool(inplace) and len(node.args[0].users) > 1
+
+
 class _Ranges:
     """Per item, the first affected row/column of a node's map; the patch size is shared by all items."""
 
@@ -165,10 +171,8 @@ class IncrementalOcclusion:
         self.steps = steps
         self.frontier = frontier
         self.suffix = suffix
-        self.saved_fraction = 0.0  # set by build: estimated share of the prefix's work skipped
         self._clean: dict[fx.Node, torch.Tensor] = {}
         self._padded: dict[tuple[fx.Node, int, int, float], torch.Tensor] = {}
-        self._clean_output: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------------------------------- building
     @classmethod
@@ -194,7 +198,6 @@ class IncrementalOcclusion:
         # Static simulation over every window position: the patch size of each node.
         ranges: dict[fx.Node, _Ranges] = {}
         steps: list[_Step] = []
-        full_cost = patch_cost = 0.0
         for node in gm.graph.nodes:
             step = cls._classify(node, modules, ranges)
             if step is None:
@@ -210,9 +213,6 @@ class IncrementalOcclusion:
                 break
             ranges[node] = rng
             steps.append(step)
-            if step.kind == "window":
-                full_cost += step.height * step.width
-                patch_cost += rng.size_h * rng.size_w
         local = {s.node for s in steps}
         if not any(s.kind == "window" for s in steps):
             return None
@@ -228,9 +228,7 @@ class IncrementalOcclusion:
                 return None  # unreachable: the single placeholder is the input step
             env[node] = suffix_graph.node_copy(node, lambda n: env[n])
         suffix = fx.GraphModule(gm, suffix_graph)
-        result = cls(gm, steps, frontier, suffix)
-        result.saved_fraction = 1.0 - patch_cost / max(full_cost, 1.0)
-        return result
+        return cls(gm, steps, frontier, suffix)
 
     @staticmethod
     def _classify(node: fx.Node, modules: dict[str, nn.Module], ranges: dict[fx.Node, _Ranges]) -> _Step | None:
@@ -252,13 +250,13 @@ class IncrementalOcclusion:
                 return _Step(node, "window", (tensor_args[0],), *hw, module=module, geometry=geo, pad_value=pad)
             batch_statistics = isinstance(module, nn.BatchNorm2d) and module.running_mean is None
             if isinstance(module, _POINTWISE_MODULES) and not module.training and not batch_statistics:
-                if _tensor_meta_hw(tensor_args[0]) != hw:
+                if _tensor_meta_hw(tensor_args[0]) != hw or _overwrites_shared(node, getattr(module, "inplace", False)):
                     return None
                 return _Step(node, "pointwise", (tensor_args[0],), *hw, module=module)
             return None
         if node.op == "call_function":
             if node.target in _POINTWISE_FUNCTIONS and len(tensor_args) == 1 and node.args[0] is tensor_args[0]:
-                if _tensor_meta_hw(tensor_args[0]) != hw:
+                if _tensor_meta_hw(tensor_args[0]) != hw or _overwrites_shared(node, node.kwargs.get("inplace", False)):
                     return None
                 return _Step(node, "pointwise", (tensor_args[0],), *hw, function=node.target, kwargs=dict(node.kwargs))
             if node.target in _ADD_FUNCTIONS and len(node.args) == 2 and len(tensor_args) == 2 and not node.kwargs:
@@ -293,7 +291,7 @@ class IncrementalOcclusion:
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
                 if n in local:
-                    clean[n] = out.detach()
+                    clean[n] = out.detach().clone()  # a later in-place op must not change what we keep
                 return out
 
         output = Recorder(self.graph_module).run(x)
