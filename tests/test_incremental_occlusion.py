@@ -112,6 +112,9 @@ def test_every_supported_op_gives_exact_patches():
     got = _incremental(model, x, window=4, stride=3, baseline=0.7)
     want = _full(model, x, window=4, stride=3, baseline=0.7)
     assert torch.allclose(got.logits, want.logits, rtol=1e-4, atol=1e-6)
+    model.to(memory_format=torch.channels_last)  # weights channels-last: patches and maps follow that layout
+    got = _incremental(model, x.contiguous(memory_format=torch.channels_last), window=4, stride=3, baseline=0.7)
+    assert torch.allclose(got.logits, want.logits, rtol=1e-4, atol=1e-6)
 
 
 def test_matches_captum_on_the_incremental_path():

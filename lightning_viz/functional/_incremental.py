@@ -132,6 +132,15 @@ def _overwrites_shared(node: fx.Node, inplace: bool) -> bool:
     return bool(inplace) and len(node.args[0].users) > 1
 
 
+def _weight_format(model: nn.Module) -> torch.memory_format:
+    """Channels-last when the model's first 4-d weight is stored that way (the layout its convolutions want)."""
+    for p in model.parameters():
+        if p.ndim == 4:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
 class _Ranges:
     """Per item, the first affected row/column of a node's map; the patch size is shared by all items."""
 
@@ -173,6 +182,7 @@ class IncrementalOcclusion:
         self.suffix = suffix
         self._clean: dict[fx.Node, torch.Tensor] = {}
         self._padded: dict[tuple[fx.Node, int, int, float], torch.Tensor] = {}
+        self._format = _weight_format(graph_module)
 
     # -------------------------------------------------------------------------------------------------- building
     @classmethod
@@ -341,7 +351,7 @@ class IncrementalOcclusion:
         patches: dict[fx.Node, tuple[torch.Tensor, _Ranges]] = {}
         dev = self._clean[self.steps[0].node].device
         image = image.to(dev)
-        fmt = self._suffix_format()
+        fmt = self._format
         for step in self.steps:
             if step.kind == "input":
                 clean = self._clean[step.node]
@@ -392,11 +402,3 @@ class IncrementalOcclusion:
             full.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]] = patch.permute(0, 2, 3, 1)
             inputs.append(full.contiguous(memory_format=fmt))
         return self.suffix(*inputs)
-
-    def _suffix_format(self) -> torch.memory_format:
-        """Channels-last when the model's first 4-d weight is stored that way."""
-        for p in self.graph_module.parameters():
-            if p.ndim == 4:
-                channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                return torch.channels_last if channels_last else torch.contiguous_format
-        return torch.contiguous_format
