@@ -169,6 +169,31 @@ def test_an_in_place_op_on_a_shared_tensor_ends_the_local_layers():
     assert torch.allclose(got.logits, _full(model, x, window=3, stride=3).logits, atol=1e-6)
 
 
+class ReadsItsShape(nn.Module):
+    """Reads the input's size before its first layer, as many models do (`x.view(x.size(0), -1)` style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.pool(F.relu(self.conv(x)))
+        return self.fc(h.reshape(n, -1)) + x.mean()  # the raw input is read again at the end
+
+
+def test_size_queries_do_not_end_the_local_layers():
+    torch.manual_seed(0)
+    model = ReadsItsShape().eval()
+    x = torch.randn(2, 3, 12, 12)
+    kinds, frontier = _local_steps(model, x, 3, 3)
+    assert kinds == ["input", "window", "pointwise", "window"] and frontier == ["x", "pool"]
+    got = _incremental(model, x, window=3, stride=3, baseline=0.5)
+    assert torch.allclose(got.logits, _full(model, x, window=3, stride=3, baseline=0.5).logits, atol=1e-6)
+
+
 def test_a_wrong_patch_is_caught_and_full_passes_are_used(monkeypatch):
     torch.manual_seed(0)
     model = TinyCNN().eval()

@@ -126,6 +126,14 @@ def _tensor_meta_hw(node: fx.Node) -> tuple[int, int] | None:
     return int(shape[2]), int(shape[3])
 
 
+def _python_value(node: fx.Node) -> bool:
+    """A function or method call whose result holds no tensor (a size, a shape, a number): it changes no tensor, so
+    the local layers may go on past it; it is computed with the rest of the network."""
+    if node.op not in ("call_function", "call_method") or "tensor_meta" in node.meta:
+        return False
+    return not (node.op == "call_method" and str(node.target).endswith("_"))
+
+
 def _overwrites_shared(node: fx.Node, inplace: bool) -> bool:
     """An in-place op whose input is also read elsewhere: the model then sees the modified tensor there, which a
     patch computed out of place would not reproduce. Such a node ends the local layers."""
@@ -209,6 +217,8 @@ class IncrementalOcclusion:
         ranges: dict[fx.Node, _Ranges] = {}
         steps: list[_Step] = []
         for node in gm.graph.nodes:
+            if _python_value(node):
+                continue  # e.g. `n = x.shape[0]`: runs with the rest of the network, reading the occluded input
             step = cls._classify(node, modules, ranges)
             if step is None:
                 if node.op == "placeholder":
