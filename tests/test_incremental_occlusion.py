@@ -201,7 +201,7 @@ def test_a_wrong_patch_is_caught_and_full_passes_are_used(monkeypatch):
     _local_steps(model, x, 4, 4)
     real = IncrementalOcclusion.forward
     monkeypatch.setattr(IncrementalOcclusion, "forward", lambda self, *a: real(self, *a) + 1.0)
-    with pytest.warns(RuntimeWarning, match="using full forward passes"):
+    with pytest.warns(occ.IncrementalMismatchWarning, match="using full forward passes"):
         got = occ.occlusion(model, x, window=4, stride=4)
     assert torch.allclose(got.logits, _full(model, x, window=4, stride=4).logits)
 

@@ -286,6 +286,20 @@ def test_monitor_grid_rows_columns_and_filmstrips(tmp_path, pl_ns):
     assert strip_last.shape[0] > strip_first.shape[0] * 2
 
 
+def test_monitor_says_once_when_incremental_occlusion_falls_back(tmp_path, pl_ns, monkeypatch):
+    from lightning_viz.functional._incremental import IncrementalOcclusion
+
+    real = IncrementalOcclusion.forward
+    monkeypatch.setattr(IncrementalOcclusion, "forward", lambda self, *a: real(self, *a) + 1.0)  # a wrong patch
+    monitor = SaliencyMonitor(methods=["occlusion"], occlusion_window=4, every_n_epochs=1, on_error="raise")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, events = _fit(pl_ns, tmp_path, monitor)
+    said = [str(w.message) for w in record if "full forward passes" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("SaliencyMonitor:")
+    assert events.image_steps("saliency/grid") == [0, 4, 8]  # the maps are still drawn, from full passes
+
+
 def test_monitor_chooses_probes_from_the_validation_data(tmp_path, pl_ns):
     monitor = SaliencyMonitor(
         methods=["gradient", "occlusion"], occlusion_window=8, max_probes=2, every_n_epochs=1, on_error="raise"

@@ -301,15 +301,22 @@ class SaliencyMonitor(VizCallback):
         # occlusion: every probe once (not once per row), then each row reads its class. The folded copy has no
         # `occlusion_layer` to hook, so a layer map runs on the model itself.
         use_fast = self._occlusion_module is None
-        result = occ.occlusion(
-            fast if use_fast else model,
-            x,
-            window=self.occlusion_window,
-            stride=self.occlusion_stride,
-            baseline=self.occlusion_baseline,
-            max_batch_bytes=bs * x[0].numel() * x.element_size(),
-            layer=self._occlusion_module,
-        ).rows(index)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", occ.IncrementalMismatchWarning)
+            result = occ.occlusion(
+                fast if use_fast else model,
+                x,
+                window=self.occlusion_window,
+                stride=self.occlusion_stride,
+                baseline=self.occlusion_baseline,
+                max_batch_bytes=bs * x[0].numel() * x.element_size(),
+                layer=self._occlusion_module,
+            ).rows(index)
+        for w in caught:  # the fallback to full passes is said once per run, not at every call
+            if issubclass(w.category, occ.IncrementalMismatchWarning):
+                self._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         size = tuple(x.shape[-2:])
         out = {
             "occlusion": occ.upsample_grid(result.probability(target), result, size),

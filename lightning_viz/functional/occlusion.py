@@ -19,6 +19,10 @@ from lightning_viz.functional._incremental import IncrementalOcclusion
 from lightning_viz.functional.saliency import capture_outputs
 
 
+class IncrementalMismatchWarning(RuntimeWarning):
+    """Recomputing only the occluded patch disagreed with full forward passes; full passes were used instead."""
+
+
 def occlusion_grid(height: int, width: int, window: int, stride: int) -> tuple[list[int], list[int]]:
     """Top and left offsets of the occluding window: 0, stride, 2*stride, ... while the window fits."""
     if window < 1 or stride < 1:
@@ -121,7 +125,7 @@ def occlusion(
                 warnings.warn(
                     "occlusion: recomputing only the occluded patch gave different outputs than full forward passes "
                     f"(max difference {float((got - want).abs().max()):.3g}); using full forward passes.",
-                    RuntimeWarning,
+                    IncrementalMismatchWarning,
                     stacklevel=2,
                 )
                 fast = None
@@ -191,4 +195,11 @@ def upsample_grid(grid: torch.Tensor, result: OcclusionResult, image_size: tuple
     return grid[:, iy][:, :, ix]
 
 
-__all__ = ["OcclusionResult", "occlusion", "occlusion_attribution", "occlusion_grid", "upsample_grid"]
+__all__ = [
+    "IncrementalMismatchWarning",
+    "OcclusionResult",
+    "occlusion",
+    "occlusion_attribution",
+    "occlusion_grid",
+    "upsample_grid",
+]
