@@ -7,6 +7,7 @@ float images by 255 without clipping, so nothing leaves this module outside that
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -329,9 +330,61 @@ def frame(tiles: torch.Tensor, colours: torch.Tensor, width: int = 2) -> torch.T
     return out
 
 
-def push_filmstrip(strip: list, label: str, row: np.ndarray, length: int) -> np.ndarray:
-    """Append a labelled row to ``strip`` (kept as uint8 tensors, so it saves in a checkpoint), keep the last
-    ``length`` rows, and return the filmstrip image."""
-    strip.append((label, torch.from_numpy(np.ascontiguousarray(row).copy())))
-    del strip[:-length]
-    return filmstrip([(lb, img.numpy()) for lb, img in strip], length)
+class Filmstrip:
+    """The same view at each of the last ``length`` logged epochs: labelled frames, oldest first.
+
+    Frames are kept as tensors (uint8 images, or any tensor a monitor draws itself, such as firing rates), so the
+    filmstrip saves in a checkpoint and a resumed run continues it. :meth:`rows` draws image frames one under another,
+    :meth:`columns` side by side.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = int(length)
+        self.frames: list[tuple[str, torch.Tensor]] = []
+
+    def push(self, label: str, frame: np.ndarray | torch.Tensor) -> Filmstrip:
+        """Append a frame (copied) and keep the last ``length``."""
+        if isinstance(frame, np.ndarray):
+            frame = torch.from_numpy(np.ascontiguousarray(frame).copy())
+        else:
+            frame = frame.detach().cpu().clone()
+        self.frames.append((label, frame))
+        del self.frames[: -self.length]
+        return self
+
+    def rows(self) -> np.ndarray:
+        """Image frames stacked top to bottom, each labelled on the left."""
+        return filmstrip([(label, frame.numpy()) for label, frame in self.frames], self.length)
+
+    def columns(self, gap: int = 4) -> np.ndarray:
+        """Image frames side by side (each already carries its own label)."""
+        return hstack([frame.numpy() for _, frame in self.frames], gap=gap)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def state_dict(self) -> list[tuple[str, torch.Tensor]]:
+        return [(label, frame.clone()) for label, frame in self.frames]
+
+    def load_state_dict(self, frames: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.frames = [(str(label), torch.as_tensor(frame)) for label, frame in frames][-self.length :]
+
+
+class Filmstrips(dict):
+    """One :class:`Filmstrip` per key (layer, probe, tag), created on first use, all of the same length."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = int(length)
+
+    def __missing__(self, key: Any) -> Filmstrip:
+        strip = self[key] = Filmstrip(self.length)
+        return strip
+
+    def state_dict(self) -> dict[Any, list[tuple[str, torch.Tensor]]]:
+        return {key: strip.state_dict() for key, strip in self.items()}
+
+    def load_state_dict(self, state: dict[Any, Sequence[tuple[str, torch.Tensor]]]) -> None:
+        self.clear()
+        for key, frames in state.items():
+            self[key].load_state_dict(frames)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lightning_viz._compat import is_dummy_logger, is_tensorboard_logger
+from lightning_viz.render import downsize
 
 NO_LOGGER_MESSAGE = (
     "lightning_viz callbacks write to TensorBoard, but the Trainer has no logger. Pass one, e.g. "
@@ -25,17 +26,20 @@ NO_LOGGER_MESSAGE = (
 class Sink:
     """Writes one callback's output for a Trainer. Build it with :meth:`for_trainer`."""
 
-    def __init__(self, experiment: Any | None, loggers: list[Any], is_global_zero: bool) -> None:
+    def __init__(
+        self, experiment: Any | None, loggers: list[Any], is_global_zero: bool, max_image_side: int | None = None
+    ) -> None:
         self._experiment = experiment  # a SummaryWriter, or None when there is no TensorBoard logger
         self._loggers = loggers
         self._is_global_zero = is_global_zero
+        self.max_image_side = max_image_side  #: images larger than this (pixels per side) are downsized
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> Sink:
+    def for_trainer(cls, trainer: Any, max_image_side: int | None = None) -> Sink:
         loggers = list(trainer.loggers)
         tensorboard = next((lg for lg in loggers if is_tensorboard_logger(lg)), None)
         experiment = tensorboard.experiment if (tensorboard is not None and trainer.is_global_zero) else None
-        return cls(experiment, loggers, trainer.is_global_zero)
+        return cls(experiment, loggers, trainer.is_global_zero, max_image_side)
 
     @property
     def writes_images(self) -> bool:
@@ -51,6 +55,8 @@ class Sink:
             return
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"images must be (H, W, 3) uint8, got {image.shape} {image.dtype} for tag {tag!r}.")
+        if self.max_image_side is not None and max(image.shape[:2]) > self.max_image_side:
+            image = downsize(image, self.max_image_side)
         self._experiment.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def text(self, tag: str, markdown: str, step: int) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_viz import ActivationMonitor
 from lightning_viz._hooks import hook_count
 from lightning_viz.functional.activations import ChannelStats
+from lightning_viz.records import ActivationStats, bus_for
 
 
 def test_streaming_stats_equal_a_direct_computation():
@@ -75,7 +76,7 @@ def test_planted_dead_channels_are_exactly_reported(tmp_path, pl_ns):
     module, events = _fit(pl_ns, tmp_path, monitor, Planted(), max_epochs=3)
     assert [v for _, v in events.scalars("activations/dead_count/model.relu")] == [2, 2, 2]
     assert [s for s, _ in events.scalars("activations/dead_fraction/model.relu")] == [4, 8, 12]
-    assert monitor.latest["model.relu"]["dead_channels"] == Planted.DEAD
+    assert list(bus_for(module.trainer).latest(ActivationStats)["model.relu"].dead_channels) == Planted.DEAD
     text = events.text("activations/dead_channels")
     assert len(text) == 3 and "| `model.relu` | 2/8 | 2, 5 |" in text[-1][1]
     # sparsity equals a direct computation on the same validation data with the final weights

@@ -61,7 +61,7 @@ def test_no_baseline_when_disabled(tmp_path, pl_ns):
         ({"on_error": "ignore"}, ValueError, r"`on_error` must be one of \['warn', 'raise'\], got 'ignore'"),
         ({"seed": "1"}, TypeError, r"`seed` must be an int"),
         ({"max_overhead": 0}, ValueError, r"`max_overhead` must be in"),
-        ({"log_baseline": 1}, TypeError, r"`log_baseline` must be a bool"),
+        ({"log_baseline": 1}, TypeError, r"`log_baseline` must be True or False"),
     ],
 )
 def test_base_configuration_errors(kwargs, error, match):

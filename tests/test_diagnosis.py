@@ -196,8 +196,9 @@ def test_cli_report(scenario_runs, tmp_path):
         ({"dead_threshold": 1.5}, ValueError, r"`dead_threshold`"),
         ({"dead_threshold": 0.6, "dead_critical": 0.5}, ValueError, r"`dead_critical` \(0.5\) must be at least"),
         ({"overfit_patience": 0}, ValueError, r"`overfit_patience`"),
-        ({"explode_factor": 1}, ValueError, r"`explode_factor` must be a number > 1"),
-        ({"val_loss": ""}, TypeError, r"`val_loss` must be the name of a logged metric"),
+        ({"explode_factor": 1}, ValueError, r"`explode_factor` must be in \(1.0, inf\]"),
+        ({"val_loss": ""}, ValueError, r"`val_loss` must be a non-empty metric name"),
+        ({"val_loss": 3}, TypeError, r"`val_loss` must be the name of a logged metric"),
     ],
 )
 def test_configuration_errors(kwargs, error, match):

@@ -96,7 +96,7 @@ def _fit(pl_ns, tmp_path, monitor, data, model=None, **kw):
 
 @pytest.mark.parametrize("random_labels, expected", [(False, 1.0), (True, 0.25)])
 def test_planted_classes_knn_and_map(tmp_path, pl_ns, random_labels, expected):
-    monitor = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise")
+    monitor = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise")
     _, events = _fit(pl_ns, tmp_path, monitor, _planted(random_labels=random_labels))
     knn = [v for _, v in events.scalars("embedding/knn_accuracy")]
     assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 1, 2]
@@ -152,7 +152,7 @@ def test_projector_files_for_every_step_also_after_resume(tmp_path, pl_ns):
     data = _planted()
     ckpt_dir = tmp_path / "ckpt"
     kw = dict(enable_checkpointing=True, limit_train_batches=1)
-    mk = lambda: EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise", subset_size=50)  # noqa: E731
+    mk = lambda: EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise", subset_size=50)  # noqa: E731
     ckpt = pl_ns.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True)
     first = mk()
     trainer = pl_ns.Trainer(
@@ -201,7 +201,7 @@ def test_no_labels_uncoloured_map_and_no_knn(tmp_path, pl_ns):
 
     module = make_module(pl_ns, Coder(), lr=0.0)
     type(module).validation_step = lambda self, batch, batch_idx: self(batch)  # images only
-    monitor = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise")
+    monitor = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise")
     trainer = pl_ns.Trainer(
         callbacks=[monitor],
         logger=pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0),
@@ -220,7 +220,7 @@ def test_no_labels_uncoloured_map_and_no_knn(tmp_path, pl_ns):
 
 
 def test_subset_larger_than_data_uses_all_and_warns(tmp_path, pl_ns):
-    monitor = EmbeddingMonitor(projection="pca", every_n_epochs=1, subset_size=5000, on_error="raise")
+    monitor = EmbeddingMonitor(reducer="pca", every_n_epochs=1, subset_size=5000, on_error="raise")
     with pytest.warns(UserWarning, match=r"`subset_size`=5000 but the data has 120 samples; using all of them"):
         _fit(pl_ns, tmp_path, monitor, _planted(), max_epochs=1)
     assert len(monitor._indices) == 120
@@ -255,9 +255,9 @@ def test_feature_layer_output_not_a_tensor(tmp_path, pl_ns):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"projection": "mds"}, ValueError, r"`projection` must be one of \['umap', 'tsne', 'pca'\], got 'mds'"),
-        ({"subset_size": 1}, ValueError, r"`subset_size` must be at least 2"),
-        ({"neighbours": 0}, ValueError, r"`neighbours`"),
+        ({"reducer": "mds"}, ValueError, r"`reducer` must be one of \['umap', 'tsne', 'pca'\], got 'mds'"),
+        ({"subset_size": 1}, ValueError, r"`subset_size` must be an int >= 2"),
+        ({"num_neighbours": 0}, ValueError, r"`num_neighbours`"),
         ({"layer": 3}, TypeError, r"`layer` must be a layer name"),
     ],
 )
@@ -269,7 +269,7 @@ def test_configuration_errors(kwargs, error, match):
 def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
     """With an unshuffled validation loader, logged epochs add no forward pass: the codes come from validation."""
     data = _planted()
-    monitor = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise", subset_size=50)
+    monitor = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise", subset_size=50)
     passes = []
     original = monitor._features
 
@@ -286,7 +286,7 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
     assert all(v == 1.0 for _, v in events.scalars("embedding/knn_accuracy"))  # same codes, same quality (lr=0)
     assert not monitor._capture_handles
     # a shuffled validation loader: no running index, so the monitor reads the subset itself
-    shuffled = EmbeddingMonitor(projection="pca", every_n_epochs=1, on_error="raise", subset_size=50)
+    shuffled = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise", subset_size=50)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path / "s"), name="run", version=0)
     trainer = pl_ns.Trainer(
         callbacks=[shuffled], logger=logger, **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=1)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_viz import ExemplarMonitor
 from lightning_viz.functional import exemplars as X
+from lightning_viz.records import ExemplarStats, bus_for
 
 
 def test_streaming_topk_equals_brute_force():
@@ -106,7 +107,7 @@ class CrossNet(nn.Module):
 def test_planted_cross_detector_finds_the_crosses(tmp_path, pl_ns):
     x, with_cross, centres = _cross_data()
     data = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
-    monitor = ExemplarMonitor(layers=["model.conv"], channels=[2, 0], k=5, every_n_epochs=1, on_error="raise")
+    monitor = ExemplarMonitor(layers=["model.conv"], channels=[2, 0], top_k=5, every_n_epochs=1, on_error="raise")
     trainer = pl_ns.Trainer(
         callbacks=[monitor],
         logger=pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0),
@@ -115,11 +116,11 @@ def test_planted_cross_detector_finds_the_crosses(tmp_path, pl_ns):
     trainer.fit(
         make_module(pl_ns, CrossNet(), lr=0.0), DataLoader(data, batch_size=16), DataLoader(data, batch_size=16)
     )
-    latest = monitor.latest["model.conv"]
-    ids = latest["ids"][0].tolist()
+    latest = bus_for(trainer).latest(ExemplarStats)["model.conv"]
+    ids = latest.ids[0].tolist()
     assert all(with_cross[i] for i in ids)  # the five exemplars of channel 2 all carry the cross
     for j, i in enumerate(ids):
-        top, left, bottom, right = latest["boxes"][j].tolist()
+        top, left, bottom, right = latest.boxes[j].tolist()
         cy, cx = centres[i].tolist()
         assert top <= cy < bottom and left <= cx < right  # the receptive-field crop contains the cross's centre
         assert bottom - top == 5 and right - left == 5
@@ -145,10 +146,10 @@ def test_unit_projection_is_confined_to_the_receptive_field():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"k": 0}, ValueError, r"`k` must be a positive int \(exemplars per channel\), got 0"),
+        ({"top_k": 0}, ValueError, r"`top_k` must be a positive int \(>= 1\), got 0"),
         ({"channels": [1, -2]}, ValueError, r"`channels` must be non-empty non-negative indices"),
         ({"channels": 3}, TypeError, r"`channels` must be a list of indices"),
-        ({"projection": "lrp"}, ValueError, r"`projection` must be one of \['guided', 'deconvnet'\]"),
+        ({"projection_rule": "lrp"}, ValueError, r"`projection_rule` must be one of \['guided', 'deconvnet'\]"),
     ],
 )
 def test_configuration_errors(kwargs, error, match):

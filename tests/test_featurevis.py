@@ -10,6 +10,7 @@ from torch import nn
 from lightning_viz import FeatureVisMonitor
 from lightning_viz._hooks import hook_count
 from lightning_viz.functional import featurevis as FV
+from lightning_viz.records import FeatureVisStats, bus_for
 
 
 class EdgeNet(nn.Module):
@@ -117,7 +118,7 @@ def test_size_too_small_and_unknown_layer():
 
 def test_monitor_logs_grid_and_filmstrip_and_leaves_training_alone(tmp_path, pl_ns):
     train, val = loaders(n=32)
-    monitor = FeatureVisMonitor(steps=8, every_n_epochs=1, seeds=2, on_error="raise")
+    monitor = FeatureVisMonitor(steps=8, every_n_epochs=1, images_per_channel=2, on_error="raise")
     module = make_module(pl_ns, TinyCNN())
     hooks = hook_count(module)
     trainer = pl_ns.Trainer(
@@ -131,7 +132,7 @@ def test_monitor_logs_grid_and_filmstrip_and_leaves_training_alone(tmp_path, pl_
     assert events.image_steps("featurevis/filmstrip/model.conv2") == [0, 2, 4]
     grid = events.image("featurevis/model.conv2")
     assert grid.shape[0] == 14 + 2 * (64 + 2)  # header + a row per seed
-    assert len(monitor.latest["model.conv2"]["channels"]) == 16
+    assert len(bus_for(trainer).latest(FeatureVisStats)["model.conv2"].channels) == 16
     assert hook_count(module) == hooks and all(p.grad is None for p in module.parameters())
 
 
@@ -139,10 +140,10 @@ def test_monitor_logs_grid_and_filmstrip_and_leaves_training_alone(tmp_path, pl_
     "kwargs, error, match",
     [
         ({"objective": "entropy"}, ValueError, r"`objective` must be one of \['neuron', 'channel', 'deepdream'"),
-        ({"size": 10}, ValueError, r"`size`=10 is too small for the transforms"),
+        ({"image_size": 10}, ValueError, r"`image_size` must be an int >= "),
         ({"channels": [-1]}, ValueError, r"`channels` must be non-empty non-negative"),
-        ({"lr": 0}, ValueError, r"`lr` must be a positive number"),
-        ({"param": "cppn"}, ValueError, r"`param` must be one of"),
+        ({"lr": 0}, ValueError, r"`lr` must be in \(0.0, inf\], got 0"),
+        ({"parameterization": "cppn"}, ValueError, r"`parameterization` must be one of"),
     ],
 )
 def test_configuration_errors(kwargs, error, match):

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_viz import FilterMonitor
 from lightning_viz.functional import filters as F
+from lightning_viz.records import FilterStats, bus_for
 from lightning_viz.render import NAN_COLOUR
 
 
@@ -86,7 +87,7 @@ def test_logs_images_scalars_histograms_per_layer(tmp_path, pl_ns):
     # the first layer has 3 input channels: an RGB grid whose pixels are not all gray
     grid = events.image("filters/model.conv1")
     assert (grid[..., 0] != grid[..., 1]).any()
-    assert monitor.latest["model.conv1"]["distance_from_init"] == pytest.approx(dist[-1])
+    assert bus_for(module.trainer).latest(FilterStats)["model.conv1"].distance_from_init == pytest.approx(dist[-1])
 
 
 def test_grayscale_first_layer(tmp_path, pl_ns):
@@ -152,7 +153,7 @@ def test_state_dict_roundtrip_keeps_initial_weights_and_filmstrip(tmp_path, pl_n
     restored = FilterMonitor()
     restored.load_state_dict(state)
     assert torch.equal(restored._initial["model.conv1"], monitor._initial["model.conv1"])
-    assert [label for label, _ in restored._filmstrips["model.conv1"]] == ["ep 0", "ep 1", "ep 2"]
+    assert [label for label, _ in restored._filmstrips["model.conv1"].frames] == ["ep 0", "ep 1", "ep 2"]
     assert restored.state_key == monitor.state_key
 
 
@@ -172,7 +173,7 @@ def test_resume_continues_same_evidence(tmp_path, pl_ns):
     trainer2.fit(make_module(pl_ns), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     events = Events(str(tmp_path / "run"))
     assert events.image_steps("filters/model.conv1") == [0, 4, 8, 12]  # no second baseline, steps increase
-    assert [label for label, _ in first._filmstrips["model.conv1"]] == ["ep 0", "ep 1", "ep 2", "ep 3"]
+    assert [label for label, _ in first._filmstrips["model.conv1"].frames] == ["ep 0", "ep 1", "ep 2", "ep 3"]
     dist = [v for _, v in events.scalars("filters/distance_from_init/model.conv1")]
     assert dist[0] == 0 and all(b > a for a, b in zip(dist, dist[1:]))
 

@@ -91,8 +91,8 @@ def test_memory_after_100_calls_of_each_monitor(tmp_path):
     suite = lightning_viz.default_suite(
         saliency={"occlusion_window": 4, "smoothgrad_samples": 2, "max_probes": 2},
         embedding={"projection": "pca", "subset_size": 32},
-        exemplars={"max_samples": 32, "k": 2, "max_channels": 2},
-        featurevis={"steps": 1, "max_channels": 2, "size": 24},
+        exemplars={"max_samples": 32, "top_k": 2, "max_channels": 2},
+        featurevis={"steps": 1, "max_channels": 2, "image_size": 24},
     )
     trainer.callbacks = suite
     writer = SummaryWriter(str(tmp_path))

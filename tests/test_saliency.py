@@ -312,11 +312,11 @@ def test_monitor_chooses_probes_from_the_validation_data(tmp_path, pl_ns):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"methods": ["gradient", "lrp"]}, ValueError, r"unknown method\(s\) \['lrp'\]; available: \['gradient'"),
+        ({"methods": ["gradient", "lrp"]}, ValueError, r"`methods`: unknown name\(s\) \['lrp'\]; available: \['gradient'"),
         ({"methods": "gradient"}, TypeError, r"`methods` must be a list"),
         ({"methods": []}, ValueError, r"`methods` is empty"),
         ({"smoothgrad_samples": 0}, ValueError, r"`smoothgrad_samples`"),
-        ({"noise_level": -0.1}, ValueError, r"`noise_level` must be a number >= 0"),
+        ({"noise_level": -0.1}, ValueError, r"`noise_level` must be in \[0.0, inf\]"),
         ({"probes": torch.zeros(2, 3, 8, 8)}, TypeError, r"`probes` must be a lightning_viz.ProbeSet"),
         ({"gradcam_layer": 3}, TypeError, r"`gradcam_layer` must be a layer name"),
     ],

@@ -8,14 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._compat import is_overridden
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int, check_probe_set
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional.activations import ChannelStats, activation_tiles
 from lightning_viz.probes import ProbeSet
+from lightning_viz.records import ActivationStats
 
 #: Modules that count as activations (sparsity is reported for all of them).
 ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
@@ -70,13 +72,14 @@ class ActivationMonitor(VizCallback):
         map_layers: module names whose activation maps are drawn; default: the first and the last monitored module.
         probes: the probe whose maps are drawn (its image ``map_probe``); default: chosen from the validation data.
         max_channels: at most this many channel tiles per map image.
-        history_length: logged epochs kept in the dead-channel history image.
+        filmstrip_length: logged epochs kept in the dead-channel history image (was ``history_length``).
         histogram_samples: values sampled per site and epoch for the value histogram.
         **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``. There is no baseline
             (``log_baseline`` is ignored): statistics come from the Trainer's own batches, which start with epoch 1.
     """
 
     monitor_name = "activations"
+    publishes = (ActivationStats,)
     default_every_n_epochs = 1
 
     def __init__(
@@ -90,10 +93,13 @@ class ActivationMonitor(VizCallback):
         probes: ProbeSet | None = None,
         map_probe: int = 0,
         max_channels: int = 64,
-        history_length: int = 64,
+        filmstrip_length: int = 64,
         histogram_samples: int = 4096,
         **kwargs: Any,
     ) -> None:
+        filmstrip_length = check.renamed("ActivationMonitor", kwargs, {"history_length": "filmstrip_length"}).get(
+            "filmstrip_length", filmstrip_length
+        )
         kwargs["log_baseline"] = False
         super().__init__(**kwargs)
         for arg, value in (
@@ -101,19 +107,17 @@ class ActivationMonitor(VizCallback):
             ("pre_activation_layers", pre_activation_layers),
             ("map_layers", map_layers),
         ):
-            check_names(arg, value)
-        if count_dead not in (None, True, False):
-            raise TypeError(f"`count_dead` must be None, True or False, got {count_dead!r}.")
+            check.layer_names(arg, value)
+        check.boolean("count_dead", count_dead, allow_none=True)
         for arg, value in (
             ("max_batches", max_batches),
             ("max_channels", max_channels),
-            ("history_length", history_length),
+            ("filmstrip_length", filmstrip_length),
             ("histogram_samples", histogram_samples),
         ):
-            check_positive_int(arg, value)
-        check_probe_set("probes", probes)
-        if isinstance(map_probe, bool) or not isinstance(map_probe, int) or map_probe < 0:
-            raise ValueError(f"`map_probe` must be a non-negative int, got {map_probe!r}.")
+            check.positive_int(arg, value)
+        check.probe_set("probes", probes)
+        check.non_negative_int("map_probe", map_probe)
         self.layers = list(layers) if layers is not None else None
         self.pre_activation_layers = list(pre_activation_layers) if pre_activation_layers is not None else None
         self.count_dead = count_dead
@@ -122,7 +126,7 @@ class ActivationMonitor(VizCallback):
         self.probes = probes if probes is not None else ProbeSet.auto(max(1, map_probe + 1), seed=self.seed)
         self.map_probe = map_probe
         self.max_channels = max_channels
-        self.history_length = history_length
+        self.filmstrip_length = filmstrip_length
         self.histogram_samples = histogram_samples
         self._modules: dict[str, nn.Module] = {}
         self._dead_defined: dict[str, bool] = {}
@@ -132,9 +136,7 @@ class ActivationMonitor(VizCallback):
         self._source = "val"
         self._collecting = False
         self._collected_epoch: int | None = None
-        self._history: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        #: The latest statistics per call site, for other monitors (e.g. the diagnosis) to read.
-        self.latest: dict[str, dict[str, Any]] = {}
+        self._history = render.Filmstrips(filmstrip_length)  # per site: firing rates per logged epoch
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "pre_activation_layers": self.pre_activation_layers}
@@ -330,7 +332,7 @@ class ActivationMonitor(VizCallback):
         stats = self._stats[key]
         rate = stats.firing_rate()
         scalars = {f"activations/sparsity/{site}": stats.sparsity(), f"activations/mean/{site}": stats.mean()}
-        latest: dict[str, Any] = {"sparsity": stats.sparsity(), "channels": stats.num_channels, "epoch": epochs_done}
+        record: dict[str, Any] = {}
         line = None
         if self._dead_defined.get(key[0], False):
             dead = stats.dead_mask()
@@ -338,17 +340,27 @@ class ActivationMonitor(VizCallback):
             scalars[f"activations/dead_fraction/{site}"] = count / max(1, stats.num_channels)
             scalars[f"activations/dead_count/{site}"] = count
             indices = dead.nonzero().flatten().tolist()
-            latest.update(dead_fraction=count / max(1, stats.num_channels), dead_count=count, dead_channels=indices)
+            record.update(
+                dead_fraction=count / max(1, stats.num_channels), dead_count=count, dead_channels=tuple(indices)
+            )
             shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
             line = f"| `{site}` | {count}/{stats.num_channels} | {shown or '-'} |"
-            history = self._history.setdefault(site, [])
-            history.append((f"ep {epochs_done}", rate.clone()))
-            del history[: -self.history_length]
-            sink.image(f"activations/dead_history/{site}", _history_image(history), step)
+            history = self._history[site].push(f"ep {epochs_done}", rate)
+            sink.image(f"activations/dead_history/{site}", _history_image(history.frames), step)
         sink.scalars(scalars, step)
         sink.histogram(f"activations/firing_rate/{site}", rate, step)
         sink.histogram(f"activations/values/{site}", stats.samples(), step)
-        self.latest[site] = latest
+        self._publish(
+            ActivationStats(
+                step=step,
+                epoch=epochs_done,
+                subject=site,
+                channels=stats.num_channels,
+                sparsity=stats.sparsity(),
+                mean=stats.mean(),
+                **record,
+            )
+        )
         return line
 
     def _probe_image(self, trainer: Any) -> torch.Tensor:
@@ -392,13 +404,13 @@ class ActivationMonitor(VizCallback):
 
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "history": {k: [(label, rate.clone()) for label, rate in v] for k, v in self._history.items()},
+            "history": self._history.state_dict(),
             "probes": self.probes.state_dict(),
             "source": self._source,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._history = {k: [(label, rate) for label, rate in v] for k, v in state.get("history", {}).items()}
+        self._history.load_state_dict(state.get("history", {}))
         if state.get("probes"):
             self.probes.load_state_dict(state["probes"])
         self._source = state.get("source", self._source)

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
+from typing_extensions import override
 
+from lightning_viz import _validate as check
 from lightning_viz._compat import CALLBACK_CLASSES, is_tensorboard_logger, rank_zero_warn
 from lightning_viz._hooks import isolated
+from lightning_viz.records import Record, RecordBus, bus_for
 from lightning_viz.sinks import NO_LOGGER_MESSAGE, Sink
 
+if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
+    import lightning.pytorch as pl
+
 OnError = Literal["warn", "raise"]
-_ON_ERROR_CHOICES = ("warn", "raise")
-
-
-def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """Raise a ``TypeError``/``ValueError`` naming the argument unless ``value`` is a positive int."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be a positive int, got {value!r} of type {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive int (>= 1), got {value!r}.")
-
-
-def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number in ({low}, {high}], got {value!r}.")
-    if not low < value <= high:
-        raise ValueError(f"`{name}` must be in ({low}, {high}], got {value!r}.")
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
 
 class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
@@ -55,6 +38,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         log_baseline: log once at the start of a fresh fit (step 0, the untrained state).
         seed: seed of the private ``torch.Generator`` used for any randomness of ours.
         max_overhead: warn once when one call costs more than this share of the training epoch's time.
+        max_image_side: images are downsized to at most this many pixels per side (default: the monitor's own).
     """
 
     monitor_name: ClassVar[str] = "viz"
@@ -63,6 +47,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     needs_grad: ClassVar[bool] = False
     #: Calls shorter than this never trigger the overhead warning (tiny epochs would make any cost look large).
     overhead_floor_seconds: ClassVar[float] = 0.5
+    #: Record types (:mod:`lightning_viz.records`) this monitor publishes; announced on the bus at ``setup``.
+    publishes: ClassVar[tuple[type[Record], ...]] = ()
+    #: Default of ``max_image_side`` for this monitor.
+    default_max_image_side: ClassVar[int] = 2048
 
     def __init__(
         self,
@@ -72,20 +60,22 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         log_baseline: bool = True,
         seed: int = 0,
         max_overhead: float = 0.1,
+        max_image_side: int | None = None,
     ) -> None:
-        check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        check_choice("on_error", on_error, _ON_ERROR_CHOICES)
-        if not isinstance(log_baseline, bool):
-            raise TypeError(f"`log_baseline` must be a bool, got {log_baseline!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {seed!r}.")
-        check_fraction("max_overhead", max_overhead, high=float("inf"))
+        check.positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        check.choice("on_error", on_error, get_args(OnError))
+        check.boolean("log_baseline", log_baseline)
+        check.integer("seed", seed)
+        check.fraction("max_overhead", max_overhead, high=float("inf"))
+        check.positive_int("max_image_side", max_image_side, allow_none=True)
+        self.max_image_side = max_image_side if max_image_side is not None else self.default_max_image_side
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None else self.default_every_n_epochs
         self.on_error = on_error
         self.log_baseline = log_baseline
         self.seed = seed
         self.max_overhead = float(max_overhead)
         self._sink: Sink | None = None
+        self._bus = RecordBus()  # replaced by the Trainer's bus at setup
         self._active = True
         self._disabled: dict[str, str] = {}
         self._warned: set[str] = set()
@@ -95,14 +85,20 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     # ----------------------------------------------------------------------------------------------- Lightning API
     @property
+    @override
     def state_key(self) -> str:
+        # What identifies the monitor (its class and targets), never how often it runs: a resumed run with another
+        # `every_n_epochs` must still find its saved state.
         return self._generate_state_key(**self._state_key_fields())
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"every_n_epochs": self.every_n_epochs}
+        return {}
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._active = True
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._active = stage == "fit"
+        if not self._active:
+            return  # the monitors log during fit only; validate/test/predict need nothing of ours
         if getattr(trainer, "fast_dev_run", False):
             self._warn_once(
                 "fast_dev_run",
@@ -119,30 +115,40 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
                 f"{type(self).__name__}: the Trainer has no TensorBoardLogger, so images and text are not written; "
                 "scalars still go to the loggers it has. Add `TensorBoardLogger(save_dir)` to `logger=[...]`.",
             )
-        self._sink = Sink.for_trainer(trainer)
+        self._sink = Sink.for_trainer(trainer, max_image_side=self.max_image_side)
+        self._bus = bus_for(trainer)
+        for kind in self.publishes:
+            self._bus.announce(kind, self.monitor_name)
         self._resolve(trainer, pl_module)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The baseline shows the untrained state; a resumed run (global_step > 0) already has it.
         if self.log_baseline and trainer.global_step == 0 and self._last_step is None:
             self._run(trainer, pl_module, epochs_done=0)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started_at = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_log_epoch(trainer) and self._runs_after_train_epoch():
             self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release(pl_module)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "disabled": dict(self._disabled), **self._extra_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self._disabled = dict(state_dict.get("disabled", {}))
@@ -177,6 +183,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         gen = torch.Generator(device=device)
         gen.manual_seed(self.seed + offset)
         return gen
+
+    def _publish(self, record: Record) -> None:
+        """Hand a measurement to the Trainer's record bus (see :mod:`lightning_viz.records`)."""
+        self._bus.publish(record)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -237,27 +247,3 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _cheaper_hint(self) -> str:
         return ""
-
-
-def check_names(name: str, value: Any) -> None:
-    """``value`` must be ``None`` or a list of layer names."""
-    if value is not None and (isinstance(value, str) or not all(isinstance(n, str) for n in value)):
-        raise TypeError(f"`{name}` must be a list of layer names (str) or None, got {value!r}.")
-
-
-def check_indices(name: str, value: Any) -> None:
-    """``value`` must be ``None`` or a non-empty list of non-negative ints."""
-    if value is None:
-        return
-    if isinstance(value, (str, int)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
-        raise TypeError(f"`{name}` must be a list of indices (int), got {value!r}.")
-    if not value or min(value) < 0:
-        raise ValueError(f"`{name}` must be non-empty non-negative indices, got {list(value)}.")
-
-
-def check_probe_set(name: str, value: Any) -> None:
-    """``value`` must be ``None`` or a :class:`~lightning_viz.ProbeSet`."""
-    from lightning_viz.probes import ProbeSet
-
-    if value is not None and not isinstance(value, ProbeSet):
-        raise TypeError(f"`{name}` must be a lightning_viz.ProbeSet or None, got {type(value).__name__}.")

@@ -9,13 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import diagnosis as D
 from lightning_viz._layers import layers_of_kind
-from lightning_viz.callbacks.activation_monitor import ActivationMonitor
-from lightning_viz.callbacks.base import VizCallback, check_fraction, check_positive_int
-from lightning_viz.callbacks.embedding_monitor import EmbeddingMonitor
-from lightning_viz.callbacks.filter_monitor import FilterMonitor
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import filters as F
+from lightning_viz.records import ActivationStats, EmbeddingQuality, FilterStats
 
 log = logging.getLogger("lightning_viz")
 
@@ -23,9 +22,9 @@ log = logging.getLogger("lightning_viz")
 class DiagnosisMonitor(VizCallback):
     """Turn the suite's statistics into findings: dead filters, over-fitting, under-training, divergence.
 
-    How the monitors share what they measured: every monitor keeps its latest statistics in its ``latest``
-    attribute (``FilterMonitor.latest[layer]``, ``ActivationMonitor.latest[site]``, ``EmbeddingMonitor.latest``);
-    the diagnosis finds the other monitors among ``trainer.callbacks`` and reads them - it never runs a forward pass.
+    How the monitors share what they measured: each publishes typed records on the Trainer's record bus
+    (:mod:`lightning_viz.records`: ``FilterStats`` per layer, ``ActivationStats`` per call site, ``EmbeddingQuality``);
+    the diagnosis reads the latest ones there - it imports no other monitor and never runs a forward pass.
     Placed after them in ``callbacks`` (as ``default_suite`` does) it reads each epoch's numbers in the same hook;
     placed before them, it waits for the next hook at the same step. Without a FilterMonitor it computes the first
     conv layer's filter statistics itself (cheap: weights only); without an ActivationMonitor there is no dead-filter
@@ -73,20 +72,18 @@ class DiagnosisMonitor(VizCallback):
     ) -> None:
         kwargs["log_baseline"] = False
         super().__init__(**kwargs)
-        for arg, value in (("train_loss", train_loss), ("val_loss", val_loss)):
-            if not isinstance(value, str) or not value:
-                raise TypeError(f"`{arg}` must be the name of a logged metric (str), got {value!r}.")
-        check_fraction("dead_threshold", dead_threshold)
-        check_fraction("dead_critical", dead_critical)
+        check.metric_name("train_loss", train_loss)
+        check.metric_name("val_loss", val_loss)
+        check.fraction("dead_threshold", dead_threshold)
+        check.fraction("dead_critical", dead_critical)
         if dead_critical < dead_threshold:
             raise ValueError(f"`dead_critical` ({dead_critical}) must be at least `dead_threshold` ({dead_threshold}).")
-        check_positive_int("overfit_patience", overfit_patience)
-        check_fraction("overfit_tolerance", overfit_tolerance, high=10.0)
-        check_fraction("undertrain_slope", undertrain_slope)
-        check_fraction("noise_threshold", noise_threshold, high=2.0)
-        check_fraction("distance_threshold", distance_threshold, high=100.0)
-        if isinstance(explode_factor, bool) or not isinstance(explode_factor, (int, float)) or explode_factor <= 1:
-            raise ValueError(f"`explode_factor` must be a number > 1, got {explode_factor!r}.")
+        check.positive_int("overfit_patience", overfit_patience)
+        check.fraction("overfit_tolerance", overfit_tolerance, high=10.0)
+        check.fraction("undertrain_slope", undertrain_slope)
+        check.fraction("noise_threshold", noise_threshold, high=2.0)
+        check.fraction("distance_threshold", distance_threshold, high=100.0)
+        check.number("explode_factor", explode_factor, low=1.0, low_open=True)
         self.train_loss, self.val_loss = train_loss, val_loss
         self.dead_threshold, self.dead_critical = float(dead_threshold), float(dead_critical)
         self.overfit_patience, self.overfit_tolerance = overfit_patience, float(overfit_tolerance)
@@ -100,14 +97,10 @@ class DiagnosisMonitor(VizCallback):
         self._first_conv: str | None = None
         self._own_initial: torch.Tensor | None = None
         self._seen: dict[str, int] = {}
-        self._monitors: dict[type, Any] = {}
         self._defer = False
         self._pending: int | None = None
         #: The current findings.
         self.findings: list[D.Finding] = []
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"every_n_epochs": self.every_n_epochs}
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         callbacks = trainer.callbacks
@@ -117,22 +110,12 @@ class DiagnosisMonitor(VizCallback):
         # iterating over it when setup runs.
         position = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
         self._defer = any(isinstance(cb, VizCallback) for cb in callbacks[position + 1 :])
-        self._monitors = {
-            kind: next((cb for cb in callbacks if isinstance(cb, kind)), None)
-            for kind in (FilterMonitor, ActivationMonitor, EmbeddingMonitor)
-        }
         convs = layers_of_kind(pl_module, (nn.Conv2d,))
         self._first_conv = next(iter(convs), None)
         if self._first_conv is not None and self._own_initial is None:
             self._own_initial = convs[self._first_conv].weight.detach().cpu().clone()
         if self._initial_norm is None:
             self._initial_norm = _weight_norm(pl_module)
-        if self._monitors[ActivationMonitor] is None:
-            self._warn_once(
-                "no activations",
-                "DiagnosisMonitor: no ActivationMonitor among the callbacks, so dead filters are not diagnosed. "
-                "Add one (lightning_viz.default_suite() has it).",
-            )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._is_log_epoch(trainer):
@@ -184,26 +167,30 @@ class DiagnosisMonitor(VizCallback):
                 "with on_epoch=True) to diagnose over- and under-training.",
             )
         findings: list[D.Finding] = []
-        activations = self._monitors.get(ActivationMonitor)
-        if activations is not None:
-            for site, stats in activations.latest.items():
-                if "dead_fraction" not in stats:
-                    continue
-                history = self._dead.setdefault(site, [])
-                at = int(stats.get("epoch", epoch))
-                if not history or history[-1][0] != at:
-                    history.append((at, float(stats["dead_fraction"])))
-                    self._dead_counts.setdefault(site, {})[at] = int(stats["dead_count"])
-                finding = D.dead_filters(
-                    site, history, self._dead_counts[site], threshold=self.dead_threshold, critical=self.dead_critical
-                )
-                if finding:
-                    findings.append(finding)
-        embedding = self._monitors.get(EmbeddingMonitor)
-        if embedding is not None and "knn_accuracy" in embedding.latest:
-            at = int(embedding.latest.get("epoch", epoch))
-            if not self._history["knn"] or self._history["knn"][-1][0] != at:
-                self._history["knn"].append((at, float(embedding.latest["knn_accuracy"])))
+        bus = self._bus
+        if not bus.produced(ActivationStats):
+            self._warn_once(
+                "no activations",
+                "DiagnosisMonitor: no ActivationMonitor among the callbacks, so dead filters are not diagnosed. "
+                "Add one (lightning_viz.default_suite() has it).",
+            )
+        for site, stats in bus.latest(ActivationStats).items():
+            if stats.dead_fraction is None or stats.dead_count is None:
+                continue
+            history = self._dead.setdefault(site, [])
+            if not history or history[-1][0] != stats.epoch:
+                history.append((stats.epoch, stats.dead_fraction))
+                self._dead_counts.setdefault(site, {})[stats.epoch] = stats.dead_count
+            finding = D.dead_filters(
+                site, history, self._dead_counts[site], threshold=self.dead_threshold, critical=self.dead_critical
+            )
+            if finding:
+                findings.append(finding)
+        for quality in bus.latest(EmbeddingQuality).values():
+            if quality.knn_accuracy is None:
+                continue
+            if not self._history["knn"] or self._history["knn"][-1][0] != quality.epoch:
+                self._history["knn"].append((quality.epoch, quality.knn_accuracy))
         overfit = D.overfitting(
             self._history["train_loss"],
             self._history["val_loss"],
@@ -261,10 +248,9 @@ class DiagnosisMonitor(VizCallback):
         )
 
     def _filter_stats(self, pl_module: nn.Module) -> tuple[float | None, float | None]:
-        filters = self._monitors.get(FilterMonitor)
-        if filters is not None and self._first_conv in filters.latest:
-            stats = filters.latest[self._first_conv]
-            return stats.get("noise_score"), stats.get("distance_from_init")
+        published = self._bus.latest(FilterStats).get(self._first_conv or "")
+        if published is not None:
+            return published.noise_score, published.distance_from_init
         if self._first_conv is None or self._own_initial is None:
             return None, None
         weight = pl_module.get_submodule(self._first_conv).weight.detach().cpu()

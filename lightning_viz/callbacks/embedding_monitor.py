@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -18,11 +19,15 @@ from PIL import Image
 from torch import nn
 
 from lightning_viz import _projection_worker, render
+from lightning_viz import _validate as check
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_positive_int, check_probe_set
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import embedding as E
 from lightning_viz.probes import ProbeSet
+from lightning_viz.records import EmbeddingQuality
+
+Reducer = Literal["umap", "tsne", "pca"]
 
 _SPRITE_LIMIT = 8192  # TensorBoard's projector accepts sprites up to 8192x8192 pixels
 
@@ -54,26 +59,27 @@ class EmbeddingMonitor(VizCallback):
       predicted label) and sprite thumbnails kept within the projector's 8192x8192 sprite limit. We write
       ``projector_config.pbtxt`` ourselves, merging with what is on disk, so it lists every step also after a
       resumed run (``SummaryWriter.add_embedding`` rewrites it with only the current process's steps).
-    - **2-D map** (image ``embedding/map``): UMAP by default (``projection="tsne"`` or ``"pca"``), coloured by class
+    - **2-D map** (image ``embedding/map``): UMAP by default (``reducer="tsne"`` or ``"pca"``), coloured by class
       with a legend. It is computed in one child process per fit (``lightning_viz/_projection_worker.py``), off the
       training path; the image is written at the step it belongs to when it is ready, and the end of ``fit`` waits
       for outstanding maps. Seeded; each map is Procrustes-aligned to the previous one so the cloud does not flip or
       spin between epochs; ``embedding/map_filmstrip`` shows the last ``filmstrip_length`` maps side by side.
       The projection's own time is logged as ``embedding/projection_seconds``.
-    - **Nearest neighbours** (image ``embedding/neighbours``): for each probe, its ``neighbours`` nearest subset
+    - **Nearest neighbours** (image ``embedding/neighbours``): for each probe, its ``num_neighbours`` nearest subset
       images in the code space (cosine distance), framed green when they share the probe's label, red otherwise.
-    - **Quality**: ``embedding/knn_accuracy`` (leave-one-out, ``knn_k`` neighbours, cosine) and
+    - **Quality**: ``embedding/knn_accuracy`` (leave-one-out, ``knn_neighbours`` neighbours, cosine) and
       ``embedding/silhouette`` (cosine) - "does the code get better" as a curve.
 
     Args:
         layer: name of the layer whose *output* is the code; default: the *input* of the model's last ``nn.Linear``
             (the penultimate code). Outputs with spatial dimensions are average-pooled to (N, C).
         subset_size: number of validation samples (fixed, seeded); all of them (with a warning) if there are fewer.
-        projection: ``"umap"``, ``"tsne"`` or ``"pca"``.
+        reducer: ``"umap"``, ``"tsne"`` or ``"pca"``: how the 2-D map is made (was ``projection``).
         projector: write TensorBoard projector data.
         sprite_size: maximum thumbnail side in the sprite (shrunk further to respect the 8192 limit).
-        neighbours: neighbours per probe; probes: the probe images (default: 6 chosen from the validation data).
-        knn_k: neighbours of the k-NN accuracy.
+        num_neighbours: neighbours shown per probe (was ``neighbours``); probes: the probe images (default: 6
+            chosen from the validation data).
+        knn_neighbours: neighbours that vote in the k-NN accuracy (was ``knn_k``).
         batch_size: samples per forward pass.
         filmstrip_length: maps in the filmstrip.
         class_names: optional names for the legend and metadata.
@@ -81,6 +87,7 @@ class EmbeddingMonitor(VizCallback):
     """
 
     monitor_name = "embedding"
+    publishes = (EmbeddingQuality,)
     default_every_n_epochs = 3
 
     def __init__(
@@ -88,44 +95,50 @@ class EmbeddingMonitor(VizCallback):
         *,
         layer: str | None = None,
         subset_size: int = 1000,
-        projection: Literal["umap", "tsne", "pca"] = "umap",
+        reducer: Reducer = "umap",
         projector: bool = True,
         sprite_size: int = 32,
-        neighbours: int = 8,
+        num_neighbours: int = 8,
         probes: ProbeSet | None = None,
-        knn_k: int = 5,
+        knn_neighbours: int = 5,
         batch_size: int = 256,
         filmstrip_length: int = 6,
-        class_names: list[str] | None = None,
+        class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        moved = check.renamed(
+            "EmbeddingMonitor",
+            kwargs,
+            {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "knn_neighbours"},
+        )
+        reducer = moved.get("reducer", reducer)
+        num_neighbours = moved.get("num_neighbours", num_neighbours)
+        knn_neighbours = moved.get("knn_neighbours", knn_neighbours)
         super().__init__(**kwargs)
-        if layer is not None and not isinstance(layer, str):
-            raise TypeError(f"`layer` must be a layer name (str) or None, got {layer!r}.")
-        check_choice("projection", projection, E.PROJECTIONS)
+        check.layer_name("layer", layer)
+        check.choice("reducer", reducer, get_args(Reducer))
+        check.boolean("projector", projector)
         for arg, value in (
-            ("subset_size", subset_size),
             ("sprite_size", sprite_size),
-            ("neighbours", neighbours),
-            ("knn_k", knn_k),
+            ("num_neighbours", num_neighbours),
+            ("knn_neighbours", knn_neighbours),
             ("batch_size", batch_size),
             ("filmstrip_length", filmstrip_length),
         ):
-            check_positive_int(arg, value)
-        if subset_size < 2:
-            raise ValueError(f"`subset_size` must be at least 2, got {subset_size}.")
-        check_probe_set("probes", probes)
+            check.positive_int(arg, value)
+        check.at_least("subset_size", subset_size, 2)
+        check.probe_set("probes", probes)
         self.layer = layer
         self.subset_size = subset_size
-        self.projection = projection
-        self.projector = bool(projector)
+        self.reducer = reducer
+        self.projector = projector
         self.sprite_size = sprite_size
-        self.neighbours = neighbours
+        self.num_neighbours = num_neighbours
         self.probes = probes if probes is not None else ProbeSet.auto(6, seed=self.seed)
-        self.knn_k = knn_k
+        self.knn_neighbours = knn_neighbours
         self.batch_size = batch_size
         self.filmstrip_length = filmstrip_length
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = check.class_names("class_names", class_names)
         self._module: nn.Module | None = None
         self._use_input = False
         self._indices: list[int] | None = None
@@ -142,11 +155,9 @@ class EmbeddingMonitor(VizCallback):
         self._wanted: set[int] = set()
         self._seen = 0
         self._batch_out: list[Any] = []
-        #: The latest quality numbers, for other monitors (e.g. the diagnosis).
-        self.latest: dict[str, float] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"layer": self.layer, "every_n_epochs": self.every_n_epochs}
+        return {"layer": self.layer}
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -236,9 +247,13 @@ class EmbeddingMonitor(VizCallback):
                 "labels", "EmbeddingMonitor: the data has no labels: the map is uncoloured and k-NN quality skipped."
             )
         else:
-            knn = E.knn_accuracy(features, label_tensor, self.knn_k)
+            knn = E.knn_accuracy(features, label_tensor, self.knn_neighbours)
             sil = E.silhouette(features, label_tensor)
-            self.latest = {"knn_accuracy": knn, "silhouette": sil, "step": float(step), "epoch": float(epochs_done)}
+            self._publish(
+                EmbeddingQuality(
+                    step=step, epoch=epochs_done, subject=self.layer or "", knn_accuracy=knn, silhouette=sil
+                )
+            )
             sink.scalars({"embedding/knn_accuracy": knn, "embedding/silhouette": sil}, step)
         tsv = None
         if self.projector and sink.writes_images and sink.log_dir:
@@ -387,7 +402,7 @@ class EmbeddingMonitor(VizCallback):
             self.probes.resolve(dataset)
         probe_images = self.probes.images
         probe_codes, _ = self._features(pl_module, probe_images)
-        idx, _ = E.nearest_neighbours(probe_codes, features, self.neighbours)
+        idx, _ = E.nearest_neighbours(probe_codes, features, self.num_neighbours)
         rows = []
         for p in range(len(probe_images)):
             neighbour_images, _ = next(read_batches(dataset, [self._indices[int(j)] for j in idx[p]], len(idx[p])))
@@ -438,7 +453,7 @@ class EmbeddingMonitor(VizCallback):
             )
         features = os.path.join(job.workdir, "features.npy")
         assert self._worker.stdin is not None
-        self._worker.stdin.write(f"{features}\t{job.output}\t{self.projection}\t{self.seed}\t15\t{job.tsv}\n")
+        self._worker.stdin.write(f"{features}\t{job.output}\t{self.reducer}\t{self.seed}\t15\t{job.tsv}\n")
         self._worker.stdin.flush()
         job.sent = True
 
@@ -467,13 +482,13 @@ class EmbeddingMonitor(VizCallback):
             with open(os.path.join(self._tmp, "worker_stderr.txt")) as f:
                 tail = f.read()[-1500:]
         self._worker = None
-        raise RuntimeError(f"the {self.projection} worker process exited with {code}: {tail}")
+        raise RuntimeError(f"the {self.reducer} worker process exited with {code}: {tail}")
 
     def _finish_job(self, job: _Job) -> None:
         try:
             if os.path.exists(job.output + ".error"):
                 with open(job.output + ".error") as f:
-                    raise RuntimeError(f"the {self.projection} projection failed: {f.read()[-1500:]}")
+                    raise RuntimeError(f"the {self.reducer} projection failed: {f.read()[-1500:]}")
             coords = np.load(job.output, allow_pickle=False)
             with open(job.output + ".json") as f:
                 worker_seconds = json.load(f)["seconds"]
@@ -487,7 +502,7 @@ class EmbeddingMonitor(VizCallback):
         image = render.scatter(
             coords,
             job.labels,
-            title=f"{self.projection} of the code, epoch {job.epochs_done}",
+            title=f"{self.reducer} of the code, epoch {job.epochs_done}",
             class_names=self.class_names,
         )
         sink.image("embedding/map", image, job.step)
@@ -514,9 +529,7 @@ class EmbeddingMonitor(VizCallback):
     def _wait_for_maps(self) -> None:
         if self._jobs:
             if self._sink is not None and self._sink.writes_images:
-                print(
-                    f"lightning_viz: waiting for {len(self._jobs)} embedding map(s) ({self.projection})...", flush=True
-                )
+                print(f"lightning_viz: waiting for {len(self._jobs)} embedding map(s) ({self.reducer})...", flush=True)
             self._poll(wait=True)
 
     def _stop_worker(self, kill: bool) -> None:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import evenly_spaced, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_indices, check_names, check_positive_int
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import exemplars as X
 from lightning_viz.functional import saliency as sal
+from lightning_viz.records import ExemplarStats
+
+ProjectionRule = Literal["guided", "deconvnet"]
 
 
 class ExemplarMonitor(VizCallback):
@@ -22,7 +26,7 @@ class ExemplarMonitor(VizCallback):
 
     Every ``every_n_epochs`` (default 5: it reads up to ``max_samples`` images), the monitor streams over the
     validation dataset (read by index in batches; the training set when there is no validation data), keeping per
-    channel only the ``k`` highest spatial-maximum activations, their sample indices and locations - memory is
+    channel only the ``top_k`` highest spatial-maximum activations, their sample indices and locations - memory is
     O(channels x k). It then re-reads those images and draws, per layer (tag ``exemplars/<layer>``), one row per
     channel with, for each exemplar: the image with the unit's receptive field outlined, the crop under the receptive
     field, and the guided-backprop (or deconvnet) projection of that single activation, cropped the same way (Zeiler &
@@ -34,9 +38,10 @@ class ExemplarMonitor(VizCallback):
         layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output); default the last
             ``Conv2d``.
         channels: channel indices (the same for every layer); default up to ``max_channels`` evenly spaced ones.
-        k: exemplars per channel.
+        top_k: exemplars per channel (was ``k``).
         max_samples: at most this many dataset samples are scanned per call.
-        projection: ``"guided"`` (guided backprop) or ``"deconvnet"``.
+        projection_rule: ``"guided"`` (guided backprop) or ``"deconvnet"``: the ReLU rule of the single-unit
+            projection (was ``projection``).
         show_full: also show the whole image with the receptive field outlined (off by default: it adds half
             again to the image's size on disk).
         tile_size: pixels per tile; batch_size: images per forward pass.
@@ -44,6 +49,7 @@ class ExemplarMonitor(VizCallback):
     """
 
     monitor_name = "exemplars"
+    publishes = (ExemplarStats,)
     default_every_n_epochs = 5
 
     def __init__(
@@ -52,39 +58,40 @@ class ExemplarMonitor(VizCallback):
         layers: Sequence[str] | None = None,
         channels: Sequence[int] | None = None,
         max_channels: int = 16,
-        k: int = 9,
+        top_k: int = 9,
         max_samples: int = 2000,
-        projection: str = "guided",
+        projection_rule: ProjectionRule = "guided",
         show_full: bool = False,
         tile_size: int = 32,
         batch_size: int = 256,
         **kwargs: Any,
     ) -> None:
+        moved = check.renamed("ExemplarMonitor", kwargs, {"k": "top_k", "projection": "projection_rule"})
+        top_k = moved.get("top_k", top_k)
+        projection_rule = moved.get("projection_rule", projection_rule)
         super().__init__(**kwargs)
-        check_names("layers", layers)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive int (exemplars per channel), got {k!r}.")
-        check_indices("channels", channels)
+        check.layer_names("layers", layers)
+        check.indices("channels", channels)
         for arg, value in (
+            ("top_k", top_k),
             ("max_channels", max_channels),
             ("max_samples", max_samples),
             ("tile_size", tile_size),
             ("batch_size", batch_size),
         ):
-            check_positive_int(arg, value)
-        check_choice("projection", projection, ("guided", "deconvnet"))
+            check.positive_int(arg, value)
+        check.choice("projection_rule", projection_rule, get_args(ProjectionRule))
+        check.boolean("show_full", show_full)
         self.layers = list(layers) if layers is not None else None
         self.channels = list(channels) if channels is not None else None
         self.max_channels = max_channels
-        self.k = k
+        self.top_k = top_k
         self.max_samples = max_samples
-        self.projection = projection
-        self.show_full = bool(show_full)
+        self.projection_rule = projection_rule
+        self.show_full = show_full
         self.tile_size = tile_size
         self.batch_size = batch_size
         self._modules: dict[str, nn.Module] = {}
-        #: The latest exemplars per layer: {"channels": [...], "ids": (C, k), "scores": (C, k)}.
-        self.latest: dict[str, dict[str, Any]] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "channels": self.channels}
@@ -148,7 +155,7 @@ class ExemplarMonitor(VizCallback):
                     )
                 if name not in tops:
                     chosen[name] = self._channels_for(name, acts.shape[1])
-                    tops[name] = X.StreamingTopK(len(chosen[name]), self.k)
+                    tops[name] = X.StreamingTopK(len(chosen[name]), self.top_k)
                     captured_shapes[name] = tuple(acts.shape[1:])
                 scores, locations = X.spatial_max(acts[:, chosen[name]])
                 tops[name].update(scores, ids, locations)
@@ -165,9 +172,10 @@ class ExemplarMonitor(VizCallback):
                 tops[name],
                 image_shape,
                 step,
+                epochs_done,
             )
 
-    def _render(self, pl_module, dataset, indices, name, channels, top, image_shape, step) -> None:
+    def _render(self, pl_module, dataset, indices, name, channels, top, image_shape, step, epochs_done) -> None:
         sink = self._sink
         assert sink is not None
         module = self._modules[name]
@@ -180,7 +188,7 @@ class ExemplarMonitor(VizCallback):
         positions = top.locations.reshape(-1, 2)
         boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
         projections = X.unit_projection(
-            pl_module, module, images.to(device), channel_of, positions, rule=self.projection
+            pl_module, module, images.to(device), channel_of, positions, rule=self.projection_rule
         ).cpu()
         rows = []
         for ci in range(c):
@@ -210,7 +218,17 @@ class ExemplarMonitor(VizCallback):
             ]
             lines.append(f"| {channels[ci]} | {', '.join(pairs)} |")
         sink.text(f"exemplars/indices/{name}", "\n".join(lines), step)
-        self.latest[name] = {"channels": channels, "ids": top.ids.clone(), "scores": top.scores.clone(), "boxes": boxes}
+        self._publish(
+            ExemplarStats(
+                step=step,
+                epoch=epochs_done,
+                subject=name,
+                channels=tuple(channels),
+                ids=top.ids.clone(),
+                scores=top.scores.clone(),
+                boxes=boxes,
+            )
+        )
 
 
 def _fit(tile: torch.Tensor, size: int) -> torch.Tensor:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._layers import evenly_spaced, layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_choice, check_indices, check_names, check_positive_int
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import featurevis as FV
+from lightning_viz.records import FeatureVisStats
+
+Objective = Literal["neuron", "channel", "deepdream", "class_logit", "class_probability"]
+Parameterization = Literal["fft", "pixel"]
 
 _CLASS_OBJECTIVES = ("class_logit", "class_probability")
 
@@ -32,10 +37,10 @@ class FeatureVisMonitor(VizCallback):
         channels: channel (or, for class objectives, class) indices; default up to ``max_channels`` evenly spaced.
         objective: ``"channel"`` (default), ``"neuron"``, ``"deepdream"``, ``"class_logit"`` or
             ``"class_probability"``.
-        param: ``"fft"`` (default) or ``"pixel"``.
+        parameterization: ``"fft"`` (default) or ``"pixel"`` (was ``param``).
         steps, lr: optimisation steps and Adam learning rate.
-        size: image side; default the data's image size (64 when unknown).
-        seeds: number of starting noises per channel (rows of the grid).
+        image_size: image side; default the data's image size (64 when unknown) (was ``size``).
+        images_per_channel: number of starting noises per channel, one grid row each (was ``seeds``).
         l2, tv: L2 and total-variation penalty weights.
         input_mean, input_std: per-channel statistics of the model's input; default estimated once from up to 256
             validation images (and kept in the checkpoint).
@@ -43,6 +48,7 @@ class FeatureVisMonitor(VizCallback):
     """
 
     monitor_name = "featurevis"
+    publishes = (FeatureVisStats,)
     default_every_n_epochs = 10
     needs_grad = True
 
@@ -52,12 +58,12 @@ class FeatureVisMonitor(VizCallback):
         layers: Sequence[str] | None = None,
         channels: Sequence[int] | None = None,
         max_channels: int = 16,
-        objective: str = "channel",
-        param: str = "fft",
+        objective: Objective = "channel",
+        parameterization: Parameterization = "fft",
         steps: int = 64,
         lr: float = 0.05,
-        size: int | None = None,
-        seeds: int = 1,
+        image_size: int | None = None,
+        images_per_channel: int = 1,
         l2: float = 0.0,
         tv: float = 0.0,
         input_mean: Sequence[float] | None = None,
@@ -66,44 +72,41 @@ class FeatureVisMonitor(VizCallback):
         tile_size: int = 64,
         **kwargs: Any,
     ) -> None:
+        moved = check.renamed(
+            "FeatureVisMonitor",
+            kwargs,
+            {"param": "parameterization", "size": "image_size", "seeds": "images_per_channel"},
+        )
+        parameterization = moved.get("parameterization", parameterization)
+        image_size = moved.get("image_size", image_size)
+        images_per_channel = moved.get("images_per_channel", images_per_channel)
         super().__init__(**kwargs)
-        check_names("layers", layers)
-        check_choice("objective", objective, FV.OBJECTIVES)
-        check_choice("param", param, FV.PARAMETERISATIONS)
-        check_indices("channels", channels)
+        check.layer_names("layers", layers)
+        check.choice("objective", objective, get_args(Objective))
+        check.choice("parameterization", parameterization, get_args(Parameterization))
+        check.indices("channels", channels)
         for arg, value in (
             ("max_channels", max_channels),
             ("steps", steps),
-            ("seeds", seeds),
+            ("images_per_channel", images_per_channel),
             ("filmstrip_length", filmstrip_length),
             ("tile_size", tile_size),
         ):
-            check_positive_int(arg, value)
-        check_positive_int("size", size, allow_none=True)
-        if size is not None and size < FV.Transforms().min_size():
-            raise ValueError(
-                f"`size`={size} is too small for the transforms (padding and jitter); use at least "
-                f"{FV.Transforms().min_size()}."
-            )
-        for arg, value in (("lr", lr), ("l2", l2), ("tv", tv)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or value < 0
-                or (arg == "lr" and not value)
-            ):
-                raise ValueError(
-                    f"`{arg}` must be a {'positive' if arg == 'lr' else 'non-negative'} number, got {value!r}."
-                )
+            check.positive_int(arg, value)
+        if image_size is not None:
+            check.at_least("image_size", image_size, FV.Transforms().min_size())
+        check.number("lr", lr, low=0.0, low_open=True)
+        check.number("l2", l2, low=0.0)
+        check.number("tv", tv, low=0.0)
         self.layers = list(layers) if layers is not None else None
         self.channels = list(channels) if channels is not None else None
         self.max_channels = max_channels
         self.objective = objective
-        self.param = param
+        self.parameterization = parameterization
         self.steps = steps
         self.lr = float(lr)
-        self.size = size
-        self.seeds = seeds
+        self.image_size = image_size
+        self.images_per_channel = images_per_channel
         self.l2, self.tv = float(l2), float(tv)
         self.input_mean = list(input_mean) if input_mean is not None else None
         self.input_std = list(input_std) if input_std is not None else None
@@ -114,9 +117,7 @@ class FeatureVisMonitor(VizCallback):
         self._num_classes: int | None = None
         self._stats: tuple[list[float], list[float]] | None = None
         self._image_size: int | None = None
-        self._filmstrips: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        #: The latest objective values per layer: {"channels": [...], "initial": (N,), "final": (N,)}.
-        self.latest: dict[str, dict[str, Any]] = {}
+        self._filmstrips = render.Filmstrips(filmstrip_length)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "objective": self.objective}
@@ -158,7 +159,7 @@ class FeatureVisMonitor(VizCallback):
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         mean, std = self._input_stats(trainer)
-        size = self.size or self._image_size or 64
+        size = self.image_size or self._image_size or 64
         size = max(size, FV.Transforms().min_size())
         for name, module in self._modules.items():
             self._guard(f"layer {name}", self._log_layer, pl_module, name, module, mean, std, size, step, epochs_done)
@@ -196,14 +197,14 @@ class FeatureVisMonitor(VizCallback):
         assert sink is not None
         targets = self._targets(pl_module, name, module, size)
         per_seed = len(targets)
-        objective = self._objective(name, per_seed, targets * self.seeds)
+        objective = self._objective(name, per_seed, targets * self.images_per_channel)
         result = FV.visualize(
             pl_module,
             objective,
-            n=per_seed * self.seeds,
+            n=per_seed * self.images_per_channel,
             size=size,
             channels=self._in_channels,
-            param=self.param,
+            param=self.parameterization,
             steps=self.steps,
             lr=self.lr,
             l2=self.l2,
@@ -213,33 +214,41 @@ class FeatureVisMonitor(VizCallback):
             input_std=torch.tensor(std),
             modules={name: module} if module is not pl_module else None,
         )
-        self.latest[name] = {"channels": targets, "initial": result.initial_objective, "final": result.objective}
+        tag = "logits" if module is pl_module else name
+        self._publish(
+            FeatureVisStats(
+                step=step,
+                epoch=epochs_done,
+                subject=tag,
+                channels=tuple(targets),
+                initial_objective=result.initial_objective,
+                final_objective=result.objective,
+            )
+        )
         tiles = render.resize_tiles(_rgb(result.images), self.tile_size)
         label = "class" if self.objective in _CLASS_OBJECTIVES else "ch"
         head = render.header([f"{label} {t}" for t in targets], self.tile_size)
         rows = [
             render.label_left(render.tile_grid(tiles[s * per_seed : (s + 1) * per_seed], ncol=per_seed), f"seed {s}")
-            for s in range(self.seeds)
+            for s in range(self.images_per_channel)
         ]
-        tag = "logits" if module is pl_module else name
         sink.image(f"featurevis/{tag}", render.stack_rows([head, *rows], gap=0), step)
         first = render.tile_grid(tiles[:per_seed], ncol=per_seed)
-        strip = self._filmstrips.setdefault(tag, [])
-        image = render.push_filmstrip(strip, f"ep {epochs_done}", first, self.filmstrip_length)
+        image = self._filmstrips[tag].push(f"ep {epochs_done}", first).rows()
         sink.image(f"featurevis/filmstrip/{tag}", render.stack_rows([head, image], gap=0), step)
 
     def _extra_state(self) -> dict[str, Any]:
         return {
             "stats": [list(self._stats[0]), list(self._stats[1])] if self._stats else None,
             "image_size": self._image_size,
-            "filmstrips": {k: [(lb, img.clone()) for lb, img in v] for k, v in self._filmstrips.items()},
+            "filmstrips": self._filmstrips.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         stats = state.get("stats")
         self._stats = (list(stats[0]), list(stats[1])) if stats else None
         self._image_size = state.get("image_size")
-        self._filmstrips = {k: [(lb, img) for lb, img in v] for k, v in state.get("filmstrips", {}).items()}
+        self._filmstrips.load_state_dict(state.get("filmstrips", {}))
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:

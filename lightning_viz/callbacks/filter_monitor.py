@@ -6,14 +6,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
-import numpy as np
 import torch
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._layers import resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_names, check_positive_int
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import filters as F
+from lightning_viz.records import FilterStats
 
 Scale = Union[Literal["running_max"], float]
 
@@ -37,63 +38,66 @@ class FilterMonitor(VizCallback):
     Args:
         layers: names of ``nn.Conv2d`` layers; default: the model's first ``Conv2d``.
         max_filters: at most this many filters per grid.
-        max_channels: at most this many input-channel slices per filter for layers with more than 3 input channels.
+        max_input_channels: at most this many input-channel slices per filter for layers with more than 3 input
+            channels (was ``max_channels``).
         scale: ``"running_max"`` or a positive float (see above).
         filmstrip_length: number of logged epochs in the filmstrip.
         filmstrip_filters: number of filters per filmstrip row.
         min_tile_pixels: filters are upsampled (nearest) to at least this many pixels per side.
-        max_image_side: images are downsized to at most this many pixels per side.
-        **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
+        **kwargs: ``every_n_epochs`` (default 1), ``max_image_side`` (default 1024), ``on_error``, ``log_baseline``,
+            ``seed``, ``max_overhead``.
     """
 
     monitor_name = "filters"
+    publishes = (FilterStats,)
     default_every_n_epochs = 1
+    default_max_image_side = 1024
 
     def __init__(
         self,
         *,
         layers: Sequence[str] | None = None,
         max_filters: int = 64,
-        max_channels: int = 8,
+        max_input_channels: int = 8,
         scale: Scale = "running_max",
         filmstrip_length: int = 12,
         filmstrip_filters: int = 16,
         min_tile_pixels: int = 32,
-        max_image_side: int = 1024,
         **kwargs: Any,
     ) -> None:
+        max_input_channels = check.renamed("FilterMonitor", kwargs, {"max_channels": "max_input_channels"}).get(
+            "max_input_channels", max_input_channels
+        )
         super().__init__(**kwargs)
-        check_names("layers", layers)
+        check.layer_names("layers", layers)
         for name, value in (
             ("max_filters", max_filters),
-            ("max_channels", max_channels),
+            ("max_input_channels", max_input_channels),
             ("filmstrip_length", filmstrip_length),
             ("filmstrip_filters", filmstrip_filters),
             ("min_tile_pixels", min_tile_pixels),
-            ("max_image_side", max_image_side),
         ):
-            check_positive_int(name, value)
-        if scale != "running_max" and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale))
-        ):
-            raise ValueError(f"`scale` must be 'running_max' or a positive finite number, got {scale!r}.")
+            check.positive_int(name, value)
+        if scale != "running_max":
+            bad = f"`scale` must be 'running_max' or a positive finite number, got {scale!r}."
+            if isinstance(scale, bool) or not isinstance(scale, (str, int, float)):
+                raise TypeError(bad)
+            if isinstance(scale, str) or not (scale > 0 and math.isfinite(scale)):
+                raise ValueError(bad)
         self.layers = list(layers) if layers is not None else None
         self.max_filters = max_filters
-        self.max_channels = max_channels
+        self.max_input_channels = max_input_channels
         self.scale = scale
         self.filmstrip_length = filmstrip_length
         self.filmstrip_filters = filmstrip_filters
         self.min_tile_pixels = min_tile_pixels
-        self.max_image_side = max_image_side
         self._modules: dict[str, nn.Conv2d] = {}
         self._initial: dict[str, torch.Tensor] = {}
         self._scales: dict[str, float] = {}
-        self._filmstrips: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        #: The latest statistics per layer, for other monitors (e.g. the diagnosis) to read without recomputing.
-        self.latest: dict[str, dict[str, float]] = {}
+        self._filmstrips = render.Filmstrips(filmstrip_length)
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"layers": self.layers, "every_n_epochs": self.every_n_epochs}
+        return {"layers": self.layers}
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         self._modules = resolve_layers(pl_module, self.layers, (nn.Conv2d,), argument="layers", default="first")
@@ -136,10 +140,10 @@ class FilterMonitor(VizCallback):
             weight,
             scale,
             max_filters=self.max_filters,
-            max_channels=self.max_channels,
+            max_channels=self.max_input_channels,
             min_tile_pixels=self.min_tile_pixels,
         )
-        sink.image(f"filters/{name}", render.downsize(grid, self.max_image_side), step)
+        sink.image(f"filters/{name}", grid, step)
 
         row = F.filter_grid(
             weight[: self.filmstrip_filters, :1] if weight.shape[1] > 3 else weight[: self.filmstrip_filters],
@@ -149,30 +153,40 @@ class FilterMonitor(VizCallback):
             min_tile_pixels=self.min_tile_pixels,
             ncol=self.filmstrip_filters,
         )
-        strip = self._filmstrips.setdefault(name, [])
-        image = render.push_filmstrip(strip, f"ep {epochs_done}", row, self.filmstrip_length)
-        sink.image(f"filters/filmstrip/{name}", render.downsize(image, self.max_image_side), step)
+        strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
+        sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
 
         stats = F.filter_statistics(weight, self._initial.get(name))
         scalars = {f"filters/scale/{name}": scale}
-        latest: dict[str, float] = {"scale": scale, "nonfinite": float(not torch.isfinite(weight).all())}
+        means: dict[str, float | None] = {}
         for stat, values in stats.items():
-            mean = float(values.nanmean()) if torch.isfinite(values).any() else float("nan")
-            latest[stat] = mean
-            if not np.isnan(mean):
-                scalars[f"filters/{stat}/{name}"] = mean
+            finite = values[torch.isfinite(values)]
+            means[stat] = float(finite.mean()) if finite.numel() else None
+            if means[stat] is not None:
+                scalars[f"filters/{stat}/{name}"] = means[stat]
             sink.histogram(f"filters/per_filter/{stat}/{name}", values, step)
         sink.scalars(scalars, step)
-        self.latest[name] = latest
+        self._publish(
+            FilterStats(
+                step=step,
+                epoch=epochs_done,
+                subject=name,
+                weight_norm=means.get("weight_norm"),
+                noise_score=means.get("noise_score"),
+                distance_from_init=means.get("distance_from_init"),
+                scale=scale,
+                nonfinite=not bool(torch.isfinite(weight).all()),
+            )
+        )
 
     def _extra_state(self) -> dict[str, Any]:
         return {
             "initial": {k: v.clone() for k, v in self._initial.items()},
             "scales": dict(self._scales),
-            "filmstrips": {k: [(label, img.clone()) for label, img in v] for k, v in self._filmstrips.items()},
+            "filmstrips": self._filmstrips.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._initial = {k: v.clone() for k, v in state.get("initial", {}).items()}
         self._scales = dict(state.get("scales", {}))
-        self._filmstrips = {k: [(label, img) for label, img in v] for k, v in state.get("filmstrips", {}).items()}
+        self._filmstrips.load_state_dict(state.get("filmstrips", {}))

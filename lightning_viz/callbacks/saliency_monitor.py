@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
-from lightning_viz.callbacks.base import VizCallback, check_positive_int, check_probe_set
+from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
 from lightning_viz.probes import ProbeSet
@@ -97,16 +98,8 @@ class SaliencyMonitor(VizCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if methods is None:
-            methods = METHODS
-        if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
-            raise TypeError(f"`methods` must be a list of method names, got {methods!r}.")
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"`methods`: unknown method(s) {unknown}; available: {list(METHODS)}.")
-        if not methods:
-            raise ValueError(f"`methods` is empty; choose from {list(METHODS)}.")
-        check_probe_set("probes", probes)
+        methods = check.choices("methods", METHODS if methods is None else methods, METHODS)
+        check.probe_set("probes", probes)
         for arg, value in (
             ("smoothgrad_samples", smoothgrad_samples),
             ("occlusion_window", occlusion_window),
@@ -117,13 +110,12 @@ class SaliencyMonitor(VizCallback):
             ("filmstrip_probes", filmstrip_probes),
             ("filmstrip_length", filmstrip_length),
         ):
-            check_positive_int(arg, value)
-        if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not noise_level >= 0:
-            raise ValueError(f"`noise_level` must be a number >= 0, got {noise_level!r}.")
-        for arg, value in (("gradcam_layer", gradcam_layer), ("occlusion_layer", occlusion_layer)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"`{arg}` must be a layer name (str) or None, got {value!r}.")
-        self.methods = [m for m in METHODS if m in methods]
+            check.positive_int(arg, value)
+        check.number("noise_level", noise_level, low=0.0)
+        check.number("occlusion_baseline", occlusion_baseline)
+        check.layer_name("gradcam_layer", gradcam_layer)
+        check.layer_name("occlusion_layer", occlusion_layer)
+        self.methods = methods
         self.probes = probes if probes is not None else ProbeSet.auto(max_probes, seed=self.seed)
         self.gradcam_layer = gradcam_layer
         self.smoothgrad_samples = smoothgrad_samples
@@ -141,10 +133,10 @@ class SaliencyMonitor(VizCallback):
         self._gradcam_name: str | None = None
         self._occlusion_module: nn.Module | None = None
         self._no_relu = False
-        self._filmstrips: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._filmstrips = render.Filmstrips(filmstrip_length)
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"methods": self.methods, "every_n_epochs": self.every_n_epochs}
+        return {"methods": self.methods}
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -261,8 +253,7 @@ class SaliencyMonitor(VizCallback):
         small_head = render.header(["input"] + [_COLUMN_TITLES[n] for n in names[1:]], small)
         for probe in range(min(self.filmstrip_probes, len(images))):
             row = render.tile_grid(render.resize_tiles(tiles[first_rows[probe]], small), ncol=len(names))
-            strip = self._filmstrips.setdefault(probe, [])
-            image = render.push_filmstrip(strip, f"ep {epochs_done}", row, self.filmstrip_length)
+            image = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
             sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([small_head, image], gap=0), step)
 
     def _compute(self, method, model, fast, xr, target, x, index) -> dict[str, torch.Tensor]:
@@ -339,10 +330,10 @@ class SaliencyMonitor(VizCallback):
     def _extra_state(self) -> dict[str, Any]:
         return {
             "probes": self.probes.state_dict(),
-            "filmstrips": {k: [(label, img.clone()) for label, img in v] for k, v in self._filmstrips.items()},
+            "filmstrips": self._filmstrips.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("probes"):
             self.probes.load_state_dict(state["probes"])
-        self._filmstrips = {int(k): [(lb, img) for lb, img in v] for k, v in state.get("filmstrips", {}).items()}
+        self._filmstrips.load_state_dict({int(k): v for k, v in state.get("filmstrips", {}).items()})

@@ -1,0 +1,191 @@
+"""What each monitor measured, as small typed records that other callbacks read. Public API.
+
+Every monitor publishes one frozen record per subject (a layer, an activation call site) and logged step on the
+Trainer's :class:`RecordBus`. The :class:`~lightning_viz.DiagnosisMonitor` reads them from there, and so can your own
+callback — no monitor imports another, and a renamed statistic is a type error, not a silently missing dict key::
+
+    from lightning_viz.records import ActivationStats, bus_for
+
+    class DeadAlarm(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            for site, stats in bus_for(trainer).latest(ActivationStats).items():
+                if stats.dead_fraction is not None and stats.dead_fraction > 0.5:
+                    print(f"{site}: {stats.dead_count} dead channels")
+
+Records are published on global rank zero (where the monitors compute them). ``step`` is ``trainer.global_step`` and
+``epoch`` the number of training epochs completed when the numbers were taken (0 for the untrained baseline).
+Missing values (a statistic that is not defined, or NaN weights) are ``None``, never a made-up number.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = [
+    "ActivationStats",
+    "EmbeddingQuality",
+    "ExemplarStats",
+    "FeatureVisStats",
+    "FilterStats",
+    "Record",
+    "RecordBus",
+    "bus_for",
+]
+
+
+@dataclass(frozen=True)
+class Record:
+    """Fields every record has."""
+
+    #: ``trainer.global_step`` when the numbers were taken.
+    step: int
+    #: Training epochs completed (0: the untrained baseline).
+    epoch: int
+    #: What the numbers are about: a layer name, an activation call site (``layer1.0.relu#2``); ``""`` for the model.
+    subject: str
+
+
+@dataclass(frozen=True)
+class FilterStats(Record):
+    """A convolution layer's weights (published by :class:`~lightning_viz.FilterMonitor`); means over its filters."""
+
+    #: Mean L2 norm of the filters.
+    weight_norm: float | None
+    #: Mean noise score: about 1 = as rough as random noise, well below 1 = smooth, structured filters.
+    noise_score: float | None
+    #: Mean ``||W - W0|| / ||W0||`` against the weights at the start of the fit; ``None`` when W0 is not known.
+    distance_from_init: float | None
+    #: The colour scale the filters were drawn with (largest ``|w|`` so far, or the fixed ``scale``).
+    scale: float
+    #: Whether any weight is NaN or infinite.
+    nonfinite: bool
+
+
+@dataclass(frozen=True)
+class ActivationStats(Record):
+    """An activation call site over a validation epoch (published by :class:`~lightning_viz.ActivationMonitor`)."""
+
+    #: Number of channels (conv) or hidden units (linear).
+    channels: int
+    #: Share of values <= 0.
+    sparsity: float
+    #: Mean activation.
+    mean: float
+    #: Channels that never fired on any sample; ``None`` where "dead" is not defined (not a ReLU-family activation).
+    dead_count: int | None = None
+    #: ``dead_count / channels``; ``None`` where "dead" is not defined.
+    dead_fraction: float | None = None
+    #: Indices of the dead channels.
+    dead_channels: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbeddingQuality(Record):
+    """How well a layer's code separates the classes (published by :class:`~lightning_viz.EmbeddingMonitor`)."""
+
+    #: Leave-one-out k-NN accuracy of the code (cosine).
+    knn_accuracy: float | None
+    #: Silhouette score of the classes in the code (cosine), in [-1, 1].
+    silhouette: float | None
+
+
+@dataclass(frozen=True)
+class ExemplarStats(Record):
+    """The top exemplars of a layer's channels (published by :class:`~lightning_viz.ExemplarMonitor`)."""
+
+    #: The channels shown.
+    channels: tuple[int, ...]
+    #: Dataset indices of the top exemplars, shape (channels, top_k); -1 where fewer were seen.
+    ids: torch.Tensor
+    #: Their spatial-maximum activations, shape (channels, top_k).
+    scores: torch.Tensor
+    #: Receptive-field boxes per channel and exemplar, ``(top, left, bottom, right)`` in input pixels.
+    boxes: Any = None
+
+
+@dataclass(frozen=True)
+class FeatureVisStats(Record):
+    """Feature-visualisation objective values of a layer (published by :class:`~lightning_viz.FeatureVisMonitor`)."""
+
+    #: The channels (or classes) optimised.
+    channels: tuple[int, ...]
+    #: Objective value per image at the starting noise.
+    initial_objective: torch.Tensor
+    #: Objective value per image after optimisation.
+    final_objective: torch.Tensor
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordBus:
+    """The records published during one Trainer's runs: latest per subject, a bounded history, subscribers.
+
+    Get a Trainer's bus with :func:`bus_for`. ``history_length`` records are kept per (type, subject).
+    """
+
+    def __init__(self, history_length: int = 256) -> None:
+        self._history: dict[type, dict[str, deque]] = defaultdict(dict)
+        self._subscribers: dict[type, list[Callable[[Record], None]]] = defaultdict(list)
+        self._producers: dict[type, set[str]] = defaultdict(set)
+        self._history_length = history_length
+
+    def announce(self, kind: type[Record], producer: str) -> None:
+        """Say that ``producer`` (a monitor's name) publishes records of ``kind`` in this run."""
+        self._producers[kind].add(producer)
+
+    def produced(self, kind: type[Record]) -> bool:
+        """Whether some callback announced that it publishes ``kind``."""
+        return bool(self._producers.get(kind))
+
+    def publish(self, record: Record) -> None:
+        """Keep ``record`` and hand it to the subscribers of its type."""
+        if not isinstance(record, Record):
+            raise TypeError(f"only lightning_viz.records.Record instances can be published, got {type(record)}.")
+        kind = type(record)
+        history = self._history[kind].setdefault(record.subject, deque(maxlen=self._history_length))
+        if history and history[-1].step == record.step:
+            history[-1] = record  # a step is published once per subject; a republish replaces it
+        else:
+            history.append(record)
+        for callback in list(self._subscribers.get(kind, ())):
+            callback(record)
+
+    def latest(self, kind: type[R]) -> dict[str, R]:
+        """The newest record of ``kind`` per subject."""
+        return {subject: records[-1] for subject, records in self._history.get(kind, {}).items() if records}
+
+    def history(self, kind: type[R], subject: str = "") -> list[R]:
+        """Records of ``kind`` about ``subject``, oldest first."""
+        return list(self._history.get(kind, {}).get(subject, ()))
+
+    def subscribe(self, kind: type[R], callback: Callable[[R], None]) -> Callable[[], None]:
+        """Call ``callback(record)`` for each new record of ``kind``; returns a function that unsubscribes."""
+        self._subscribers[kind].append(callback)  # type: ignore[arg-type]
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers.get(kind, []):
+                self._subscribers[kind].remove(callback)  # type: ignore[arg-type]
+
+        return unsubscribe
+
+    def clear(self) -> None:
+        """Forget every record (a new fit starts a new history); subscribers and producers stay."""
+        self._history.clear()
+
+
+_BUSES: weakref.WeakKeyDictionary[Any, RecordBus] = weakref.WeakKeyDictionary()
+
+
+def bus_for(trainer: Any) -> RecordBus:
+    """The :class:`RecordBus` of ``trainer`` (one per Trainer, created on first use, gone with the Trainer)."""
+    bus = _BUSES.get(trainer)
+    if bus is None:
+        bus = _BUSES[trainer] = RecordBus()
+    return bus
