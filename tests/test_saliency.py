@@ -312,7 +312,7 @@ def test_monitor_chooses_probes_from_the_validation_data(tmp_path, pl_ns):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"methods": ["gradient", "lrp"]}, ValueError, r"`methods`: unknown name\(s\) \['lrp'\]; available: \['gradient'"),
+        ({"methods": ["gradient", "lrp"]}, ValueError, r"unknown name\(s\) \['lrp'\]; available: \['gradient'"),
         ({"methods": "gradient"}, TypeError, r"`methods` must be a list"),
         ({"methods": []}, ValueError, r"`methods` is empty"),
         ({"smoothgrad_samples": 0}, ValueError, r"`smoothgrad_samples`"),
