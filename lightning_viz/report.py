@@ -253,7 +253,7 @@ def page_names(names: Sequence[str]) -> dict[str, str]:
 
     A name is kept when it is already safe; otherwise unsafe characters become ``_``. Where two runs would get the
     same part (``a/b`` and ``a_b``; ``Run`` and ``run`` on a case-insensitive disk), each gets a short hash of its
-    own name appended, so neither page overwrites the other.
+    own name appended, so neither page overwrites the other; a name longer than 80 characters is cut and hashed too.
     """
     slugs = {}
     for name in names:
