@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 #: Samples kept per tag. TensorBoard keeps only 10 images (and 10 text entries) per tag by default, chosen at random;
@@ -30,6 +32,64 @@ def board_command(logdir: str, *, port: int = 6006, host: str = "127.0.0.1", ext
         SAMPLES_PER_PLUGIN,
         *extra,
     ]
+
+
+#: Signals that stop ``board``; each is passed on to TensorBoard's process group.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: Seconds TensorBoard gets to exit after a stop signal before it (and its data server) is killed.
+STOP_GRACE_S = 10.0
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(child.pid, signum)  # TensorBoard and its data-server child
+        elif signum == getattr(signal, "SIGKILL", None):
+            child.kill()
+        else:
+            child.terminate()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_board(cmd: Sequence[str]) -> int:
+    """Run TensorBoard until it exits or this process is asked to stop; no process of it outlives this call.
+
+    TensorBoard runs in its own process group (session). SIGINT, SIGTERM and SIGHUP sent to this process are passed
+    on to that group as SIGTERM; after ``STOP_GRACE_S`` seconds (or a second stop signal) the group is killed. Returns
+    TensorBoard's exit status, or 0 when it was stopped on request.
+    """
+    stop_requested: list[float] = []
+    child: subprocess.Popen | None = None
+
+    def on_stop(signum: int, frame: object) -> None:
+        stop_requested.append(time.monotonic())
+        if child is not None:
+            _signal_group(child, signal.SIGTERM if len(stop_requested) == 1 else getattr(signal, "SIGKILL", signum))
+
+    # handlers first: a signal arriving while TensorBoard starts must not leave it running
+    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
+    try:
+        child = subprocess.Popen(list(cmd), start_new_session=os.name == "posix")
+        if stop_requested:
+            _signal_group(child, signal.SIGTERM)
+        while True:
+            try:
+                returncode = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_requested and time.monotonic() - stop_requested[0] > STOP_GRACE_S:
+                    _signal_group(child, getattr(signal, "SIGKILL", signal.SIGTERM))
+        if stop_requested:
+            _signal_group(child, getattr(signal, "SIGKILL", signal.SIGTERM))  # whatever TensorBoard left behind
+            return 0
+        return returncode
+    finally:
+        if child is not None and child.poll() is None:
+            _signal_group(child, getattr(signal, "SIGKILL", signal.SIGTERM))
+            child.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,23 +117,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         cmd = board_command(args.logdir, port=args.port, host=args.host, extra=extra)
         print(f"TensorBoard at http://{args.host}:{args.port}/  (Ctrl+C to stop)", flush=True)
-        try:
-            return subprocess.call(cmd)
-        except KeyboardInterrupt:
-            return 0
+        return run_board(cmd)
     if args.command == "report":
         if extra:
             print(f"lightning-viz report: unknown arguments {extra}", file=sys.stderr)
             return 2
         from lightning_viz.report import write_reports
 
+        def warn(message: str) -> None:
+            print(f"lightning-viz report: {message}", file=sys.stderr)
+
         try:
-            paths = write_reports(args.logdir, args.output)
+            paths = write_reports(args.logdir, args.output, on_problem=warn)
         except FileNotFoundError as exc:
-            print(f"lightning-viz report: {exc}", file=sys.stderr)
+            warn(str(exc))
             return 2
         for path in paths:
             print(path)
+        if not paths:
+            warn("no page could be written.")
+            return 1
         return 0
     return 2
 

@@ -8,10 +8,13 @@ nothing links outside the file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import io
 import os
 import re
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 FINDINGS_TAG = "diagnosis/findings"
@@ -24,6 +27,7 @@ class RunData:
     findings: str | None = None
     images: list[tuple[str, int, bytes]] = field(default_factory=list)  #: (tag, step, PNG bytes)
     scalars: list[tuple[str, list[tuple[int, float]]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  #: what could not be read, said on the page
 
 
 def find_runs(logdir: str) -> list[str]:
@@ -35,24 +39,107 @@ def find_runs(logdir: str) -> list[str]:
     return sorted(runs)
 
 
+def _event_file_problem(path: str) -> str | None:
+    """Why an event file cannot be read to its end, or None.
+
+    TensorBoard's reader stops quietly at a damaged record; this walks the record framing (length, length checksum,
+    payload, payload checksum) without reading the payloads, so a truncated or foreign file is named on the page.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (nothing was ever flushed to it)"
+    position = records = 0
+    with open(path, "rb") as f:
+        while position < size:
+            header = f.read(12)
+            if len(header) < 12:
+                return f"is truncated: it ends inside record {records + 1} (byte {position})"
+            (length,) = struct.unpack("<Q", header[:8])
+            (checksum,) = struct.unpack("<I", header[8:])
+            if masked_crc32c(header[:8]) != checksum:
+                if records == 0:
+                    return "is not a TensorBoard event file (its first record header is invalid)"
+                return f"is damaged at byte {position} (record {records + 1}): the events after it are lost"
+            position += 12 + length + 4
+            if position > size:
+                return f"is truncated: it ends inside record {records + 1}"
+            f.seek(position)
+            records += 1
+    return None
+
+
+def _image_mime(encoded: bytes) -> str:
+    """The MIME type of an encoded image; raises when the bytes do not decode to an image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded)) as image:
+        image.load()
+        fmt = (image.format or "").upper()
+    if fmt not in {"PNG", "JPEG", "GIF", "WEBP", "BMP"}:
+        raise ValueError(f"unsupported image format {fmt or 'unknown'!r}")
+    return f"image/{fmt.lower()}"
+
+
+def _findings_text(tensor_proto) -> str:
+    """The text of a findings event; raises ValueError naming what it holds instead."""
+    if tensor_proto.string_val:
+        return "\n".join(s.decode("utf-8", "replace") for s in tensor_proto.string_val)
+    from tensorboard.util import tensor_util
+
+    values = tensor_util.make_ndarray(tensor_proto)
+    if values.dtype.kind in "SUO":
+        return "\n".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.ravel())
+    shown = ", ".join(str(v) for v in values.ravel()[:5].tolist())
+    raise ValueError(f"it holds {values.dtype} values ({shown or 'none'}), not text")
+
+
 def read_run(path: str, name: str) -> RunData:
+    """Everything the page shows from the event files in ``path``; what cannot be read goes to ``problems``."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    acc = ea.EventAccumulator(path, size_guidance={"images": 1, "scalars": 0, "tensors": 0, "histograms": 1})
-    acc.Reload()
-    tags = acc.Tags()
     data = RunData(name)
+    for file in sorted(f for f in os.listdir(path) if f.startswith(_EVENT_PREFIX)):
+        try:
+            problem = _event_file_problem(os.path.join(path, file))
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        if problem:
+            data.problems.append(f"event file {file} {problem}.")
+    acc = ea.EventAccumulator(path, size_guidance={"images": 1, "scalars": 0, "tensors": 0, "histograms": 1})
+    try:
+        acc.Reload()
+        tags = acc.Tags()
+    except Exception as exc:  # noqa: BLE001 - the page says why, the other runs still get theirs
+        data.problems.append(f"the event files could not be read: {type(exc).__name__}: {exc}")
+        return data
     for tag in (FINDINGS_TAG, f"{FINDINGS_TAG}/text_summary"):
         if tag in tags.get("tensors", []):
-            events = acc.Tensors(tag)
-            if events:
-                data.findings = events[-1].tensor_proto.string_val[0].decode("utf-8", "replace")
+            try:
+                events = acc.Tensors(tag)
+                if events:
+                    data.findings = _findings_text(events[-1].tensor_proto)
+            except Exception as exc:  # noqa: BLE001
+                data.problems.append(f"the findings ({tag}) could not be read: {exc}")
+    if data.findings is None and FINDINGS_TAG in tags.get("scalars", []):
+        data.problems.append(f"{FINDINGS_TAG} is a scalar in this run, not the DiagnosisMonitor's text.")
     for tag in sorted(tags.get("images", [])):
-        events = acc.Images(tag)
-        if events:
+        try:
+            events = acc.Images(tag)
+            if not events:
+                continue
+            _image_mime(events[-1].encoded_image_string)
             data.images.append((tag, events[-1].step, events[-1].encoded_image_string))
+        except Exception as exc:  # noqa: BLE001
+            data.problems.append(f"image {tag} could not be decoded: {type(exc).__name__}: {exc}")
     for tag in sorted(tags.get("scalars", [])):
-        data.scalars.append((tag, [(e.step, e.value) for e in acc.Scalars(tag)]))
+        try:
+            data.scalars.append((tag, [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]))
+        except Exception as exc:  # noqa: BLE001
+            data.problems.append(f"scalar {tag} could not be read: {type(exc).__name__}: {exc}")
+    if data.findings is None and not data.images and not data.scalars and not data.problems:
+        data.problems.append("the event files hold no findings, images or scalars.")
     return data
 
 
@@ -118,6 +205,7 @@ figcaption { font-size: 12px; color: #555; }
 img { image-rendering: pixelated; max-width: 100%; }
 .scalars { display: flex; flex-wrap: wrap; }
 .scalar { margin: 6px; font-size: 12px; width: 230px; }
+.problems { background: #fff4e5; border: 1px solid #f0b37e; padding: 8px 32px; }
 code { background: #eee; padding: 0 3px; }
 """
 
@@ -130,8 +218,12 @@ def render_html(run: RunData) -> str:
         f"<title>lightning_viz report: {title}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>lightning_viz report: {title}</h1>",
-        '<h2 id="findings">Findings</h2>',
     ]
+    if run.problems:
+        parts.append('<h2 id="problems">What could not be read</h2><ul class="problems">')
+        parts.extend(f"<li>{html.escape(problem)}</li>" for problem in run.problems)
+        parts.append("</ul>")
+    parts.append('<h2 id="findings">Findings</h2>')
     if run.findings is None:
         parts.append('<div class="findings"><p>No diagnosis in this run (add a DiagnosisMonitor).</p></div>')
     else:
@@ -140,7 +232,7 @@ def render_html(run: RunData) -> str:
     for tag, step, png in run.images:
         data = base64.b64encode(png).decode("ascii")
         parts.append(
-            f'<figure><img alt="{html.escape(tag, quote=True)}" src="data:image/png;base64,{data}">'
+            f'<figure><img alt="{html.escape(tag, quote=True)}" src="data:{_image_mime(png)};base64,{data}">'
             f"<figcaption>{html.escape(tag)} (step {step})</figcaption></figure>"
         )
     parts.append('<h2 id="scalars">Scalars</h2><div class="scalars">')
@@ -153,10 +245,47 @@ def render_html(run: RunData) -> str:
     return "\n".join(parts)
 
 
-def write_reports(logdir: str, output: str | None = None) -> list[str]:
+_MAX_SLUG = 80
+
+
+def page_names(names: Sequence[str]) -> dict[str, str]:
+    """A distinct file-name part for each run name, the same for the same set of runs.
+
+    A name is kept when it is already safe; otherwise unsafe characters become ``_``. Where two runs would get the
+    same part (``a/b`` and ``a_b``; ``Run`` and ``run`` on a case-insensitive disk), each gets a short hash of its
+    own name appended, so neither page overwrites the other; a name longer than 80 characters is cut and hashed too.
+    """
+    slugs = {}
+    for name in names:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+        slugs[name] = slug if len(slug) <= _MAX_SLUG else slug[:_MAX_SLUG] + "~"
+    counts: dict[str, int] = {}
+    for slug in slugs.values():
+        counts[slug.lower()] = counts.get(slug.lower(), 0) + 1
+    out = {}
+    for name, slug in slugs.items():
+        if counts[slug.lower()] > 1 or slug.endswith("~"):
+            slug = f"{slug.rstrip('~')}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        out[name] = slug
+    # a hashed part could still meet another run's plain name: number the later one (runs taken in sorted order)
+    taken: set[str] = set()
+    for name in sorted(out):
+        slug, n = out[name], 2
+        while out[name].lower() in taken:
+            out[name] = f"{slug}-{n}"
+            n += 1
+        taken.add(out[name].lower())
+    return out
+
+
+def write_reports(
+    logdir: str, output: str | None = None, *, on_problem: Callable[[str], None] | None = None
+) -> list[str]:
     """Write one HTML page per run under ``logdir``; returns the paths written.
 
-    ``output`` names the file for a single run; with several runs, each page is ``<stem>-<run>.html`` beside it.
+    ``output`` names the file for a single run; with several runs, each page is ``<stem>-<run>.html`` beside it
+    (see :func:`page_names`). A run that cannot be read fully still gets a page saying what could not be read; a
+    page that cannot be written is skipped. Each such problem is also passed to ``on_problem`` as one line.
     """
     runs = find_runs(logdir)
     if not runs:
@@ -164,13 +293,34 @@ def write_reports(logdir: str, output: str | None = None) -> list[str]:
     output = output or os.path.join(logdir, "report.html")
     stem, ext = os.path.splitext(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    written = []
+    names = {}
     for path in runs:
         name = os.path.relpath(path, logdir)
-        name = os.path.basename(os.path.abspath(logdir)) if name == "." else name
-        target = output if len(runs) == 1 else f"{stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}{ext or '.html'}"
-        page = render_html(read_run(path, name))
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(page)
+        names[path] = os.path.basename(os.path.abspath(logdir)) if name == "." else name
+    files = page_names(list(names.values()))
+    written = []
+    for path in runs:
+        name = names[path]
+        target = output if len(runs) == 1 else f"{stem}-{files[name]}{ext or '.html'}"
+        try:
+            run = read_run(path, name)
+        except Exception as exc:  # noqa: BLE001 - one bad run must not cost the others their pages
+            run = RunData(name, problems=[f"this run could not be read: {type(exc).__name__}: {exc}"])
+        try:
+            page = render_html(run)
+        except Exception as exc:  # noqa: BLE001
+            # the page again with nothing but what went wrong
+            run = RunData(name, problems=[*run.problems, f"the page could not be built: {type(exc).__name__}: {exc}"])
+            page = render_html(run)
+        if on_problem is not None:
+            for problem in run.problems:
+                on_problem(f"{name}: {problem}")
+        try:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(page)
+        except OSError as exc:
+            if on_problem is not None:
+                on_problem(f"{name}: the page {target} could not be written: {exc}")
+            continue
         written.append(target)
     return written

@@ -2,12 +2,16 @@
 
 SyncBatchNorm cannot be used here: torch's DistributedDataParallel refuses it on CPU ("SyncBatchNorm layers only
 work with GPU modules"), so the CPU run keeps plain BatchNorm.
+
+MASTER_ADDR / MASTER_PORT come from the caller (test_ddp.py picks a free loopback port); the process group times out
+after ``DDP_TIMEOUT_S`` seconds instead of torch's 30 minutes, so a rank that never arrives fails the run.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
@@ -39,6 +43,22 @@ class Net(nn.Module):
         return self.fc(self.bn(self.relu(self.conv(x))).mean(dim=(2, 3)))
 
 
+class _ShutDownProcessGroup(pl.Callback):
+    """Each rank waits for the others, then destroys the process group while Python is still fully alive.
+
+    Without this a rank could reach interpreter shutdown right after its last gloo all-reduce: the gloo worker thread
+    that releases that all-reduce's tensors then needs the GIL of a finalizing interpreter, is made to exit, and
+    libstdc++ aborts ("terminate called without an active exception", the rank dies with SIGABRT). Rank 1 did so in
+    about one run in five; a loaded machine, which delays that thread, makes it likelier. Lightning's own ``atexit``
+    clean-up runs too late to prevent it.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 class Module(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +81,9 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # weights fixed: the planted channel stays as built
 
 
+DDP_TIMEOUT_S = 180
+
+
 def main(logdir: str) -> None:
     n = 32
     x = torch.zeros(n, 3, 8, 8)
@@ -78,10 +101,12 @@ def main(logdir: str) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=pl.strategies.DDPStrategy(
+            start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=DDP_TIMEOUT_S)
+        ),
         max_epochs=2,
         logger=pl.loggers.TensorBoardLogger(logdir, name="ddp", version=0),
-        callbacks=suite,
+        callbacks=[*suite, _ShutDownProcessGroup()],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
