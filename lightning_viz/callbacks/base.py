@@ -8,9 +8,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from lightning_viz._compat import CALLBACK_CLASSES, is_tensorboard_logger, rank_zero_warn
+from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated
-from lightning_viz.sinks import NO_LOGGER_MESSAGE, Sink
+from lightning_viz.sinks import NO_IMAGE_LOGGER_MESSAGE, NO_LOGGER_MESSAGE, Sink, takes_images
 
 OnError = Literal["warn", "raise"]
 _ON_ERROR_CHOICES = ("warn", "raise")
@@ -113,12 +113,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             return
         if not trainer.loggers:
             raise ValueError(NO_LOGGER_MESSAGE)
-        if not any(is_tensorboard_logger(lg) for lg in trainer.loggers):
-            self._warn_once(
-                "no_tensorboard",
-                f"{type(self).__name__}: the Trainer has no TensorBoardLogger, so images and text are not written; "
-                "scalars still go to the loggers it has. Add `TensorBoardLogger(save_dir)` to `logger=[...]`.",
-            )
+        if not takes_images(trainer.loggers):
+            self._warn_once("no_tensorboard", f"{type(self).__name__}: {NO_IMAGE_LOGGER_MESSAGE}")
         self._sink = Sink.for_trainer(trainer)
         self._resolve(trainer, pl_module)
 
