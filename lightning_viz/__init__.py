@@ -14,6 +14,7 @@ from lightning_viz.callbacks import (
     SaliencyMonitor,
     VizCallback,
 )
+from lightning_viz.loggers import FolderLogger
 from lightning_viz.probes import ProbeSet
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "ExemplarMonitor",
     "FeatureVisMonitor",
     "FilterMonitor",
+    "FolderLogger",
     "ProbeSet",
     "SaliencyMonitor",
     "VizCallback",

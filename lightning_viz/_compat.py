@@ -33,6 +33,9 @@ def _import_all(attr_path: str) -> tuple[type, ...]:
 CALLBACK_CLASSES: tuple[type, ...] = _import_all("Callback")
 TENSORBOARD_LOGGERS: tuple[type, ...] = _import_all("loggers.TensorBoardLogger")
 DUMMY_LOGGERS: tuple[type, ...] = _import_all("loggers.logger.DummyLogger")
+WANDB_LOGGERS: tuple[type, ...] = _import_all("loggers.WandbLogger")
+MLFLOW_LOGGERS: tuple[type, ...] = _import_all("loggers.MLFlowLogger")
+LOGGER_CLASSES: tuple[type, ...] = _import_all("loggers.Logger")
 
 if not CALLBACK_CLASSES:  # pragma: no cover - install_requires guarantees one
     raise ImportError("lightning_viz needs `pytorch_lightning` or `lightning` to be installed.")
@@ -61,6 +64,30 @@ def is_tensorboard_logger(logger: Any) -> bool:
 
 def is_dummy_logger(logger: Any) -> bool:
     return isinstance(logger, DUMMY_LOGGERS)
+
+
+def is_wandb_logger(logger: Any) -> bool:
+    return isinstance(logger, WANDB_LOGGERS)
+
+
+def is_mlflow_logger(logger: Any) -> bool:
+    return isinstance(logger, MLFLOW_LOGGERS)
+
+
+def is_folder_logger(logger: Any) -> bool:
+    from lightning_viz.loggers import FolderLogger  # imports this module: resolved at call time
+
+    return isinstance(logger, FolderLogger)
+
+
+def rank_zero_only_rank() -> int:
+    """The global rank Lightning's strategies record for ``rank_zero_only`` (shared by both namespaces)."""
+    try:
+        from lightning_utilities.core.rank_zero import rank_zero_only
+    except ImportError:  # pragma: no cover - a dependency of both namespaces
+        return global_rank()
+    rank = getattr(rank_zero_only, "rank", None)
+    return global_rank() if rank is None else int(rank)
 
 
 LIGHTNING_MODULES: tuple[type, ...] = _import_all("LightningModule")

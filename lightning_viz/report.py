@@ -1,8 +1,10 @@
-"""``lightning-viz report``: one self-contained HTML page per run, read from its event files.
+"""``lightning-viz report``: one self-contained HTML page per run, read from its event files or its folder.
 
-The page holds the diagnosis findings, the latest image of every image tag (filmstrips included) embedded as data,
-and a small chart of every scalar. Everything taken from the event files (run names, tags, text) is HTML-escaped;
-nothing links outside the file.
+A run is a directory holding TensorBoard event files, or the files a :class:`~lightning_viz.FolderLogger` writes
+(``index.jsonl`` listing images/text by tag and step, ``scalars.jsonl``), or both. The page holds the diagnosis
+findings, the latest image of every image tag (filmstrips included) embedded as data, and a small chart of every
+scalar. Everything taken from the run (run names, tags, text) is HTML-escaped; nothing links outside the file, and a
+folder's index is never followed outside the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import struct
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 
 FINDINGS_TAG = "diagnosis/findings"
 _EVENT_PREFIX = "events.out.tfevents."
+_FOLDER_FILES = ("index.jsonl", "scalars.jsonl")  # written by FolderLogger / the folder backend
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -34,7 +39,7 @@ def find_runs(logdir: str) -> list[str]:
     """Directories under ``logdir`` (itself included) that hold event files, sorted."""
     runs = []
     for root, _, files in os.walk(logdir):
-        if any(f.startswith(_EVENT_PREFIX) for f in files):
+        if any(f.startswith(_EVENT_PREFIX) for f in files) or any(f in _FOLDER_FILES for f in files):
             runs.append(root)
     return sorted(runs)
 
@@ -96,7 +101,85 @@ def _findings_text(tensor_proto) -> str:
 
 
 def read_run(path: str, name: str) -> RunData:
-    """Everything the page shows from the event files in ``path``; what cannot be read goes to ``problems``."""
+    """Everything the page shows of one run: its event files, its folder files, or both."""
+    files = os.listdir(path)
+    data = read_events(path, name) if any(f.startswith(_EVENT_PREFIX) for f in files) else RunData(name)
+    if any(f in _FOLDER_FILES for f in files):
+        _merge(data, read_folder(path, name))
+    return data
+
+
+def _merge(data: RunData, other: RunData) -> None:
+    data.findings = other.findings if other.findings is not None else data.findings
+    known = {tag for tag, _, _ in data.images}
+    data.images = sorted(data.images + [im for im in other.images if im[0] not in known])
+    known = {tag for tag, _ in data.scalars}
+    data.scalars = sorted(data.scalars + [sc for sc in other.scalars if sc[0] not in known])
+
+
+def _jsonl(path: str) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file; a line that does not parse (a run cut short mid-write) is skipped."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _inside(root: str, relative: object) -> str | None:
+    """``root/relative`` when it stays inside ``root`` (an index is data, not a pointer to anywhere), else None."""
+    if not isinstance(relative, str):
+        return None
+    root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root, relative))
+    return full if full.startswith(root + os.sep) and os.path.isfile(full) else None
+
+
+def read_folder(path: str, name: str) -> RunData:
+    """A :class:`~lightning_viz.FolderLogger` run: ``index.jsonl`` (images, text) and ``scalars.jsonl``."""
+    data = RunData(name)
+    latest: dict[tuple[str, str], tuple[int, str]] = {}
+    for record in _jsonl(os.path.join(path, "index.jsonl")):
+        kind, tag, step = record.get("kind"), record.get("tag"), record.get("step")
+        if kind not in ("images", "text") or not isinstance(tag, str) or not isinstance(step, int):
+            continue
+        full = _inside(path, record.get("file"))
+        if full is not None and step >= latest.get((kind, tag), (-1, ""))[0]:
+            latest[(kind, tag)] = (step, full)
+    for (kind, tag), (step, full) in sorted(latest.items()):
+        if kind == "images":
+            with open(full, "rb") as f:
+                png = f.read()
+            if png.startswith(_PNG_MAGIC):
+                data.images.append((tag, step, png))
+        elif tag == FINDINGS_TAG:
+            with open(full, encoding="utf-8", errors="replace") as f:
+                data.findings = f.read()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in _jsonl(os.path.join(path, "scalars.jsonl")):
+        step, metrics = record.get("step"), record.get("metrics")
+        if not isinstance(metrics, dict):
+            continue
+        for tag, value in metrics.items():
+            if isinstance(value, (int, float)) or value is None:
+                point = (
+                    step if isinstance(step, int) else len(series.get(tag, [])),
+                    float("nan") if value is None else float(value),
+                )
+                series.setdefault(str(tag), []).append(point)
+    data.scalars = sorted(series.items())
+    return data
+
+
+def read_events(path: str, name: str) -> RunData:
+    """A TensorBoard run: the event files in ``path``; what cannot be read goes to ``problems``."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     data = RunData(name)
@@ -289,7 +372,10 @@ def write_reports(
     """
     runs = find_runs(logdir)
     if not runs:
-        raise FileNotFoundError(f"no TensorBoard event files under {logdir!r}.")
+        raise FileNotFoundError(
+            f"no TensorBoard event files and no lightning_viz.FolderLogger run (index.jsonl, scalars.jsonl) "
+            f"under {logdir!r}."
+        )
     output = output or os.path.join(logdir, "report.html")
     stem, ext = os.path.splitext(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -1,82 +1,448 @@
-"""Where our images, text, histograms and scalars go.
+"""Where our images, text, histograms, tables and scalars go.
 
-Images, text, histograms and embeddings go to the first ``TensorBoardLogger`` in ``trainer.loggers`` (either Lightning
-namespace). Scalars go through every logger the Trainer has, so a CSV logger beside TensorBoard records them too.
-Everything is written on global rank zero only.
+A :class:`Sink` fans each output out to one backend per logger of the Trainer that can take it (either Lightning
+namespace):
+
+================================  ==========================================================================
+logger                            what it receives from us
+================================  ==========================================================================
+``TensorBoardLogger``             images, text, histograms (the first such logger; projector files beside it)
+``WandbLogger``                   images with captions, text as HTML panels (key ``<tag>/html``), histograms,
+                                  embedding tables
+``MLFlowLogger``                  images (PNG), text (Markdown), histograms and embedding tables (JSON/TSV), as
+                                  artifacts under ``lightning_viz/step_<global step>/``
+``lightning_viz.FolderLogger``    PNG, Markdown, JSON and TSV files plus an ``index.jsonl`` the report reads
+any other logger (CSV, ...)       scalars only
+================================  ==========================================================================
+
+Scalars go through every logger's own ``log_metrics`` (never twice through a backend). Everything is written on
+global rank zero only, and ``wandb`` / ``mlflow`` are imported only when such a logger is present.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import io
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from lightning_viz._compat import is_dummy_logger, is_tensorboard_logger
+from lightning_viz._compat import (
+    is_dummy_logger,
+    is_folder_logger,
+    is_mlflow_logger,
+    is_tensorboard_logger,
+    is_wandb_logger,
+)
 from lightning_viz.render import downsize
 
 NO_LOGGER_MESSAGE = (
-    "lightning_viz callbacks write to TensorBoard, but the Trainer has no logger. Pass one, e.g. "
+    "lightning_viz callbacks write to the Trainer's loggers, but the Trainer has no logger. Pass one, e.g. "
     "`Trainer(logger=TensorBoardLogger('runs'))` (from `lightning.pytorch.loggers` or `pytorch_lightning.loggers`), "
-    "or leave `logger` at its default."
+    "`WandbLogger`, `MLFlowLogger`, or `lightning_viz.FolderLogger('runs')` for plain files; or leave `logger` at "
+    "its default."
 )
+NO_IMAGE_LOGGER_MESSAGE = (
+    "the Trainer has no TensorBoardLogger, WandbLogger, MLFlowLogger or lightning_viz.FolderLogger, so images, text "
+    "and histograms are neither computed nor written; scalars still go to the loggers it has. Add one to "
+    "`logger=[...]`, e.g. `lightning_viz.FolderLogger(save_dir)` for plain PNG/JSON files."
+)
+
+#: Folder (MLflow artifacts) holding one sub-folder per logged step.
+ARTIFACT_ROOT = "lightning_viz"
+#: Bins of the histogram summaries written where no native histogram exists (MLflow, folder).
+HISTOGRAM_BINS = 64
+
+
+def takes_images(loggers: Sequence[Any]) -> bool:
+    """Whether any of ``loggers`` can receive images (and text and histograms)."""
+    return any(_backend_kind(lg) is not None for lg in loggers)
+
+
+def _backend_kind(logger: Any) -> str | None:
+    if is_tensorboard_logger(logger):
+        return "tensorboard"
+    if is_wandb_logger(logger):
+        return "wandb"
+    if is_mlflow_logger(logger):
+        return "mlflow"
+    if is_folder_logger(logger):
+        return "folder"
+    return None
+
+
+def safe_path(tag: str) -> str:
+    """A relative file path for ``tag``: ``/`` separates folders, other odd characters become ``_``, never ``..``."""
+    parts = [re.sub(r"[^A-Za-z0-9_.-]+", "_", p).strip(".") or "_" for p in tag.split("/") if p]
+    return "/".join(parts) or "_"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def histogram_summary(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Counts over ``bins`` equal bins of finite ``values`` (1-D float), with the usual summary numbers."""
+    counts, edges = np.histogram(values, bins=bins)
+    return {
+        "count": int(values.size),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "edges": [float(e) for e in edges],
+        "counts": [int(c) for c in counts],
+    }
+
+
+def embedding_tsv(features: np.ndarray, labels: Sequence[str], predicted: Sequence[str]) -> str:
+    """A tab-separated table: ``label``, ``predicted``, then one column per feature dimension."""
+    header = ["label", "predicted", *[f"d{i}" for i in range(features.shape[1])]]
+    rows = ["\t".join(header)]
+    for i, row in enumerate(features):
+        rows.append("\t".join([_tsv_cell(labels[i]), _tsv_cell(predicted[i]), *[f"{v:.6g}" for v in row]]))
+    return "\n".join(rows) + "\n"
+
+
+def _tsv_cell(value: str) -> str:
+    return re.sub(r"[\t\r\n]+", " ", value)
+
+
+def _names(values: Sequence[Any] | np.ndarray | torch.Tensor | None, n: int, what: str) -> list[str]:
+    if values is None:
+        return ["?"] * n
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().tolist()
+    names = [str(v) for v in (values.tolist() if isinstance(values, np.ndarray) else values)]
+    if len(names) != n:
+        raise ValueError(f"`{what}` must have one entry per row of `features` ({n}), got {len(names)}.")
+    return names
+
+
+class _Backend(Protocol):
+    """One logger's way of receiving our output. Each ``takes_*`` flag says whether the method does anything."""
+
+    takes_images: bool
+    takes_text: bool
+    takes_histograms: bool
+    takes_tables: bool
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None: ...
+
+    def text(self, tag: str, markdown: str, step: int) -> None: ...
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None: ...
+
+    def embedding_table(
+        self, tag: str, features: np.ndarray, labels: list[str], predicted: list[str], step: int
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class TensorBoardBackend:
+    """A ``SummaryWriter``: images, text and histograms (embedding tables: TensorBoard's projector instead)."""
+
+    takes_images = takes_text = takes_histograms = True
+    takes_tables = False
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, global_step=step)
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        self.writer.add_histogram(tag, values, global_step=step)
+
+    def embedding_table(self, tag, features, labels, predicted, step) -> None:  # noqa: ANN001
+        pass
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class WandbBackend:
+    """A ``WandbLogger``: ``wandb.Image`` with a caption, ``wandb.Html`` panels, ``wandb.Histogram``, ``wandb.Table``.
+
+    Everything goes through the logger's own methods, so its prefix and its ``trainer/global_step`` x-axis apply.
+    """
+
+    takes_images = takes_text = takes_histograms = takes_tables = True
+
+    def __init__(self, logger: Any) -> None:
+        import wandb
+
+        self.logger = logger
+        self._wandb = wandb
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self.logger.log_image(tag, [image], step=step, caption=[caption])
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        from lightning_viz.report import markdown_to_html
+
+        try:
+            html = self._wandb.Html(markdown_to_html(markdown), data_is_not_path=True)
+        except TypeError:  # wandb before 0.19 has no `data_is_not_path`
+            html = self._wandb.Html(markdown_to_html(markdown))
+        # the tag's own key may already hold a scalar (`diagnosis/findings` counts them): the panel gets its own key
+        self.logger.log_metrics({f"{tag}/html": html}, step=step)
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        self.logger.log_metrics({tag: self._wandb.Histogram(values, num_bins=HISTOGRAM_BINS)}, step=step)
+
+    def embedding_table(self, tag, features, labels, predicted, step) -> None:  # noqa: ANN001
+        # one numeric column per dimension: W&B's 2-D projection panel (PCA / UMAP / t-SNE) reads those columns,
+        # and colours the points by `label`
+        columns = ["label", "predicted", *[f"d{i}" for i in range(features.shape[1])]]
+        data = [[labels[i], predicted[i], *row] for i, row in enumerate(features.astype(float).tolist())]
+        self.logger.log_table(tag, columns=columns, data=data, step=step)
+
+    def flush(self) -> None:
+        pass
+
+
+class MLflowBackend:
+    """An ``MLFlowLogger``: artifacts under ``lightning_viz/step_<step>/<tag>.{png,md,json,tsv}`` of its run."""
+
+    takes_images = takes_text = takes_histograms = takes_tables = True
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def _path(self, tag: str, step: int, suffix: str) -> str:
+        return f"{ARTIFACT_ROOT}/step_{step:08d}/{safe_path(tag)}{suffix}"
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self.logger.experiment.log_image(self.logger.run_id, image, artifact_file=self._path(tag, step, ".png"))
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.logger.experiment.log_text(self.logger.run_id, markdown, self._path(tag, step, ".md"))
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        summary = histogram_summary(values)
+        self.logger.experiment.log_dict(self.logger.run_id, summary, self._path(tag, step, ".hist.json"))
+
+    def embedding_table(self, tag, features, labels, predicted, step) -> None:  # noqa: ANN001
+        text = embedding_tsv(features, labels, predicted)
+        self.logger.experiment.log_text(self.logger.run_id, text, self._path(tag, step, ".tsv"))
+
+    def flush(self) -> None:
+        pass
+
+
+class FolderBackend:
+    """Plain files in ``root``: ``<kind>/<tag>/<step>.<ext>`` and one ``index.jsonl`` line per file written.
+
+    The index keeps the exact tag (file names are sanitised); ``lightning-viz report`` reads it, and the scalars a
+    :class:`~lightning_viz.FolderLogger` writes to ``scalars.jsonl`` beside it.
+    """
+
+    takes_images = takes_text = takes_histograms = takes_tables = True
+    INDEX = "index.jsonl"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _write(self, kind: str, tag: str, step: int, ext: str, data: bytes, **extra: Any) -> str:
+        rel = f"{kind}/{safe_path(tag)}/{step:08d}{ext}"
+        path = os.path.join(self.root, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        record = {"kind": kind, "tag": tag, "step": int(step), "file": rel, **extra}
+        with open(os.path.join(self.root, self.INDEX), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        return path
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self._write("images", tag, step, ".png", png_bytes(image), caption=caption)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self._write("text", tag, step, ".md", markdown.encode("utf-8"))
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        self._write("histograms", tag, step, ".json", json.dumps(histogram_summary(values)).encode("utf-8"))
+
+    def embedding_table(self, tag, features, labels, predicted, step) -> None:  # noqa: ANN001
+        buffer = io.BytesIO()
+        np.save(buffer, features.astype(np.float32), allow_pickle=False)
+        rel_dir = f"embeddings/{safe_path(tag)}/{step:08d}"
+        os.makedirs(os.path.join(self.root, *rel_dir.split("/")), exist_ok=True)
+        metadata = "label\tpredicted\n" + "".join(
+            f"{_tsv_cell(a)}\t{_tsv_cell(b)}\n" for a, b in zip(labels, predicted)
+        )
+        meta_path = os.path.join(self.root, *rel_dir.split("/"), "metadata.tsv")
+        with open(meta_path, "w", encoding="utf-8") as f:
+            f.write(metadata)
+        self._write(
+            "embeddings",
+            tag,
+            step,
+            "/features.npy",
+            buffer.getvalue(),
+            metadata=f"{rel_dir}/metadata.tsv",
+            shape=list(features.shape),
+        )
+
+    def flush(self) -> None:
+        pass
+
+
+def backend_for(logger: Any) -> _Backend | None:
+    """The backend of one logger (on rank zero), or ``None`` when it takes scalars only."""
+    kind = _backend_kind(logger)
+    if kind == "tensorboard":
+        return TensorBoardBackend(logger.experiment)
+    if kind == "wandb":
+        return WandbBackend(logger)
+    if kind == "mlflow":
+        return MLflowBackend(logger)
+    if kind == "folder":
+        return FolderBackend(logger.log_dir)
+    return None
 
 
 class Sink:
-    """Writes one callback's output for a Trainer. Build it with :meth:`for_trainer`."""
+    """Writes one callback's output to every logger of a Trainer that can take it. Build it with :meth:`for_trainer`.
+
+    Args:
+        experiment: a TensorBoard ``SummaryWriter``, or ``None``.
+        loggers: the Trainer's loggers; scalars go through each one's ``log_metrics``.
+        is_global_zero: only global rank zero writes anything.
+        backends: further backends (W&B, MLflow, folder), written after TensorBoard.
+        max_image_side: images larger than this (pixels per side) are downsized before any backend sees them.
+    """
 
     def __init__(
-        self, experiment: Any | None, loggers: list[Any], is_global_zero: bool, max_image_side: int | None = None
+        self,
+        experiment: Any | None,
+        loggers: list[Any],
+        is_global_zero: bool,
+        backends: Sequence[_Backend] = (),
+        max_image_side: int | None = None,
     ) -> None:
         self._experiment = experiment  # a SummaryWriter, or None when there is no TensorBoard logger
         self._loggers = loggers
         self._is_global_zero = is_global_zero
         self.max_image_side = max_image_side  #: images larger than this (pixels per side) are downsized
+        self._backends: list[_Backend] = []
+        if experiment is not None and is_global_zero:
+            self._backends.append(TensorBoardBackend(experiment))
+        if is_global_zero:
+            self._backends.extend(backends)
 
     @classmethod
     def for_trainer(cls, trainer: Any, max_image_side: int | None = None) -> Sink:
         loggers = list(trainer.loggers)
+        if not trainer.is_global_zero:
+            return cls(None, loggers, False, max_image_side=max_image_side)
         tensorboard = next((lg for lg in loggers if is_tensorboard_logger(lg)), None)
-        experiment = tensorboard.experiment if (tensorboard is not None and trainer.is_global_zero) else None
-        return cls(experiment, loggers, trainer.is_global_zero, max_image_side)
+        experiment = tensorboard.experiment if tensorboard is not None else None
+        others = [backend_for(lg) for lg in loggers if _backend_kind(lg) not in (None, "tensorboard")]
+        return cls(experiment, loggers, True, [b for b in others if b is not None], max_image_side=max_image_side)
+
+    @property
+    def backends(self) -> list[_Backend]:
+        return list(self._backends)
 
     @property
     def writes_images(self) -> bool:
-        return self._experiment is not None
+        return any(b.takes_images for b in self._backends)
+
+    @property
+    def writes_text(self) -> bool:
+        return any(b.takes_text for b in self._backends)
+
+    @property
+    def writes_histograms(self) -> bool:
+        return any(b.takes_histograms for b in self._backends)
+
+    @property
+    def writes_tables(self) -> bool:
+        return any(b.takes_tables for b in self._backends)
 
     @property
     def log_dir(self) -> str | None:
+        """The TensorBoard run directory (where projector files belong), or ``None``."""
         return getattr(self._experiment, "log_dir", None) if self._experiment is not None else None
 
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """Write an (H, W, 3) uint8 image."""
-        if self._experiment is None:
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str | None = None) -> None:
+        """Write an (H, W, 3) uint8 image; ``caption`` (W&B, folder) defaults to the tag and step."""
+        if not self.writes_images:
             return
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"images must be (H, W, 3) uint8, got {image.shape} {image.dtype} for tag {tag!r}.")
         if self.max_image_side is not None and max(image.shape[:2]) > self.max_image_side:
             image = downsize(image, self.max_image_side)
-        self._experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        caption = caption if caption is not None else f"{tag} (step {step})"
+        for backend in self._backends:
+            if backend.takes_images:
+                backend.image(tag, image, step, caption)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        if self._experiment is not None:
-            self._experiment.add_text(tag, markdown, global_step=step)
+        for backend in self._backends:
+            if backend.takes_text:
+                backend.text(tag, markdown, step)
 
     def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int) -> None:
-        if self._experiment is None:
+        """Write the finite entries of ``values`` (any shape) as one histogram."""
+        if not self.writes_histograms:
             return
-        values = torch.as_tensor(values).detach().float().cpu().flatten()
-        values = values[torch.isfinite(values)]
-        if values.numel():
-            self._experiment.add_histogram(tag, values, global_step=step)
+        flat = torch.as_tensor(values).detach().float().cpu().flatten()
+        flat = flat[torch.isfinite(flat)].numpy()
+        if not flat.size:
+            return
+        for backend in self._backends:
+            if backend.takes_histograms:
+                backend.histogram(tag, flat, step)
+
+    def embedding_table(
+        self,
+        tag: str,
+        features: np.ndarray | torch.Tensor,
+        labels: Sequence[Any] | np.ndarray | torch.Tensor | None,
+        predicted: Sequence[Any] | np.ndarray | torch.Tensor | None,
+        step: int,
+    ) -> None:
+        """Write codes as a table: one row per sample, its true and predicted label, one column per dimension.
+
+        Shape:
+            features: (N, D) float; labels, predicted: N entries (class names or indices) or ``None``.
+        """
+        if not self.writes_tables:
+            return
+        features = torch.as_tensor(features).detach().float().cpu().numpy()
+        if features.ndim != 2:
+            raise ValueError(f"`features` must be (N, D), got shape {tuple(features.shape)} for tag {tag!r}.")
+        n = features.shape[0]
+        label_names = _names(labels, n, "labels")
+        predicted_names = _names(predicted, n, "predicted")
+        for backend in self._backends:
+            if backend.takes_tables:
+                backend.embedding_table(tag, features, label_names, predicted_names, step)
 
     def embedding(self, mat: torch.Tensor, *, tag: str, step: int, **kwargs: Any) -> None:
-        if self._experiment is not None:
+        """TensorBoard's own ``add_embedding`` (projector); other loggers take :meth:`embedding_table`."""
+        if self._experiment is not None and self._is_global_zero:
             self._experiment.add_embedding(mat, tag=tag, global_step=step, **kwargs)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        """Send scalars through every logger of the Trainer (TensorBoard, CSV, ...) on rank zero."""
+        """Send scalars through every logger of the Trainer (TensorBoard, W&B, MLflow, CSV, ...) on rank zero."""
         if not self._is_global_zero or not metrics:
             return
         clean = {k: float(v) for k, v in metrics.items()}
@@ -85,5 +451,5 @@ class Sink:
                 logger.log_metrics(clean, step=step)
 
     def flush(self) -> None:
-        if self._experiment is not None:
-            self._experiment.flush()
+        for backend in self._backends:
+            backend.flush()

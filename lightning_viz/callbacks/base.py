@@ -10,10 +10,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_viz import _validate as check
-from lightning_viz._compat import CALLBACK_CLASSES, is_tensorboard_logger, rank_zero_warn
+from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated
 from lightning_viz.records import Record, RecordBus, bus_for
-from lightning_viz.sinks import NO_LOGGER_MESSAGE, Sink
+from lightning_viz.sinks import NO_IMAGE_LOGGER_MESSAGE, NO_LOGGER_MESSAGE, Sink, takes_images
 
 if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
     import lightning.pytorch as pl
@@ -109,12 +109,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             return
         if not trainer.loggers:
             raise ValueError(NO_LOGGER_MESSAGE)
-        if not any(is_tensorboard_logger(lg) for lg in trainer.loggers):
-            self._warn_once(
-                "no_tensorboard",
-                f"{type(self).__name__}: the Trainer has no TensorBoardLogger, so images and text are not written; "
-                "scalars still go to the loggers it has. Add `TensorBoardLogger(save_dir)` to `logger=[...]`.",
-            )
+        if not takes_images(trainer.loggers):
+            self._warn_once("no_tensorboard", f"{type(self).__name__}: {NO_IMAGE_LOGGER_MESSAGE}")
         self._sink = Sink.for_trainer(trainer, max_image_side=self.max_image_side)
         self._bus = bus_for(trainer)
         for kind in self.publishes:
