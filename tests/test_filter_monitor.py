@@ -194,3 +194,12 @@ def test_model_unchanged_by_monitor_with_inplace_relu_resnet(tmp_path, pl_ns):
     )
     grid = events.image("filters/model.layer4.1.conv2")
     assert grid.shape[0] > grid.shape[1]  # a row per filter (64 filters), 8 input-channel slices per row
+
+
+def test_finite_helpers_ignore_nan_and_inf():
+    w = torch.tensor([[1.0, -3.0], [float("nan"), 2.0], [float("-inf"), 0.5]])
+    assert F.finite_abs_max(w) == 3.0
+    assert F.finite_abs_max(torch.full((2, 2), float("nan"))) == 0.0
+    assert F.nonfinite_filters(w) == 2
+    means = F.finite_means({"a": torch.tensor([1.0, float("nan"), 3.0]), "b": torch.tensor([float("nan")])})
+    assert means == {"a": 2.0, "b": None}
