@@ -388,3 +388,138 @@ class Filmstrips(dict):
         self.clear()
         for key, frames in state.items():
             self[key].load_state_dict(frames)
+
+
+# ---- filter and activation drawing ----
+
+#: Colour of dead channels (never active on any value seen): frames of activation maps, cells of the history.
+DEAD_COLOUR = (0.9, 0.0, 0.0)
+
+
+@torch.no_grad()
+def filter_tiles(weight: torch.Tensor, scale: float, *, max_filters: int = 64, max_channels: int = 8) -> torch.Tensor:
+    """Render filters as tiles on a fixed symmetric scale: 0 is mid-grey, ``±scale`` black/white (or full colour).
+
+    With 3 input channels each filter is one RGB tile; with 1 a grayscale tile; with more, each of the first
+    ``max_channels`` input-channel slices is its own grayscale tile, one row of slices per filter. Non-finite
+    weights are painted magenta.
+
+    Shape:
+        weight: (C_out, C_in, kh, kw). Returns (N, 3, kh, kw) float in [0, 1], N = min(C_out, max_filters) for
+        C_in <= 3, else min(C_out, max_filters) * min(C_in, max_channels), filter-major.
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"`weight` must have shape (C_out, C_in, kh, kw), got {tuple(weight.shape)}.")
+    w = weight.detach().float().cpu()[:max_filters]
+    c_in = w.shape[1]
+    if c_in == 3:
+        tiles = symmetric_unit(w, scale)
+        return mark_non_finite(tiles, w)
+    if c_in != 1:
+        w = w[:, :max_channels].reshape(-1, 1, *w.shape[-2:])
+    tiles = symmetric_unit(w, scale).expand(-1, 3, -1, -1)
+    return mark_non_finite(tiles, w)
+
+
+def filter_grid(
+    weight: torch.Tensor,
+    scale: float,
+    *,
+    max_filters: int = 64,
+    max_channels: int = 8,
+    min_tile_pixels: int = 32,
+    ncol: int | None = None,
+) -> np.ndarray:
+    """A grid image of :func:`filter_tiles`, nearest-upsampled so a 3x3 kernel is visible.
+
+    Returns:
+        (H, W, 3) uint8 numpy array. For C_in <= 3 the grid has ``ncol`` (default 8) filters per row; otherwise one
+        row per filter, one column per input channel.
+    """
+    tiles = filter_tiles(weight, scale, max_filters=max_filters, max_channels=max_channels)
+    c_in = weight.shape[1]
+    if ncol is None:
+        ncol = 8 if c_in in (1, 3) else min(c_in, max_channels)
+    factor = upscale_factor(max(weight.shape[-2:]), min_tile_pixels)
+    return tile_grid(tiles, ncol, upscale=factor)
+
+
+def filter_row(weight: torch.Tensor, scale: float, *, filters: int, min_tile_pixels: int = 32) -> np.ndarray:
+    """The first ``filters`` filters in one row (input channel 0 for layers with more than 3): a filmstrip frame.
+
+    Shape:
+        weight: (C_out, C_in, kh, kw). Returns (H, W, 3) uint8.
+    """
+    first = weight[:filters, :1] if weight.shape[1] > 3 else weight[:filters]
+    return filter_grid(first, scale, max_filters=filters, max_channels=1, min_tile_pixels=min_tile_pixels, ncol=filters)
+
+
+@torch.no_grad()
+def activation_tiles(maps: torch.Tensor, scale: float, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """One colour tile per channel on a common scale (0 -> dark, ``scale`` -> bright); dead channels framed in red.
+
+    Shape:
+        maps: (C, H, W); dead: (C,) bool. Returns (C, 3, H + 2, W + 2) float in [0, 1] (a 1-pixel frame around
+        each tile: mid-grey, :data:`DEAD_COLOUR` for dead channels).
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"`maps` must have shape (C, H, W), got {tuple(maps.shape)}.")
+    values = (maps.detach().float().cpu() / max(scale, 1e-12)).clamp(0, 1)
+    tiles = apply_colormap(values, "inferno")
+    framed = torch.ones(tiles.shape[0], 3, tiles.shape[2] + 2, tiles.shape[3] + 2) * 0.5
+    if dead is not None:
+        framed[dead.cpu()] = torch.tensor(DEAD_COLOUR).view(3, 1, 1)
+    framed[:, :, 1:-1, 1:-1] = tiles
+    return framed
+
+
+def activation_grid(
+    maps: torch.Tensor,
+    scale: float,
+    dead: torch.Tensor | None = None,
+    *,
+    ncol: int = 8,
+    min_tile_pixels: int = 48,
+    max_side: int = 1024,
+) -> np.ndarray:
+    """A grid of :func:`activation_tiles`, ``ncol`` per row, upsampled to ``min_tile_pixels`` and at most ``max_side``.
+
+    Shape:
+        maps: (C, H, W); dead: (C,) bool. Returns (H', W', 3) uint8.
+    """
+    tiles = activation_tiles(maps, scale, dead)
+    grid = tile_grid(tiles, ncol=ncol, pad=1, upscale=upscale_factor(maps.shape[-1], min_tile_pixels))
+    return downsize(grid, max_side)
+
+
+def firing_history(frames: Sequence[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """Rows = logged epochs, columns = channels coloured by firing rate (viridis), dead channels in :data:`DEAD_COLOUR`.
+
+    Shape:
+        frames: (label, firing rates (C,) in [0, 1]) per logged epoch, oldest first. Returns (H, W, 3) uint8.
+    """
+    rows = []
+    for label, rate in frames:
+        channels = rate.numel()
+        cell = max(1, min(12, 768 // max(1, channels)))
+        colours = apply_colormap(rate.view(1, -1), "viridis")  # (3, 1, C)
+        colours[:, 0, rate == 0] = torch.tensor(DEAD_COLOUR).view(3, 1)
+        strip = colours.repeat_interleave(cell, dim=2).repeat_interleave(10, dim=1)
+        rows.append((label, to_uint8(strip)))
+    return filmstrip(rows, len(rows))
+
+
+def dead_channel_table(sites: Sequence[tuple[str, Sequence[int], int]], epochs_done: int, step: int) -> str:
+    """A Markdown table of dead channels: one row per ``(site, dead channel indices, channel count)``.
+
+    At most 200 indices are listed per site.
+    """
+    lines = [
+        f"Dead channels after {epochs_done} epoch(s), step {step}:\n",
+        "| site | dead | channels |",
+        "|---|---:|---|",
+    ]
+    for site, indices, channels in sites:
+        shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
+        lines.append(f"| `{site}` | {len(indices)}/{channels} | {shown or '-'} |")
+    return "\n".join(lines)

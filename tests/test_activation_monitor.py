@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_viz import ActivationMonitor
 from lightning_viz._hooks import hook_count
+from lightning_viz.functional import activations as A
 from lightning_viz.functional.activations import ChannelStats
 from lightning_viz.records import ActivationStats, bus_for
 
@@ -256,3 +257,59 @@ def test_failure_inside_a_hook_warns_once_and_never_reaches_training(tmp_path, p
     messages = [str(w.message) for w in record if "counter exploded" in str(w.message)]
     assert len(messages) == 1 and "switched off" in messages[0]
     assert module.trainer.current_epoch == 2 and hook_count(model) == hooks
+
+
+def test_site_stats_create_seeded_counters_per_call_site_and_skip_non_tensors():
+    stats = A.SiteStats(sample_size=16, seed=3)
+    stats.add(("relu", 0), torch.ones(2, 3))
+    stats.add(("relu", 1), torch.zeros(2, 4, 2))
+    stats.add(("relu", 0), torch.zeros(2, 3))
+    stats.add(("head", 0), (torch.ones(2, 3),))  # not a tensor
+    stats.add(("head", 0), torch.ones(5))  # no channel dimension
+    assert sorted(stats) == [("relu", 0), ("relu", 1)]
+    assert stats[("relu", 0)].batches == 2 and stats[("relu", 1)].dead_mask().all()
+    again = A.SiteStats(sample_size=16, seed=3)
+    again.add(("relu", 0), torch.ones(2, 3))
+    again.add(("relu", 0), torch.zeros(2, 3))
+    assert torch.equal(again[("relu", 0)].samples(), stats[("relu", 0)].samples())
+
+
+def test_sum_counters_reduces_every_site_in_one_call():
+    stats = {("b", 0): ChannelStats(), ("a", 0): ChannelStats()}
+    stats[("a", 0)].update(torch.tensor([[1.0, 0.0]]))
+    stats[("b", 0)].update(torch.tensor([[0.0, 0.0, 2.0]]))
+    shapes = []
+    A.sum_counters(stats, lambda packed: (shapes.append(tuple(packed.shape)), packed * 3)[1])
+    assert shapes == [(3, 5)]
+    assert stats[("a", 0)].positions.tolist() == [3.0, 3.0]
+    assert stats[("b", 0)].total.tolist() == [0.0, 0.0, 6.0]
+
+
+def test_map_scale_is_a_high_quantile_of_finite_values():
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 0, :] = 1.0
+    maps[0, 1, 0] = 1000.0  # one hot pixel does not set the scale
+    maps[0, 2, 0] = float("nan")
+    assert A.map_scale(maps) == pytest.approx(1.0)
+    assert A.map_scale(torch.zeros(2, 3, 3)) == 1.0
+    assert A.map_scale(torch.full((1, 2, 2), float("nan"))) == 1.0
+
+
+def test_site_maps_per_call_site_and_hooks_removed():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.Conv2d(4, 2, 3), relu, nn.Flatten(), nn.ReLU())
+    hooks = hook_count(model)
+    maps = A.site_maps(model, {"relu": relu, "flat": model[5]}, torch.randn(1, 3, 8, 8))
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {("relu", 0): (4, 6, 6), ("relu", 1): (2, 4, 4)}
+    assert hook_count(model) == hooks
+
+
+def test_activation_layers_resolve_dead_counting():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.GELU())
+    modules, dead = A.activation_layers(model, None, None, None)
+    assert list(modules) == ["1", "3"] and dead == {"1": True, "3": False}
+    modules, dead = A.activation_layers(model, None, ["2"], None)
+    assert list(modules) == ["2"] and dead == {"2": True}
+    assert A.activation_layers(model, ["1"], None, False)[1] == {"1": False}
+    with pytest.raises(ValueError, match=r"`count_dead=True`.*'3' \(GELU\)"):
+        A.activation_layers(model, None, None, True)

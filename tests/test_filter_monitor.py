@@ -8,7 +8,7 @@ import torch
 from conftest import Events, TinyCNN, fit_monitor, loaders, make_module, trainer_kwargs
 from torch import nn
 
-from lightning_viz import FilterMonitor
+from lightning_viz import FilterMonitor, render
 from lightning_viz.functional import filters as F
 from lightning_viz.records import FilterStats, bus_for
 from lightning_viz.render import NAN_COLOUR
@@ -42,26 +42,26 @@ def test_filter_tiles_fixed_symmetric_scale():
     w = torch.zeros(2, 3, 3, 3)
     w[0, 0] = 1.0  # red channel at +scale
     w[1, 2] = -1.0  # blue channel at -scale
-    tiles = F.filter_tiles(w, scale=1.0)
+    tiles = render.filter_tiles(w, scale=1.0)
     assert torch.allclose(tiles[0, 0], torch.ones(3, 3)) and torch.allclose(tiles[0, 1], torch.full((3, 3), 0.5))
     assert torch.allclose(tiles[1, 2], torch.zeros(3, 3))
     # the same weights at twice the scale are half as far from grey: no per-call re-stretching
-    assert torch.allclose(F.filter_tiles(w, scale=2.0)[0, 0], torch.full((3, 3), 0.75))
+    assert torch.allclose(render.filter_tiles(w, scale=2.0)[0, 0], torch.full((3, 3), 0.75))
 
 
 def test_deep_layer_tiles_are_per_input_channel_slices_bounded():
     w = torch.randn(20, 16, 3, 3)
-    tiles = F.filter_tiles(w, 1.0, max_filters=5, max_channels=4)
+    tiles = render.filter_tiles(w, 1.0, max_filters=5, max_channels=4)
     assert tiles.shape == (20, 3, 3, 3)  # 5 filters x 4 slices, grayscale as RGB
     assert torch.equal(tiles[:, 0], tiles[:, 1])
-    grid = F.filter_grid(w, 1.0, max_filters=5, max_channels=4, min_tile_pixels=9)
+    grid = render.filter_grid(w, 1.0, max_filters=5, max_channels=4, min_tile_pixels=9)
     assert grid.dtype == np.uint8 and grid.shape == (5 * 10 + 1, 4 * 10 + 1, 3)
 
 
 def test_nan_weights_render_magenta():
     w = torch.zeros(1, 3, 3, 3)
     w[0, 1, 1, 1] = float("nan")
-    tiles = F.filter_tiles(w, 1.0)
+    tiles = render.filter_tiles(w, 1.0)
     assert torch.allclose(tiles[0, :, 1, 1], torch.tensor(NAN_COLOUR))
     assert torch.allclose(tiles[0, :, 0, 0], torch.full((3,), 0.5))
 
@@ -194,3 +194,12 @@ def test_model_unchanged_by_monitor_with_inplace_relu_resnet(tmp_path, pl_ns):
     )
     grid = events.image("filters/model.layer4.1.conv2")
     assert grid.shape[0] > grid.shape[1]  # a row per filter (64 filters), 8 input-channel slices per row
+
+
+def test_finite_helpers_ignore_nan_and_inf():
+    w = torch.tensor([[1.0, -3.0], [float("nan"), 2.0], [float("-inf"), 0.5]])
+    assert F.finite_abs_max(w) == 3.0
+    assert F.finite_abs_max(torch.full((2, 2), float("nan"))) == 0.0
+    assert F.nonfinite_filters(w) == 2
+    means = F.finite_means({"a": torch.tensor([1.0, float("nan"), 3.0]), "b": torch.tensor([float("nan")])})
+    assert means == {"a": 2.0, "b": None}

@@ -3,42 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._compat import is_overridden
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import CallSiteRecorder
-from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
+from lightning_viz._layers import layers_of_kind, model_device
 from lightning_viz.callbacks.base import VizCallback
-from lightning_viz.functional.activations import ChannelStats, activation_tiles
+from lightning_viz.functional import activations as A
+from lightning_viz.functional.activations import ACTIVATION_KINDS, Site
 from lightning_viz.probes import ProbeSet
 from lightning_viz.records import ActivationStats
 
-#: Modules that count as activations (sparsity is reported for all of them).
-ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Softplus,
-)
-#: Activations whose inactive output is exactly zero, so a channel can be *dead*.
-RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-
-_DEAD_COLOUR = torch.tensor([0.9, 0.0, 0.0])
+if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
+    import lightning.pytorch as pl
 
 
 class ActivationMonitor(VizCallback):
@@ -132,7 +116,7 @@ class ActivationMonitor(VizCallback):
         self._dead_defined: dict[str, bool] = {}
         self._map_modules: list[str] = []
         self._recorder: CallSiteRecorder | None = None
-        self._stats: dict[tuple[str, int], ChannelStats] = {}
+        self._stats = A.SiteStats(histogram_samples, seed=self.seed)
         self._source = "val"
         self._collecting = False
         self._collected_epoch: int | None = None
@@ -143,41 +127,21 @@ class ActivationMonitor(VizCallback):
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
-        modules: dict[str, nn.Module] = {}
-        dead: dict[str, bool] = {}
-        if self.layers is not None or self.pre_activation_layers is None:
-            if self.layers is None and not layers_of_kind(pl_module, ACTIVATION_KINDS):
-                # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
-                # of the way rather than stop a default suite from training.
-                candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
-                self._warn_once(
-                    "nothing to hook",
-                    "ActivationMonitor: the model has no activation modules (nn.ReLU, nn.GELU, ...) to hook; it "
-                    "probably applies F.relu functionally. Pass `pre_activation_layers=[...]` with the names of the "
-                    f"layers whose outputs are fed to the ReLU, e.g. from {candidates}. The monitor is off.",
-                )
-                self._active = False
-                self._modules, self._recorder = {}, None
-                return
-            resolved = resolve_layers(pl_module, self.layers, ACTIVATION_KINDS, argument="layers", default="all")
-            modules.update(resolved)
-            dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})
-        if self.pre_activation_layers is not None:
-            resolved = resolve_layers(
-                pl_module, self.pre_activation_layers, (nn.Module,), argument="pre_activation_layers"
+        configured = self.layers is not None or self.pre_activation_layers is not None
+        if not configured and not layers_of_kind(pl_module, ACTIVATION_KINDS):
+            # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
+            # of the way rather than stop a default suite from training.
+            candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
+            self._warn_once(
+                "nothing to hook",
+                "ActivationMonitor: the model has no activation modules (nn.ReLU, nn.GELU, ...) to hook; it "
+                "probably applies F.relu functionally. Pass `pre_activation_layers=[...]` with the names of the "
+                f"layers whose outputs are fed to the ReLU, e.g. from {candidates}. The monitor is off.",
             )
-            modules.update(resolved)
-            dead.update({name: True for name in resolved})
-        if self.count_dead is True:
-            undefined = [f"{n!r} ({type(modules[n]).__name__})" for n, d in dead.items() if not d]
-            if undefined:
-                raise ValueError(
-                    "`count_dead=True`, but dead units are defined only for the ReLU family (nn.ReLU, nn.ReLU6) and "
-                    f"for `pre_activation_layers`; these layers are not: {', '.join(undefined)}. Use "
-                    "`count_dead=None` to report sparsity for them, or choose other `layers`."
-                )
-        elif self.count_dead is False:
-            dead = {name: False for name in dead}
+            self._active = False
+            self._modules, self._recorder = {}, None
+            return
+        modules, dead = A.activation_layers(pl_module, self.layers, self.pre_activation_layers, self.count_dead)
         if self.map_layers is None:
             names = list(modules)
             self._map_modules = names[:1] + names[-1:] if len(names) > 1 else names
@@ -191,30 +155,20 @@ class ActivationMonitor(VizCallback):
         self._release(pl_module)
         self._recorder = CallSiteRecorder(modules, self._record)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._source = "val" if self._validation_expected(trainer, pl_module) else "train"
 
     @staticmethod
-    def _validation_expected(trainer: Any, pl_module: Any) -> bool:
+    def _validation_expected(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         return is_overridden("validation_step", pl_module) and getattr(trainer, "limit_val_batches", 1.0) != 0
 
     # ------------------------------------------------------------------------------------------- collection
     def _record(self, name: str, index: int, output: Any) -> None:
         # Runs inside the user's forward pass: a failure here must never reach their training.
-        if self._guard(self.monitor_name, self._accumulate, name, index, output) is False and self._recorder:
+        if self._guard(self.monitor_name, self._stats.add, (name, index), output) is False and self._recorder:
             self._recorder.detach()
             self._collecting = False
-
-    def _accumulate(self, name: str, index: int, output: Any) -> bool:
-        if not isinstance(output, torch.Tensor) or output.ndim < 2:
-            return True
-        stats = self._stats.get((name, index))
-        if stats is None:
-            stats = self._stats[(name, index)] = ChannelStats(
-                self.histogram_samples, self._generator(offset=len(self._stats))
-            )
-        stats.update(output)
-        return True
 
     def _start(self, trainer: Any) -> None:
         if not self._active or self._recorder is None or "activations" in self._disabled:
@@ -244,38 +198,40 @@ class ActivationMonitor(VizCallback):
 
     def _reduce(self, trainer: Any) -> None:
         """Sum counters over all processes (every rank runs this collective, in the same site order)."""
-        if getattr(trainer, "world_size", 1) <= 1:
-            return
-        keys = sorted(self._stats)
-        packed = torch.cat([self._stats[k].counters() for k in keys], dim=1)
-        summed = trainer.strategy.reduce(packed, reduce_op="sum")
-        offset = 0
-        for key in keys:
-            width = self._stats[key].num_channels
-            self._stats[key].set_counters(summed[:, offset : offset + width])
-            offset += width
+        if getattr(trainer, "world_size", 1) > 1:
+            A.sum_counters(self._stats, lambda packed: trainer.strategy.reduce(packed, reduce_op="sum"))
 
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source == "val" and trainer.state.fn == "fit" and self._is_log_epoch(trainer):
             self._start(trainer)
 
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch(batch_idx)
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source == "val":
             self._finish(trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         if self._source == "train" and self._is_log_epoch(trainer):
             self._start(trainer)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
         if self._source == "train":
             self._batch(batch_idx)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source == "train":
             self._finish(trainer, pl_module)
             return
@@ -305,7 +261,7 @@ class ActivationMonitor(VizCallback):
         return "or lower `max_batches` / `max_channels` "
 
     # ---------------------------------------------------------------------------------------------- logging
-    def _sites(self) -> list[tuple[str, tuple[str, int]]]:
+    def _sites(self) -> list[tuple[str, Site]]:
         assert self._recorder is not None
         order = {name: i for i, name in enumerate(self._modules)}
         keys = sorted(self._stats, key=lambda k: (order[k[0]], k[1]))
@@ -313,40 +269,30 @@ class ActivationMonitor(VizCallback):
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         sites = self._sites()
-        dead_lines = []
-        for site, key in sites:
-            dead = self._guard(f"site {site}", self._log_site, site, key, step, epochs_done)
-            if isinstance(dead, str):
-                dead_lines.append(dead)
-        if dead_lines and self._sink is not None:
-            header = (
-                f"Dead channels after {epochs_done} epoch(s), step {step}:\n\n"
-                "| site | dead | channels |\n|---|---:|---|"
-            )
-            self._sink.text("activations/dead_channels", header + "\n" + "\n".join(dead_lines), step)
+        dead = [self._guard(f"site {site}", self._log_site, site, key, step, epochs_done) for site, key in sites]
+        dead_rows = [row for row in dead if isinstance(row, tuple)]
+        if dead_rows and self._sink is not None:
+            self._sink.text("activations/dead_channels", render.dead_channel_table(dead_rows, epochs_done, step), step)
         self._guard("maps", self._log_maps, trainer, pl_module, sites, step)
 
-    def _log_site(self, site: str, key: tuple[str, int], step: int, epochs_done: int) -> str | None:
+    def _log_site(self, site: str, key: Site, step: int, epochs_done: int) -> tuple[str, list[int], int] | None:
+        """Write one call site's statistics; return its dead-channel row (site, indices, channels) where defined."""
         sink = self._sink
         assert sink is not None
         stats = self._stats[key]
-        rate = stats.firing_rate()
+        rate, channels = stats.firing_rate(), stats.num_channels
         scalars = {f"activations/sparsity/{site}": stats.sparsity(), f"activations/mean/{site}": stats.mean()}
         record: dict[str, Any] = {}
-        line = None
+        row = None
         if self._dead_defined.get(key[0], False):
-            dead = stats.dead_mask()
-            count = int(dead.sum())
-            scalars[f"activations/dead_fraction/{site}"] = count / max(1, stats.num_channels)
-            scalars[f"activations/dead_count/{site}"] = count
-            indices = dead.nonzero().flatten().tolist()
-            record.update(
-                dead_fraction=count / max(1, stats.num_channels), dead_count=count, dead_channels=tuple(indices)
-            )
-            shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
-            line = f"| `{site}` | {count}/{stats.num_channels} | {shown or '-'} |"
+            indices = stats.dead_mask().nonzero().flatten().tolist()
+            record.update(dead_fraction=len(indices) / max(1, channels), dead_count=len(indices))
+            scalars[f"activations/dead_fraction/{site}"] = record["dead_fraction"]
+            scalars[f"activations/dead_count/{site}"] = record["dead_count"]
+            row = (site, indices, channels)
             history = self._history[site].push(f"ep {epochs_done}", rate)
-            sink.image(f"activations/dead_history/{site}", _history_image(history.frames), step)
+            sink.image(f"activations/dead_history/{site}", render.firing_history(history.frames), step)
+            record["dead_channels"] = tuple(indices)
         sink.scalars(scalars, step)
         sink.histogram(f"activations/firing_rate/{site}", rate, step)
         sink.histogram(f"activations/values/{site}", stats.samples(), step)
@@ -355,13 +301,13 @@ class ActivationMonitor(VizCallback):
                 step=step,
                 epoch=epochs_done,
                 subject=site,
-                channels=stats.num_channels,
+                channels=channels,
                 sparsity=stats.sparsity(),
                 mean=stats.mean(),
                 **record,
             )
         )
-        return line
+        return row
 
     def _probe_image(self, trainer: Any) -> torch.Tensor:
         resolve_probes(self.probes, trainer, ("val_dataloaders",) if self._source == "val" else ("train_dataloader",))
@@ -371,35 +317,18 @@ class ActivationMonitor(VizCallback):
             raise ValueError(f"`map_probe`={self.map_probe} but the probe set has {len(images)} image(s).")
         return images[self.map_probe : self.map_probe + 1]
 
-    def _log_maps(self, trainer: Any, pl_module: nn.Module, sites: list, step: int) -> None:
+    def _log_maps(self, trainer: Any, pl_module: nn.Module, sites: list[tuple[str, Site]], step: int) -> None:
         if not self._map_modules or self._sink is None or not self._sink.writes_images:
             return
         image = self._probe_image(trainer).to(model_device(pl_module))
-        captured: dict[tuple[str, int], torch.Tensor] = {}
-
-        def keep(name: str, index: int, output: Any) -> None:
-            if name in self._map_modules and isinstance(output, torch.Tensor) and output.ndim == 4:
-                captured[(name, index)] = output[0].detach().float().cpu().clone()
-
-        recorder = CallSiteRecorder({n: self._modules[n] for n in self._map_modules}, keep)
-        recorder.attach()
-        try:
-            pl_module(image)
-        finally:
-            recorder.detach()
+        captured = A.site_maps(pl_module, {n: self._modules[n] for n in self._map_modules}, image)
         for site, key in sites:
             if key not in captured:
                 continue
             maps = captured[key][: self.max_channels]
-            finite = maps[torch.isfinite(maps)]
-            # The 99.5th percentile, not the maximum: one hot pixel would otherwise darken every tile of the site.
-            scale = float(torch.quantile(finite, 0.995)) if finite.numel() else 0.0
-            scale = scale if scale > 0 else 1.0
+            scale = A.map_scale(maps)
             dead = self._stats[key].dead_mask()[: len(maps)] if self._dead_defined.get(key[0]) else None
-            tiles = activation_tiles(maps, scale, dead)
-            factor = render.upscale_factor(maps.shape[-1], 48)
-            grid = render.tile_grid(tiles, ncol=8, pad=1, upscale=factor)
-            self._sink.image(f"activations/maps/{site}", render.downsize(grid, 1024), step)
+            self._sink.image(f"activations/maps/{site}", render.activation_grid(maps, scale, dead), step)
             self._sink.scalars({f"activations/map_scale/{site}": scale}, step)
 
     def _extra_state(self) -> dict[str, Any]:
@@ -414,16 +343,3 @@ class ActivationMonitor(VizCallback):
         if state.get("probes"):
             self.probes.load_state_dict(state["probes"])
         self._source = state.get("source", self._source)
-
-
-def _history_image(history: list[tuple[str, torch.Tensor]]) -> Any:
-    """Rows = logged epochs, columns = channels coloured by firing rate (viridis), dead channels red."""
-    rows = []
-    for label, rate in history:
-        channels = rate.numel()
-        cell = max(1, min(12, 768 // max(1, channels)))
-        colours = render.apply_colormap(rate.view(1, -1), "viridis")  # (3, 1, C)
-        colours[:, 0, rate == 0] = _DEAD_COLOUR.view(3, 1)
-        strip = colours.repeat_interleave(cell, dim=2).repeat_interleave(10, dim=1)
-        rows.append((label, render.to_uint8(strip)))
-    return render.filmstrip(rows, len(rows))

@@ -116,9 +116,7 @@ class FilterMonitor(VizCallback):
     def _layer_scale(self, name: str, weight: torch.Tensor) -> float:
         if self.scale != "running_max":
             return float(self.scale)
-        finite = weight[torch.isfinite(weight)]
-        current = float(finite.abs().max()) if finite.numel() else 0.0
-        scale = max(self._scales.get(name, 0.0), current)
+        scale = max(self._scales.get(name, 0.0), F.finite_abs_max(weight))
         if scale <= 0:
             scale = 1.0  # an all-zero (or all-NaN) layer: any scale shows it as mid-grey
         self._scales[name] = scale
@@ -128,44 +126,33 @@ class FilterMonitor(VizCallback):
         sink = self._sink
         assert sink is not None
         weight = module.weight.detach().float().cpu()
-        if not torch.isfinite(weight).all():
-            bad = int((~torch.isfinite(weight)).flatten(1).any(dim=1).sum())
+        bad = F.nonfinite_filters(weight)
+        if bad:
             self._warn_once(
                 f"nonfinite {name}",
                 f"FilterMonitor: layer {name!r} has NaN/Inf weights in {bad} filter(s) at step {step}; they are "
                 "drawn in magenta. Training has likely diverged (lower the learning rate, clip gradients).",
             )
         scale = self._layer_scale(name, weight)
-        grid = F.filter_grid(
+        stats = F.filter_statistics(weight, self._initial.get(name))
+        means = F.finite_means(stats)
+
+        grid = render.filter_grid(
             weight,
             scale,
             max_filters=self.max_filters,
             max_channels=self.max_input_channels,
             min_tile_pixels=self.min_tile_pixels,
         )
-        sink.image(f"filters/{name}", grid, step)
-
-        row = F.filter_grid(
-            weight[: self.filmstrip_filters, :1] if weight.shape[1] > 3 else weight[: self.filmstrip_filters],
-            scale,
-            max_filters=self.filmstrip_filters,
-            max_channels=1,
-            min_tile_pixels=self.min_tile_pixels,
-            ncol=self.filmstrip_filters,
-        )
+        row = render.filter_row(weight, scale, filters=self.filmstrip_filters, min_tile_pixels=self.min_tile_pixels)
         strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
-        sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
 
-        stats = F.filter_statistics(weight, self._initial.get(name))
-        scalars = {f"filters/scale/{name}": scale}
-        means: dict[str, float | None] = {}
+        sink.image(f"filters/{name}", grid, step)
+        sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
         for stat, values in stats.items():
-            finite = values[torch.isfinite(values)]
-            means[stat] = float(finite.mean()) if finite.numel() else None
-            if means[stat] is not None:
-                scalars[f"filters/{stat}/{name}"] = means[stat]
             sink.histogram(f"filters/per_filter/{stat}/{name}", values, step)
-        sink.scalars(scalars, step)
+        scalars = {f"filters/{stat}/{name}": mean for stat, mean in means.items() if mean is not None}
+        sink.scalars({f"filters/scale/{name}": scale, **scalars}, step)
         self._publish(
             FilterStats(
                 step=step,
@@ -175,7 +162,7 @@ class FilterMonitor(VizCallback):
                 noise_score=means.get("noise_score"),
                 distance_from_init=means.get("distance_from_init"),
                 scale=scale,
-                nonfinite=not bool(torch.isfinite(weight).all()),
+                nonfinite=bad > 0,
             )
         )
 

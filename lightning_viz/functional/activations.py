@@ -1,4 +1,4 @@
-"""Streaming per-channel activation statistics, dead-unit masks and activation-map tiles. Pure tensor code.
+"""Streaming per-channel activation statistics, dead-unit masks and activation maps. Pure tensor code.
 
 A unit is *active* where its value is > 0. For the ReLU family (``nn.ReLU``, ``nn.ReLU6``, and the outputs of layers
 that feed a functional ``F.relu``, where a value <= 0 is what the ReLU turns into 0) an inactive unit is exactly a
@@ -9,9 +9,36 @@ positions <= 0) but "dead" is not defined.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from lightning_viz import render
+import torch
+from torch import nn
+
+from lightning_viz._hooks import CallSiteRecorder
+from lightning_viz._layers import resolve_layers
+
+#: Modules that count as activations (sparsity is reported for all of them).
+ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Softplus,
+)
+#: Activations whose inactive output is exactly zero, so a channel can be *dead*.
+RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+#: A call site: a module's name and which of its calls within one forward pass (0-based).
+Site = tuple[str, int]
 
 
 class ChannelStats:
@@ -104,19 +131,115 @@ class ChannelStats:
         return torch.cat(self._samples) if self._samples else torch.zeros(0)
 
 
+class SiteStats(dict):
+    """:class:`ChannelStats` per call site (``(module name, call index)``), each created on its first output.
+
+    Args:
+        sample_size: values sampled per site for a histogram.
+        seed: the k-th site created samples with a private generator seeded ``seed + k`` (never the global RNG).
+    """
+
+    def __init__(self, sample_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.sample_size = sample_size
+        self.seed = seed
+
+    def add(self, site: Site, output: Any) -> None:
+        """Count one output of a call site; outputs that are not tensors of shape (N, C, ...) are ignored."""
+        if not isinstance(output, torch.Tensor) or output.ndim < 2:
+            return
+        stats = self.get(site)
+        if stats is None:
+            stats = self[site] = ChannelStats(self.sample_size, torch.Generator().manual_seed(self.seed + len(self)))
+        stats.update(output)
+
+
+def activation_layers(
+    model: nn.Module,
+    layers: Sequence[str] | None,
+    pre_activation_layers: Sequence[str] | None,
+    count_dead: bool | None,
+) -> tuple[dict[str, nn.Module], dict[str, bool]]:
+    """The modules whose outputs are counted, and for each whether dead units are counted there.
+
+    Args:
+        model: the model.
+        layers: names of activation modules (:data:`ACTIVATION_KINDS`); ``None``: all of them, unless only
+            ``pre_activation_layers`` are given.
+        pre_activation_layers: names of layers whose outputs feed a functional ``F.relu`` (dead units defined).
+        count_dead: ``None``: where defined (:data:`RELU_FAMILY` and ``pre_activation_layers``); ``True``: required
+            everywhere (``ValueError`` naming the layers where it is not defined); ``False``: nowhere.
+
+    Returns:
+        ``(modules, dead)``: name -> module in model order (activations first), name -> whether dead units count.
+    """
+    modules: dict[str, nn.Module] = {}
+    dead: dict[str, bool] = {}
+    if layers is not None or pre_activation_layers is None:
+        resolved = resolve_layers(model, layers, ACTIVATION_KINDS, argument="layers", default="all")
+        modules.update(resolved)
+        dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})
+    if pre_activation_layers is not None:
+        resolved = resolve_layers(model, pre_activation_layers, (nn.Module,), argument="pre_activation_layers")
+        modules.update(resolved)
+        dead.update({name: True for name in resolved})
+    if count_dead is True:
+        undefined = [f"{n!r} ({type(modules[n]).__name__})" for n, d in dead.items() if not d]
+        if undefined:
+            raise ValueError(
+                "`count_dead=True`, but dead units are defined only for the ReLU family (nn.ReLU, nn.ReLU6) and "
+                f"for `pre_activation_layers`; these layers are not: {', '.join(undefined)}. Use "
+                "`count_dead=None` to report sparsity for them, or choose other `layers`."
+            )
+    elif count_dead is False:
+        dead = {name: False for name in dead}
+    return modules, dead
+
+
+def sum_counters(stats: Mapping[Site, ChannelStats], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every site's counters by ``reduce`` of them (e.g. a sum over processes), in one call.
+
+    The counters of all sites are packed in a sorted order into one (3, sum of C) tensor, so every process must
+    hold the same sites with the same channel counts.
+    """
+    keys = sorted(stats)
+    if not keys:
+        return
+    summed = reduce(torch.cat([stats[k].counters() for k in keys], dim=1))
+    offset = 0
+    for key in keys:
+        width = stats[key].num_channels
+        stats[key].set_counters(summed[:, offset : offset + width])
+        offset += width
+
+
 @torch.no_grad()
-def activation_tiles(maps: torch.Tensor, scale: float, dead: torch.Tensor | None = None) -> torch.Tensor:
-    """One colour tile per channel on a common scale (0 -> dark, ``scale`` -> bright); dead channels framed in red.
+def site_maps(model: nn.Module, modules: Mapping[str, nn.Module], image: torch.Tensor) -> dict[Site, torch.Tensor]:
+    """One forward pass of ``image``; each call site's spatial output (float, on the CPU), per site.
 
     Shape:
-        maps: (C, H, W); dead: (C,) bool. Returns (C, 3, H + 2, W + 2) in [0, 1] (a 1-pixel frame around each tile).
+        image: (1, C, H, W). Returns (C', H', W') per call site of ``modules`` whose output is 4-D.
     """
-    if maps.ndim != 3:
-        raise ValueError(f"`maps` must have shape (C, H, W), got {tuple(maps.shape)}.")
-    values = (maps.detach().float().cpu() / max(scale, 1e-12)).clamp(0, 1)
-    tiles = render.apply_colormap(values, "inferno")
-    framed = torch.ones(tiles.shape[0], 3, tiles.shape[2] + 2, tiles.shape[3] + 2) * 0.5
-    if dead is not None:
-        framed[dead.cpu()] = torch.tensor([0.9, 0.0, 0.0]).view(3, 1, 1)
-    framed[:, :, 1:-1, 1:-1] = tiles
-    return framed
+    captured: dict[Site, torch.Tensor] = {}
+
+    def keep(name: str, index: int, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            captured[(name, index)] = output[0].detach().float().cpu().clone()
+
+    recorder = CallSiteRecorder(modules, keep)
+    recorder.attach()
+    try:
+        model(image)
+    finally:
+        recorder.detach()
+    return captured
+
+
+def map_scale(maps: torch.Tensor, quantile: float = 0.995) -> float:
+    """The colour scale of a site's maps: the ``quantile`` of its finite values, 1.0 where that is not positive.
+
+    A high quantile, not the maximum: one hot pixel would otherwise darken every tile of the site.
+    """
+    finite = maps[torch.isfinite(maps)]
+    scale = float(torch.quantile(finite, quantile)) if finite.numel() else 0.0
+    return scale if scale > 0 else 1.0

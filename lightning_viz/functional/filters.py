@@ -1,4 +1,4 @@
-"""Convolution filters: per-filter statistics and filter-grid images. Pure tensor functions.
+"""Convolution filters: per-filter statistics. Pure tensor functions (:mod:`lightning_viz.render` draws them).
 
 The noise score
 ---------------
@@ -13,8 +13,6 @@ It is comparable across kernel sizes. A 1x1 kernel has no spatial frequencies; i
 from __future__ import annotations
 
 import torch
-
-from lightning_viz import render
 
 _HIGH_FREQUENCY_RADIUS = 0.25
 
@@ -88,49 +86,21 @@ def filter_statistics(weight: torch.Tensor, initial: torch.Tensor | None = None)
     return stats
 
 
-@torch.no_grad()
-def filter_tiles(weight: torch.Tensor, scale: float, *, max_filters: int = 64, max_channels: int = 8) -> torch.Tensor:
-    """Render filters as tiles on a fixed symmetric scale: 0 is mid-grey, ``±scale`` black/white (or full colour).
-
-    With 3 input channels each filter is one RGB tile; with 1 a grayscale tile; with more, each of the first
-    ``max_channels`` input-channel slices is its own grayscale tile, one row of slices per filter. Non-finite
-    weights are painted magenta.
-
-    Shape:
-        weight: (C_out, C_in, kh, kw). Returns (N, 3, kh, kw) in [0, 1], N = min(C_out, max_filters) for C_in <= 3,
-        else min(C_out, max_filters) * min(C_in, max_channels), filter-major.
-    """
-    if weight.ndim != 4:
-        raise ValueError(f"`weight` must have shape (C_out, C_in, kh, kw), got {tuple(weight.shape)}.")
-    w = weight.detach().float().cpu()[:max_filters]
-    c_in = w.shape[1]
-    if c_in == 3:
-        tiles = render.symmetric_unit(w, scale)
-        return render.mark_non_finite(tiles, w)
-    if c_in != 1:
-        w = w[:, :max_channels].reshape(-1, 1, *w.shape[-2:])
-    tiles = render.symmetric_unit(w, scale).expand(-1, 3, -1, -1)
-    return render.mark_non_finite(tiles, w)
+def finite_abs_max(weight: torch.Tensor) -> float:
+    """The largest finite ``|w|`` (0.0 when there is none): what a running symmetric colour scale grows to."""
+    finite = weight[torch.isfinite(weight)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
-def filter_grid(
-    weight: torch.Tensor,
-    scale: float,
-    *,
-    max_filters: int = 64,
-    max_channels: int = 8,
-    min_tile_pixels: int = 32,
-    ncol: int | None = None,
-):
-    """A grid image of :func:`filter_tiles`, nearest-upsampled so a 3x3 kernel is visible.
+def nonfinite_filters(weight: torch.Tensor) -> int:
+    """Number of output filters with at least one NaN/Inf weight. Shape: (C_out, ...)."""
+    return int((~torch.isfinite(weight)).flatten(1).any(dim=1).sum())
 
-    Returns:
-        (H, W, 3) uint8 numpy array. For C_in <= 3 the grid has ``ncol`` (default 8) filters per row; otherwise one
-        row per filter, one column per input channel.
-    """
-    tiles = filter_tiles(weight, scale, max_filters=max_filters, max_channels=max_channels)
-    c_in = weight.shape[1]
-    if ncol is None:
-        ncol = 8 if c_in in (1, 3) else min(c_in, max_channels)
-    factor = render.upscale_factor(max(weight.shape[-2:]), min_tile_pixels)
-    return render.tile_grid(tiles, ncol, upscale=factor)
+
+def finite_means(values: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Mean of the finite values of each entry (``None`` where there is none), e.g. of :func:`filter_statistics`."""
+    means: dict[str, float | None] = {}
+    for key, value in values.items():
+        finite = value[torch.isfinite(value)]
+        means[key] = float(finite.mean()) if finite.numel() else None
+    return means
