@@ -85,7 +85,12 @@ def test_fast_dev_run_warns_once_and_logs_nothing(tmp_path, pl_ns):
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-def test_csv_only_logger_gets_scalars_and_a_warning(tmp_path, pl_ns):
+def test_csv_only_logger_gets_scalars_and_a_warning(tmp_path, pl_ns, monkeypatch):
+    """Images no logger can take are not drawn at all: the work is skipped, not done and thrown away."""
+    from lightning_viz import render
+
+    drawn = []
+    monkeypatch.setattr(render, "filter_grid", lambda *a, **k: drawn.append(1))
     train, val = loaders()
     csv = pl_ns.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = pl_ns.Trainer(callbacks=[FilterMonitor()], logger=csv, **trainer_kwargs(tmp_path))
@@ -94,6 +99,7 @@ def test_csv_only_logger_gets_scalars_and_a_warning(tmp_path, pl_ns):
     text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "filters/noise_score/model.conv1" in text
     assert "lightning_viz/seconds/filters" in text
+    assert not drawn
 
 
 def test_several_loggers_tensorboard_is_found(tmp_path, pl_ns):

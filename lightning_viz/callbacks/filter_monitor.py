@@ -137,18 +137,18 @@ class FilterMonitor(VizCallback):
         stats = F.filter_statistics(weight, self._initial.get(name))
         means = F.finite_means(stats)
 
-        grid = render.filter_grid(
-            weight,
-            scale,
-            max_filters=self.max_filters,
-            max_channels=self.max_input_channels,
-            min_tile_pixels=self.min_tile_pixels,
-        )
-        row = render.filter_row(weight, scale, filters=self.filmstrip_filters, min_tile_pixels=self.min_tile_pixels)
-        strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
-
-        sink.image(f"filters/{name}", grid, step)
-        sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
+        if sink.writes_images:  # drawing that no logger can receive is not done
+            grid = render.filter_grid(
+                weight,
+                scale,
+                max_filters=self.max_filters,
+                max_channels=self.max_input_channels,
+                min_tile_pixels=self.min_tile_pixels,
+            )
+            row = render.filter_row(weight, scale, filters=self.filmstrip_filters, min_tile_pixels=self.min_tile_pixels)
+            strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
+            sink.image(f"filters/{name}", grid, step)
+            sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
         for stat, values in stats.items():
             sink.histogram(f"filters/per_filter/{stat}/{name}", values, step)
         scalars = {f"filters/{stat}/{name}": mean for stat, mean in means.items() if mean is not None}
