@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lightning_viz.callbacks import (
-    ActivationMonitor,
-    DiagnosisMonitor,
-    EmbeddingMonitor,
-    ExemplarMonitor,
-    FeatureVisMonitor,
-    FilterMonitor,
-    SaliencyMonitor,
-    VizCallback,
-)
 from lightning_viz.probes import ProbeSet
+
+if TYPE_CHECKING:
+    from lightning_viz.callbacks import (
+        ActivationMonitor,
+        DiagnosisMonitor,
+        EmbeddingMonitor,
+        ExemplarMonitor,
+        FeatureVisMonitor,
+        FilterMonitor,
+        SaliencyMonitor,
+        VizCallback,
+    )
 
 __version__ = "0.1.0"
 
@@ -32,15 +35,19 @@ __all__ = [
     "__version__",
 ]
 
+# The callbacks load on first use (PEP 562): `import lightning_viz` and `lightning_viz.functional` stay free of
+# Lightning, and each monitor module is imported only when asked for.
+_CALLBACKS = frozenset(__all__) - {"ProbeSet", "default_suite", "__version__"}
+
 # Monitors in the default suite, by the keyword that configures each in `default_suite(...)`.
-_SUITE: dict[str, type[VizCallback]] = {
-    "filters": FilterMonitor,
-    "activations": ActivationMonitor,
-    "saliency": SaliencyMonitor,
-    "embedding": EmbeddingMonitor,
-    "exemplars": ExemplarMonitor,
-    "featurevis": FeatureVisMonitor,
-    "diagnosis": DiagnosisMonitor,
+_SUITE = {
+    "filters": "FilterMonitor",
+    "activations": "ActivationMonitor",
+    "saliency": "SaliencyMonitor",
+    "embedding": "EmbeddingMonitor",
+    "exemplars": "ExemplarMonitor",
+    "featurevis": "FeatureVisMonitor",
+    "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 
@@ -65,7 +72,10 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
             f"shared options: {list(_SHARED_OPTIONS)}."
         )
     suite: list[VizCallback] = []
-    for key, cls in _SUITE.items():
+    from lightning_viz import callbacks
+
+    for key, name in _SUITE.items():
+        cls = getattr(callbacks, name)
         own = options.get(key, {})
         if own is False:
             continue
@@ -76,3 +86,15 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
             kwargs["every_n_epochs"] = every_n_epochs
         suite.append(cls(**kwargs))
     return suite
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        value = getattr(importlib.import_module("lightning_viz.callbacks"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

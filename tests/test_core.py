@@ -12,7 +12,7 @@ from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
 from torch import nn
 
 from lightning_viz import FilterMonitor, VizCallback
-from lightning_viz._hooks import forward_hooks, hook_count, isolated
+from lightning_viz._hooks import capture, hook_count, isolated
 
 
 def _tb_logger(namespace, tmp_path):
@@ -145,7 +145,7 @@ def test_forward_hooks_removed_when_body_raises():
     model = TinyCNN()
     before = hook_count(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with forward_hooks({"conv1": model.conv1}, lambda name: lambda m, i, o: None):
+        with capture([model.conv1]):
             assert hook_count(model) == before + 1
             raise RuntimeError("boom")
     assert hook_count(model) == before
