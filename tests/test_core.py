@@ -222,3 +222,25 @@ def test_model_without_conv_fails_at_setup(tmp_path, pl_ns):
     trainer = pl_ns.Trainer(callbacks=[FilterMonitor()], logger=_tb_logger(pl_ns, tmp_path), **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"`layers`: the model has no nn.Conv2d layer"):
         trainer.fit(make_module(pl_ns, model), train, val)
+
+
+# ---- capture (lightning_viz._hooks) ----
+def test_capture_keeps_outputs_inputs_all_or_last():
+    from lightning_viz._hooks import capture
+
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with capture([model.conv1, model.relu1], keep="all") as outs, capture([model.relu1], what="input") as ins:
+            model(x)
+            model(x)
+        with capture([model.conv1], keep="last") as last:
+            model(x)
+            model(x)
+    assert [len(o) for o in outs] == [2, 2] and len(ins[0]) == 2 and len(last[0]) == 1
+    assert torch.equal(ins[0][0], model.bn1(model.conv1(x)))
+    assert torch.equal(outs[0][-1], model.conv1(x))
+    assert hook_count(model) == 0
+    with pytest.raises(ValueError, match=r"`keep` must be one of \['all', 'last'\], got 'first'"):
+        with capture([model.conv1], keep="first"):
+            pass
