@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lightning_viz.probes import ProbeSet
@@ -88,13 +90,23 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
     return suite
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CALLBACKS:
-        value = getattr(importlib.import_module("lightning_viz.callbacks"), name)
-        globals()[name] = value
+def _lazy_attributes(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """PEP 562 ``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps a public name to the submodule that
+    defines it (relative to ``package``), or to ``""`` when the name is a submodule itself. Each loads on first use."""
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if not exports[name]:
+            return importlib.import_module(f"{package}.{name}")
+        value = namespace[name] = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
         return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *namespace.get("__all__", ())})
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_attributes(__name__, dict.fromkeys(_CALLBACKS, "callbacks"))

@@ -7,8 +7,7 @@ Nothing here imports Lightning. Submodules load on first use (``lightning_viz.fu
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_viz import _lazy_attributes
 
 _SUBMODULES = ("activations", "embedding", "exemplars", "featurevis", "filters", "occlusion", "saliency")
 
@@ -45,15 +44,4 @@ _EXPORTS = {
 __all__ = sorted([*_SUBMODULES, *_EXPORTS])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_attributes(__name__, {**dict.fromkeys(_SUBMODULES, ""), **_EXPORTS})
