@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from lightning_viz.callbacks import (
-    ActivationMonitor,
-    DiagnosisMonitor,
-    EmbeddingMonitor,
-    ExemplarMonitor,
-    FeatureVisMonitor,
-    FilterMonitor,
-    SaliencyMonitor,
-    VizCallback,
-)
-from lightning_viz.loggers import FolderLogger
 from lightning_viz.probes import ProbeSet
+
+if TYPE_CHECKING:
+    from lightning_viz.callbacks import (
+        ActivationMonitor,
+        DiagnosisMonitor,
+        EmbeddingMonitor,
+        ExemplarMonitor,
+        FeatureVisMonitor,
+        FilterMonitor,
+        SaliencyMonitor,
+        VizCallback,
+    )
+    from lightning_viz.loggers import FolderLogger
 
 __version__ = "0.1.0"
 
@@ -34,15 +39,19 @@ __all__ = [
     "__version__",
 ]
 
+# The callbacks load on first use (PEP 562): `import lightning_viz` and `lightning_viz.functional` stay free of
+# Lightning, and each monitor module is imported only when asked for.
+_CALLBACKS = frozenset(__all__) - {"ProbeSet", "FolderLogger", "default_suite", "__version__"}
+
 # Monitors in the default suite, by the keyword that configures each in `default_suite(...)`.
-_SUITE: dict[str, type[VizCallback]] = {
-    "filters": FilterMonitor,
-    "activations": ActivationMonitor,
-    "saliency": SaliencyMonitor,
-    "embedding": EmbeddingMonitor,
-    "exemplars": ExemplarMonitor,
-    "featurevis": FeatureVisMonitor,
-    "diagnosis": DiagnosisMonitor,
+_SUITE = {
+    "filters": "FilterMonitor",
+    "activations": "ActivationMonitor",
+    "saliency": "SaliencyMonitor",
+    "embedding": "EmbeddingMonitor",
+    "exemplars": "ExemplarMonitor",
+    "featurevis": "FeatureVisMonitor",
+    "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
 
@@ -67,7 +76,10 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
             f"shared options: {list(_SHARED_OPTIONS)}."
         )
     suite: list[VizCallback] = []
-    for key, cls in _SUITE.items():
+    from lightning_viz import callbacks
+
+    for key, name in _SUITE.items():
+        cls = getattr(callbacks, name)
         own = options.get(key, {})
         if own is False:
             continue
@@ -78,3 +90,25 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
             kwargs["every_n_epochs"] = every_n_epochs
         suite.append(cls(**kwargs))
     return suite
+
+
+def _lazy_attributes(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """PEP 562 ``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps a public name to the submodule that
+    defines it (relative to ``package``), or to ``""`` when the name is a submodule itself. Each loads on first use."""
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if not exports[name]:
+            return importlib.import_module(f"{package}.{name}")
+        value = namespace[name] = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *namespace.get("__all__", ())})
+
+    return __getattr__, __dir__
+
+
+__getattr__, __dir__ = _lazy_attributes(__name__, {**dict.fromkeys(_CALLBACKS, "callbacks"), "FolderLogger": "loggers"})

@@ -3,19 +3,22 @@
 - :func:`isolated` saves and restores every submodule's ``training`` flag, the torch (CPU and CUDA), numpy and
   ``random`` RNG states, each parameter's ``.grad`` and ``requires_grad``, and enables gradients locally even when the
   caller runs under ``torch.inference_mode`` (as Lightning's validation does).
-- :func:`forward_hooks` registers forward hooks and always removes them, also when the body raises.
+- :func:`capture` keeps what modules output (or receive) during a forward pass; its hooks are always removed, also
+  when the body raises. :class:`CallSiteRecorder` tells apart the calls of a module used several times per forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from lightning_viz import _validate as check
 
 
 def _cuda_rng_states() -> list[torch.Tensor] | None:
@@ -106,13 +109,61 @@ HookFn = Callable[[nn.Module, Any, Any], Any]
 
 
 @contextlib.contextmanager
-def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], HookFn]) -> Iterator[None]:
-    """Register ``make_hook(name)`` as a forward hook on each module; remove them all on exit, whatever happens."""
+def capture(
+    modules: Sequence[nn.Module],
+    *,
+    what: Literal["output", "input"] = "output",
+    keep: Literal["all", "last"] = "all",
+) -> Iterator[list[list[torch.Tensor]]]:
+    """Keep what each module outputs (or receives as its first input) during the body; hooks removed on exit.
+
+    Yields one list per module; ``keep="all"`` appends one tensor per call, ``keep="last"`` keeps only the latest
+    (a loop over batches then holds one batch's tensors, not all of them). Tensors keep their autograd graph, so
+    the caller can differentiate with respect to them. The rest of the network gets a *clone*: an in-place op
+    downstream (``out += identity`` in a ResNet, an in-place ReLU) then cannot modify the tensor we keep.
+    Non-tensor outputs/inputs are ignored.
+
+    Args:
+        modules: the modules to watch (a module called several times per forward is kept per call).
+        what: ``"output"`` (a forward hook) or ``"input"`` (a forward pre-hook, the first positional input).
+        keep: ``"all"`` calls or only the ``"last"``.
+    """
+    check.choice("what", what, ("output", "input"))
+    check.choice("keep", keep, ("all", "last"))
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def store(i: int, tensor: torch.Tensor) -> None:
+        if keep == "last":
+            captured[i].clear()
+        captured[i].append(tensor)
+
+    def make(i: int) -> Callable[..., Any]:
+        if what == "output":
+
+            def output_hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+                if isinstance(output, torch.Tensor):
+                    store(i, output)
+                    return output.clone()
+                return None
+
+            return output_hook
+
+        def input_hook(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                store(i, inputs[0])
+                return (inputs[0].clone(), *inputs[1:])
+            return None
+
+        return input_hook
+
     handles = []
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        yield
+        for i, module in enumerate(modules):
+            hook = make(i)
+            handles.append(
+                module.register_forward_hook(hook) if what == "output" else module.register_forward_pre_hook(hook)
+            )
+        yield captured
     finally:
         for handle in handles:
             handle.remove()

@@ -523,3 +523,68 @@ def dead_channel_table(sites: Sequence[tuple[str, Sequence[int], int]], epochs_d
         shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
         lines.append(f"| `{site}` | {len(indices)}/{channels} | {shown or '-'} |")
     return "\n".join(lines)
+
+
+# ---- saliency drawing ----
+def heat_tiles(maps: torch.Tensor, display: torch.Tensor) -> torch.Tensor:
+    """Non-negative saliency maps as heat over the grayscale images, each map scaled to its own 99th percentile.
+
+    Shape:
+        maps: (N, H, W); display: (N, 3, H, W) in [0, 1]. Returns (N, 3, H, W) in [0, 1].
+    """
+    return torch.stack([overlay(d, robust_unit(m)) for d, m in zip(display, maps.detach().float().cpu())])
+
+
+def signed_tiles(maps: torch.Tensor) -> torch.Tensor:
+    """Signed input-space maps (guided backprop, deconvnet) as images, 0 = grey. (N, C, H, W) -> (N, 3, H, W)."""
+    return torch.stack([signed_image(m) for m in maps.detach().float().cpu()])
+
+
+def probability_tiles(maps: torch.Tensor, display: torch.Tensor) -> torch.Tensor:
+    """Probabilities over the grayscale images on the fixed scale 0 (black) to 1 (bright), comparable across epochs.
+
+    Shape:
+        maps: (N, H, W) in [0, 1] (clipped); display: (N, 3, H, W). Returns (N, 3, H, W).
+    """
+    maps = maps.detach().float().cpu()
+    return torch.stack([overlay(d, m.clamp(0, 1), "viridis", 0.75) for d, m in zip(display, maps)])
+
+
+def class_map_tiles(maps: torch.Tensor) -> torch.Tensor:
+    """Maps of class indices in categorical colours. (N, H, W) -> (N, 3, H, W)."""
+    return torch.stack([class_map(m) for m in maps.detach().cpu()])
+
+
+def explained_label(probe: int, target: int, probs: torch.Tensor, labels: torch.Tensor | None) -> str:
+    """The row label of probe ``probe`` explained for class ``target``: the true class (when ``labels`` are known)
+    or the predicted one, and the prediction's probability (``probs``: that probe's class probabilities, (K,))."""
+    pred = int(probs.argmax())
+    p = float(probs[pred])
+    if labels is not None and target == int(labels[probe]):
+        return f"p{probe} true {target}\npred {pred} {p:.2f}"
+    return f"p{probe} pred {pred}\n({p:.2f})"
+
+
+def column_tiles(columns: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """Columns of tiles, each (R, 3, h, w), resized to ``size`` and stacked per row. Returns (R, M, 3, size, size)."""
+    return torch.stack([resize_tiles(c, size) for c in columns], dim=1)
+
+
+def tile_row(tiles: torch.Tensor, size: int | None = None) -> np.ndarray:
+    """One row of (M, 3, h, w) tiles side by side (optionally resized to ``size`` first). Returns (H, W, 3) uint8."""
+    return tile_grid(tiles if size is None else resize_tiles(tiles, size), ncol=len(tiles))
+
+
+def with_header(image: np.ndarray, titles: Sequence[str], tile_width: int) -> np.ndarray:
+    """``image`` (rows of labelled tile rows) under a strip with one title per column. Returns (H', W, 3) uint8."""
+    return stack_rows([header(titles, tile_width), image], gap=0)
+
+
+def labelled_grid(tiles: torch.Tensor, titles: Sequence[str], row_labels: Sequence[str]) -> np.ndarray:
+    """A grid of tiles with a title over each column and a label left of each row, no gaps.
+
+    Shape:
+        tiles: (R, M, 3, s, s) in [0, 1]; ``len(titles) == M``, ``len(row_labels) == R``. Returns (H, W, 3) uint8.
+    """
+    rows = [label_left(tile_row(row), label) for row, label in zip(tiles, row_labels)]
+    return stack_rows([header(titles, tiles.shape[-1]), *rows], gap=0)

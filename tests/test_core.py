@@ -12,7 +12,7 @@ from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
 from torch import nn
 
 from lightning_viz import FilterMonitor, VizCallback
-from lightning_viz._hooks import forward_hooks, hook_count, isolated
+from lightning_viz._hooks import capture, hook_count, isolated
 
 
 def _tb_logger(namespace, tmp_path):
@@ -151,7 +151,7 @@ def test_forward_hooks_removed_when_body_raises():
     model = TinyCNN()
     before = hook_count(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with forward_hooks({"conv1": model.conv1}, lambda name: lambda m, i, o: None):
+        with capture([model.conv1]):
             assert hook_count(model) == before + 1
             raise RuntimeError("boom")
     assert hook_count(model) == before
@@ -228,3 +228,25 @@ def test_model_without_conv_fails_at_setup(tmp_path, pl_ns):
     trainer = pl_ns.Trainer(callbacks=[FilterMonitor()], logger=_tb_logger(pl_ns, tmp_path), **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"`layers`: the model has no nn.Conv2d layer"):
         trainer.fit(make_module(pl_ns, model), train, val)
+
+
+# ---- capture (lightning_viz._hooks) ----
+def test_capture_keeps_outputs_inputs_all_or_last():
+    from lightning_viz._hooks import capture
+
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with capture([model.conv1, model.relu1], keep="all") as outs, capture([model.relu1], what="input") as ins:
+            model(x)
+            model(x)
+        with capture([model.conv1], keep="last") as last:
+            model(x)
+            model(x)
+    assert [len(o) for o in outs] == [2, 2] and len(ins[0]) == 2 and len(last[0]) == 1
+    assert torch.equal(ins[0][0], model.bn1(model.conv1(x)))
+    assert torch.equal(outs[0][-1], model.conv1(x))
+    assert hook_count(model) == 0
+    with pytest.raises(ValueError, match=r"`keep` must be one of \['all', 'last'\], got 'first'"):
+        with capture([model.conv1], keep="first"):
+            pass

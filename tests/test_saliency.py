@@ -11,9 +11,10 @@ from conftest import TinyCNN, fit_monitor
 from torch import nn
 
 from lightning_viz import ProbeSet, SaliencyMonitor
-from lightning_viz._hooks import hook_count, isolated
+from lightning_viz._hooks import capture, hook_count, isolated
 from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
+from lightning_viz.functional._autograd import gradient_context
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -87,9 +88,9 @@ def test_fullgrad_completeness(model, batch):
     x, t = batch
     scores = sal.target_scores(model(x), t)
     layers = [m for m in model.modules() if sal.effective_bias(m) is not None]
-    with sal.gradient_context(model):
+    with gradient_context(model):
         xb = x.clone().requires_grad_(True)
-        with sal.capture_outputs(layers) as captured:
+        with capture(layers) as captured:
             out = sal.target_scores(model(xb), t)
         outs = [o[-1] for o in captured]
         grads = torch.autograd.grad(out.sum(), [xb, *outs])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
@@ -17,22 +19,117 @@ from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
+from lightning_viz.functional._autograd import relu_modules
 from lightning_viz.probes import ProbeSet
 
+if TYPE_CHECKING:  # annotations only
+    import lightning.pytorch as pl
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a method explains: each row's image ``xr`` and ``target`` class, the probes ``x`` and each row's probe
+    ``index``; on the ``model`` itself or its frozen folded copy ``fast`` (the model when no method needs one)."""
+
+    model: nn.Module
+    fast: nn.Module
+    xr: torch.Tensor
+    target: torch.Tensor
+    x: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the grid: its key in its method's result, its title, and how maps become tiles: ``draw(maps)``,
+    or ``draw(maps, display_images)`` when drawn ``on_image``."""
+
+    key: str
+    title: str
+    draw: Callable[..., torch.Tensor]
+    on_image: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    """A saliency method: ``compute(monitor, inputs)`` returns maps by column key; ``runs_on_copy``: it may run on
+    the frozen folded copy of the model (the monitor then builds one)."""
+
+    name: str
+    runs_on_copy: bool
+    compute: Callable[[SaliencyMonitor, Inputs], dict[str, torch.Tensor]]
+    columns: tuple[Column, ...]
+
+
+def _gradient(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+    return {"map": sal.gradient(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+
+
+def _smoothgrad(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+    # a generator seeded alike at every call: the same noise at every epoch, so maps stay comparable
+    options = {"n": m.smoothgrad_samples, "noise_level": m.noise_level, "generator": m._generator()}
+    return {"map": sal.smoothgrad(i.fast, i.xr, i.target, **options, batch_size=m.batch_size)}
+
+
+def _rule(fn: Callable[..., torch.Tensor]) -> Callable[[SaliencyMonitor, Inputs], dict[str, torch.Tensor]]:
+    def compute(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once at setup
+            return {"map": fn(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+
+    return compute
+
+
+def _gradcam(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+    assert m._gradcam_name is not None
+    on = sal.calling_copy(i.fast, i.model, m._gradcam_name)
+    return {"map": sal.grad_cam(on, i.xr, i.target, on.get_submodule(m._gradcam_name), batch_size=m.batch_size)}
+
+
+def _fullgrad(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+    return {"map": sal.fullgrad(i.model, i.xr, i.target, batch_size=m.batch_size)}
+
+
+def _occlusion(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
+    # every probe once (not once per row), then each row reads its class. The folded copy has no `occlusion_layer`
+    # to hook, so a layer map runs on the model itself.
+    on, x, bs = i.fast if m._occlusion_module is None else i.model, i.x, m.batch_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", occ.IncrementalMismatchWarning)
+        result = occ.occlusion(
+            on, x, window=m.occlusion_window, stride=m.occlusion_stride, baseline=m.occlusion_baseline,
+            max_batch_bytes=bs * x[0].numel() * x.element_size(), layer=m._occlusion_module,
+        )  # fmt: skip
+    for w in caught:  # the fallback to full passes is said once per run, not at every call
+        if issubclass(w.category, occ.IncrementalMismatchWarning):
+            m._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result.rows(i.index).upsampled(i.target, tuple(x.shape[-2:]))
+
+
+#: The methods, in the order their columns appear: a new method is one entry here.
+TABLE = (
+    Method("gradient", True, _gradient, (Column("map", "grad", render.heat_tiles),)),
+    Method("smoothgrad", True, _smoothgrad, (Column("map", "smooth", render.heat_tiles),)),
+    Method("guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided", render.signed_tiles, False),)),
+    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconv", render.signed_tiles, False),)),
+    Method("gradcam", True, _gradcam, (Column("map", "gradcam", render.heat_tiles),)),
+    Method("fullgrad", False, _fullgrad, (Column("map", "fullgrad", render.heat_tiles),)),  # needs BatchNorm biases
+    Method(
+        "occlusion",
+        True,
+        _occlusion,
+        (
+            Column("probability", "occl p", render.probability_tiles),
+            Column("top_class", "occl top", render.class_map_tiles, False),
+            Column("layer_total", "occl act", render.heat_tiles),
+        ),
+    ),
+)
+_BY_NAME = {method.name: method for method in TABLE}
 #: Available methods, in the order their columns appear.
-METHODS = ("gradient", "smoothgrad", "guided_backprop", "deconvnet", "gradcam", "fullgrad", "occlusion")
-_COLUMN_TITLES = {
-    "gradient": "grad",
-    "smoothgrad": "smooth",
-    "guided_backprop": "guided",
-    "deconvnet": "deconv",
-    "gradcam": "gradcam",
-    "fullgrad": "fullgrad",
-    "occlusion": "occl p",
-    "occlusion_top": "occl top",
-    "occlusion_layer": "occl act",
-}
-_INPUT_SPACE = {"gradient", "smoothgrad", "guided_backprop", "deconvnet", "gradcam", "occlusion"}
+METHODS = tuple(_BY_NAME)
 
 
 class SaliencyMonitor(VizCallback):
@@ -135,11 +232,13 @@ class SaliencyMonitor(VizCallback):
         self._no_relu = False
         self._filmstrips = render.Filmstrips(filmstrip_length)
 
+    @override
     def _state_key_fields(self) -> dict[str, Any]:
         return {"methods": self.methods}
 
     # ------------------------------------------------------------------------------------------------- set-up
-    def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+    @override
+    def _resolve(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         if "gradcam" in self.methods:
             names = [self.gradcam_layer] if self.gradcam_layer is not None else None
             self._gradcam_name, self._gradcam_module = next(
@@ -149,7 +248,7 @@ class SaliencyMonitor(VizCallback):
             self._occlusion_module = resolve_layers(
                 pl_module, [self.occlusion_layer], (nn.Module,), argument="occlusion_layer"
             )[self.occlusion_layer]
-        self._no_relu = not sal.relu_modules(pl_module)
+        self._no_relu = not relu_modules(pl_module)
         if self._no_relu and {"guided_backprop", "deconvnet"} & set(self.methods):
             self._warn_once(
                 "no relu",
@@ -188,11 +287,12 @@ class SaliencyMonitor(VizCallback):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"SaliencyMonitor needs a model that returns class scores (N, K); it returned {shape}.")
 
+    @override
     def _cheaper_hint(self) -> str:
         return "or lower `smoothgrad_samples`, `max_probes`, or leave out `occlusion` "
 
     # ---------------------------------------------------------------------------------------------- logging
-    def _probe_batch(self, trainer: Any, pl_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _probe_batch(self, trainer: pl.Trainer, pl_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.probes.is_resolved:
             resolve_probes(self.probes, trainer)
             self._check_probes(pl_module, self.probes.images)
@@ -200,139 +300,49 @@ class SaliencyMonitor(VizCallback):
         labels = self.probes.labels[: self.max_probes] if self.probes.labels is not None else None
         return images, labels
 
-    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+    @override
+    def _log(self, trainer: pl.Trainer, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         sink = self._sink
         assert sink is not None
         if not sink.writes_images:
             return
-        device = model_device(pl_module)
+        # gather: the probes, the model (and its folded copy), one row per probe and explained class
         images, labels = self._probe_batch(trainer, pl_module)
-        x = images.to(device)
+        x = images.to(model_device(pl_module))
+        methods = [_BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
-        fast = sal.inference_copy(pl_module, keep=keep) if _INPUT_SPACE & set(self.methods) else pl_module
+        fast = sal.inference_copy(pl_module, keep=keep) if any(m.runs_on_copy for m in methods) else pl_module
         with torch.no_grad():
             probs = fast(x).float().softmax(dim=1)
-        predicted = probs.argmax(dim=1)
+        index, target = sal.rows_to_explain(probs.argmax(dim=1), labels)
+        row_labels = [render.explained_label(int(p), int(c), probs[p], labels) for p, c in zip(index, target)]
+        inputs = Inputs(pl_module, fast, x[index.to(x.device)], target.to(x.device), x, index.to(x.device))
 
-        # Rows: each probe for its true class, and for the predicted class when that differs (or labels are unknown).
-        rows: list[tuple[int, int, str]] = []
-        for i in range(len(x)):
-            pred, p = int(predicted[i]), float(probs[i, predicted[i]])
-            if labels is not None:
-                true = int(labels[i])
-                rows.append((i, true, f"p{i} true {true}\npred {pred} {p:.2f}"))
-                if pred != true:
-                    rows.append((i, pred, f"p{i} pred {pred}\n({p:.2f})"))
-            else:
-                rows.append((i, pred, f"p{i} pred {pred}\n({p:.2f})"))
-        index = torch.tensor([r[0] for r in rows], device=device)
-        target = torch.tensor([r[1] for r in rows], device=device)
-        xr = x[index]
+        # functional: each method's maps; render: a column of tiles per map
+        display = torch.stack([render.display_image(img) for img in images])[index]
+        columns, titles = [display], ["input"]
+        for method in methods:
+            result = self._guard(method.name, method.compute, self, inputs)
+            for column in method.columns if isinstance(result, dict) else ():
+                if column.key in result:
+                    maps = result[column.key]
+                    columns.append(column.draw(maps, display) if column.on_image else column.draw(maps))
+                    titles.append(column.title)
+        tiles = render.column_tiles(columns, self.tile_size)  # (rows, columns, 3, s, s)
 
-        display = torch.stack([render.display_image(img) for img in images])[index.cpu()]
-        columns: dict[str, torch.Tensor] = {"input": display}
-        for method in self.methods:
-            result = self._guard(method, self._compute, method, pl_module, fast, xr, target, x, index)
-            if isinstance(result, dict):
-                for name, tiles in result.items():
-                    columns[name] = self._tiles(name, tiles, display)
-
-        names = list(columns)
-        tiles = torch.stack([render.resize_tiles(columns[n], self.tile_size) for n in names], dim=1)  # (R, M, 3, s, s)
-        row_images = [render.tile_grid(tiles[r], ncol=len(names)) for r in range(len(rows))]
-        labelled = [render.label_left(img, label) for img, (_, _, label) in zip(row_images, rows)]
-        head = render.header(["input"] + [_COLUMN_TITLES[n] for n in names[1:]], self.tile_size)
-        grid = render.stack_rows([head, *labelled], gap=0)
-        sink.image("saliency/grid", render.downsize(grid, 2048), step)
-
-        first_rows = {}
-        for r, (probe, _, _) in enumerate(rows):
-            first_rows.setdefault(probe, r)
-        # filmstrip rows at two thirds of the grid's tile size: they accumulate, and must stay small on disk
-        small = max(8, self.tile_size * 2 // 3)
-        small_head = render.header(["input"] + [_COLUMN_TITLES[n] for n in names[1:]], small)
+        # sink: the grid, and a filmstrip of each of the first probes' first row
+        sink.image("saliency/grid", render.downsize(render.labelled_grid(tiles, titles, row_labels), 2048), step)
+        small = max(8, self.tile_size * 2 // 3)  # filmstrip rows accumulate: two thirds of the grid's tile size
         for probe in range(min(self.filmstrip_probes, len(images))):
-            row = render.tile_grid(render.resize_tiles(tiles[first_rows[probe]], small), ncol=len(names))
-            image = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
-            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.stack_rows([small_head, image], gap=0), step)
+            row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
+            strip = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
+            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(strip, titles, small), step)
 
-    def _compute(self, method, model, fast, xr, target, x, index) -> dict[str, torch.Tensor]:
-        bs = self.batch_size
-        if method == "gradient":
-            return {method: sal.gradient(fast, xr, target, batch_size=bs)}
-        if method == "smoothgrad":
-            return {
-                method: sal.smoothgrad(
-                    fast,
-                    xr,
-                    target,
-                    n=self.smoothgrad_samples,
-                    noise_level=self.noise_level,
-                    generator=self._generator(),  # the same noise at every epoch: maps stay comparable
-                    batch_size=bs,
-                )
-            }
-        if method in ("guided_backprop", "deconvnet"):
-            fn = sal.guided_backprop if method == "guided_backprop" else sal.deconvnet
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # said once at setup
-                return {method: fn(fast, xr, target, batch_size=bs)}
-        if method == "gradcam":
-            assert self._gradcam_module is not None and self._gradcam_name is not None
-            # the folded copy when its graph calls the (unfolded) layer itself, else the model
-            graph = getattr(fast, "graph", None)
-            called = graph is not None and any(
-                n.op == "call_module" and n.target == self._gradcam_name for n in graph.nodes
-            )
-            on = fast if called else model
-            layer = fast.get_submodule(self._gradcam_name) if called else self._gradcam_module
-            return {method: sal.grad_cam(on, xr, target, layer, batch_size=bs)}
-        if method == "fullgrad":
-            return {method: sal.fullgrad(model, xr, target, batch_size=bs)}
-        # occlusion: every probe once (not once per row), then each row reads its class. The folded copy has no
-        # `occlusion_layer` to hook, so a layer map runs on the model itself.
-        use_fast = self._occlusion_module is None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", occ.IncrementalMismatchWarning)
-            result = occ.occlusion(
-                fast if use_fast else model,
-                x,
-                window=self.occlusion_window,
-                stride=self.occlusion_stride,
-                baseline=self.occlusion_baseline,
-                max_batch_bytes=bs * x[0].numel() * x.element_size(),
-                layer=self._occlusion_module,
-            ).rows(index)
-        for w in caught:  # the fallback to full passes is said once per run, not at every call
-            if issubclass(w.category, occ.IncrementalMismatchWarning):
-                self._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        size = tuple(x.shape[-2:])
-        out = {
-            "occlusion": occ.upsample_grid(result.probability(target), result, size),
-            "occlusion_top": occ.upsample_grid(result.top_class(), result, size),
-        }
-        if result.layer_total is not None:
-            out["occlusion_layer"] = occ.upsample_grid(result.layer_total, result, size)
-        return {k: v.cpu() for k, v in out.items()}
-
-    def _tiles(self, name: str, maps: torch.Tensor, display: torch.Tensor) -> torch.Tensor:
-        maps = maps.detach().float().cpu()
-        if name in ("guided_backprop", "deconvnet"):
-            return torch.stack([render.signed_image(m) for m in maps])
-        if name == "occlusion":
-            return torch.stack([render.overlay(d, m.clamp(0, 1), "viridis", 0.75) for d, m in zip(display, maps)])
-        if name == "occlusion_top":
-            return torch.stack([render.class_map(m) for m in maps])
-        return torch.stack([render.overlay(d, render.robust_unit(m)) for d, m in zip(display, maps)])
-
+    @override
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "probes": self.probes.state_dict(),
-            "filmstrips": self._filmstrips.state_dict(),
-        }
+        return {"probes": self.probes.state_dict(), "filmstrips": self._filmstrips.state_dict()}
 
+    @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("probes"):
             self.probes.load_state_dict(state["probes"])

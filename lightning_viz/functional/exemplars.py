@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_viz._hooks import capture
 from lightning_viz._layers import detached_deepcopy
-from lightning_viz.functional import saliency as sal
+from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 
 class StreamingTopK:
@@ -111,11 +112,11 @@ def receptive_field_boxes(
     positive, target = _positive_copy(model, layer)
     device = next(positive.parameters(), torch.zeros(())).device
     boxes = []
-    with sal.gradient_context(positive):
+    with gradient_context(positive):
         for start in range(0, len(positions), 64):
             pos = positions[start : start + 64].to(device)
             x = torch.ones((len(pos), *input_shape), device=device, requires_grad=True)
-            with sal.capture_outputs([target]) as captured:
+            with capture([target], keep="last") as captured:
                 positive(x)
             acts = captured[0][-1]
             rows = torch.arange(len(pos), device=device)
@@ -142,10 +143,10 @@ def unit_projection(
         images (N, C, H, W); channels (N,); positions (N, 2). Returns (N, C, H, W), signed.
     """
     out = []
-    with sal.gradient_context(model), sal.relu_backward_rule(model, rule):
+    with gradient_context(model), relu_backward_rule(model, rule):
         for start in range(0, len(images), 64):
             x = images[start : start + 64].detach().clone().requires_grad_(True)
-            with sal.capture_outputs([layer]) as captured:
+            with capture([layer], keep="last") as captured:
                 model(x)
             acts = captured[0][-1]
             rows = torch.arange(len(x), device=x.device)

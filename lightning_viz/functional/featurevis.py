@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_viz.functional.saliency import capture_outputs, gradient_context, relu_backward_rule
+from lightning_viz._hooks import capture
+from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 PARAMETERISATIONS = ("pixel", "fft")
 OBJECTIVES = ("neuron", "channel", "deepdream", "class_logit", "class_probability")
@@ -281,7 +282,7 @@ def visualize(
     optimizer = torch.optim.Adam(image.parameters(), lr=lr)
 
     def evaluate(x: torch.Tensor) -> torch.Tensor:
-        with capture_outputs(layer_modules) as captured:
+        with capture(layer_modules, keep="last") as captured:
             logits = model((x - 0.5) / 0.25 * std + mean)
         acts = {name: outs[-1] for name, outs in zip(objective.layers, captured)}
         return objective(acts, logits)

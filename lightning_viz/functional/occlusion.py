@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_viz._hooks import capture
 from lightning_viz.functional._incremental import IncrementalOcclusion
-from lightning_viz.functional.saliency import capture_outputs
 
 
 class IncrementalMismatchWarning(RuntimeWarning):
@@ -67,6 +67,18 @@ class OcclusionResult:
     def top_class(self) -> torch.Tensor:
         """The most probable class at each position, (N, gh, gw)."""
         return self.logits.argmax(dim=-1)
+
+    def upsampled(self, target: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """:meth:`probability` of ``target``, :meth:`top_class` and ``layer_total`` (when measured), each painted
+        to image size by :func:`upsample_grid`, on the CPU. Keys: ``probability``, ``top_class``, ``layer_total``.
+
+        Shape:
+            target: (N,). Returns maps of shape (N, H, W).
+        """
+        grids = {"probability": self.probability(target), "top_class": self.top_class()}
+        if self.layer_total is not None:
+            grids["layer_total"] = self.layer_total
+        return {key: upsample_grid(grid, self, image_size).cpu() for key, grid in grids.items()}
 
 
 @torch.no_grad()
@@ -138,19 +150,17 @@ def occlusion(
             return OcclusionResult(logits, clean, tops, lefts, window, None)
 
         channel = None
-        with capture_outputs([layer] if layer is not None else []) as captured:
+        with capture([layer] if layer is not None else [], keep="last") as captured:
             clean = model(x).detach()
             if layer is not None:
                 acts = captured[0][-1]
                 channel = acts.flatten(2).sum(-1).argmax(dim=1)  # (N,) strongest channel per image
-                captured[0].clear()
             outputs, totals = [], []
             for start in range(0, len(pairs_image), chunk):
                 sl = slice(start, start + chunk)
                 outputs.append(model(occluded(sl)).detach())
                 if layer is not None:
                     acts = captured[0][-1]
-                    captured[0].clear()
                     idx = channel[pairs_image[sl].to(channel.device)]
                     totals.append(acts.flatten(2).sum(-1).gather(1, idx.view(-1, 1)).squeeze(1).detach())
     logits = torch.cat(outputs).view(n, len(tops), len(lefts), -1)

@@ -7,7 +7,7 @@ their flags are restored afterwards. The functions work inside ``torch.inference
 they leave it locally. They do not change the model's train/eval mode: call ``model.eval()`` first (and restore it).
 
 Methods:
-    - :func:`gradient` / :func:`vanilla_gradient`: ``d score / d x`` (Simonyan et al.); the map is ``|grad|`` maxed
+    - :func:`gradient`: ``d score / d x`` (Simonyan et al.); the map is ``|grad|`` maxed
       over colour channels.
     - :func:`smoothgrad`: the mean ``|grad|`` over ``n`` noisy copies, noise sigma = ``noise_level * (x_max - x_min)``
       per image (Smilkov et al.).
@@ -21,29 +21,34 @@ Methods:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_RELU_RULES = ("guided", "deconvnet", "redirected")
+from lightning_viz._hooks import capture
+from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
-
-@contextlib.contextmanager
-def gradient_context(model: nn.Module) -> Iterator[None]:
-    """Enable autograd (also inside ``inference_mode``) and freeze the model's parameters; restore both on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for p, _ in flags:
-                p.requires_grad_(False)
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+# Kept importable from here for the monitors that still call ``saliency.capture_outputs``; new code uses
+# `lightning_viz._hooks.capture`.
+capture_outputs = capture
+__all__ = [
+    "calling_copy",
+    "deconvnet",
+    "effective_bias",
+    "fold_batchnorm",
+    "fullgrad",
+    "grad_cam",
+    "gradient",
+    "guided_backprop",
+    "inference_copy",
+    "input_gradient",
+    "rows_to_explain",
+    "smoothgrad",
+    "target_scores",
+]
 
 
 def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
@@ -109,6 +114,15 @@ def inference_copy(model: nn.Module, *, keep: Sequence[str] = (), channels_last:
     return fast
 
 
+def calling_copy(copy: nn.Module, model: nn.Module, layer: str) -> nn.Module:
+    """``copy`` (from :func:`inference_copy`) when its traced graph calls the submodule ``layer`` itself (it was
+    kept unfolded), else ``model``: the one on which hooking ``layer`` sees the layer's real output."""
+    graph = getattr(copy, "graph", None)
+    if graph is not None and any(n.op == "call_module" and n.target == layer for n in graph.nodes):
+        return copy
+    return model
+
+
 def _check_inputs(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -119,6 +133,20 @@ def _check_inputs(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if target.numel() != len(x):
         raise ValueError(f"`target` has {target.numel()} entries for {len(x)} images.")
     return target
+
+
+def rows_to_explain(predicted: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (image, class) pairs to explain: each image for its true class, and for the predicted class when that
+    differs (or when labels are unknown: only the predicted class).
+
+    Shape:
+        predicted: (N,); labels: (N,) or None. Returns each row's image index and class, (R,) each, on the CPU.
+    """
+    rows: list[tuple[int, int]] = []
+    for i, pred in enumerate(predicted.tolist()):
+        true = int(labels[i]) if labels is not None else pred
+        rows += [(i, true)] + ([(i, pred)] if pred != true else [])
+    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
 def target_scores(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -153,9 +181,6 @@ def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, b
 def gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """Vanilla gradient map: ``|d score / d x|``, max over colour channels. Shape: (N, C, H, W) -> (N, H, W)."""
     return input_gradient(model, x, target, batch_size=batch_size).abs().amax(dim=1)
-
-
-vanilla_gradient = gradient
 
 
 def smoothgrad(
@@ -208,73 +233,6 @@ def smoothgrad(
     return mean.amax(dim=1) if reduce else mean
 
 
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0)
-
-
-class _DeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad.clamp(min=0)
-
-
-class _RedirectedReLU(torch.autograd.Function):
-    """ReLU whose backward also lets a gradient through a negative unit when it would push that unit up.
-
-    Used by feature visualisation in its first steps (as Lucid does): from noise, a ReLU channel that is off
-    everywhere would otherwise get no gradient at all and never start.
-    """
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return torch.where((x < 0) & (grad > 0), torch.zeros_like(grad), grad)
-
-
-def relu_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.ReLU)]
-
-
-@contextlib.contextmanager
-def relu_backward_rule(model: nn.Module, rule: str) -> Iterator[int]:
-    """Swap every ``nn.ReLU``'s forward for an out-of-place ReLU with the ``rule`` backward; restore on exit.
-
-    The swap is on the module instance, so a ReLU module applied several times per forward gets the rule at every
-    call, and ``inplace=True`` modules never modify our tensors (their ``inplace`` flag itself is untouched).
-    Yields the number of modules swapped (0: functional ``F.relu`` calls cannot be overridden).
-    """
-    if rule not in _RELU_RULES:
-        raise ValueError(f"`rule` must be one of {list(_RELU_RULES)}, got {rule!r}.")
-    function = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU, "redirected": _RedirectedReLU}[rule]
-    swapped: list[nn.Module] = []
-    try:
-        for module in relu_modules(model):
-            module.forward = function.apply  # instance attribute shadows the class's forward
-            swapped.append(module)
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-
-
 def _relu_rule_gradient(model, x, target, rule: str, batch_size: int) -> torch.Tensor:
     with relu_backward_rule(model, rule) as count:
         if count == 0:
@@ -297,34 +255,6 @@ def deconvnet(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_
     return _relu_rule_gradient(model, x, target, "deconvnet", batch_size)
 
 
-@contextlib.contextmanager
-def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
-    """Forward hooks keeping each module's output tensors (per call) with their graph; removed on exit.
-
-    The hook hands the rest of the network a *clone*: an in-place op downstream (``out += identity`` in a ResNet,
-    an in-place ReLU) then cannot modify the tensor we differentiate with respect to.
-    """
-    captured: list[list[torch.Tensor]] = [[] for _ in modules]
-    handles = []
-
-    def make(i: int):
-        def hook(module, inputs, output):
-            if isinstance(output, torch.Tensor):
-                captured[i].append(output)
-                return output.clone()
-            return None
-
-        return hook
-
-    try:
-        for i, module in enumerate(modules):
-            handles.append(module.register_forward_hook(make(i)))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def grad_cam(
     model: nn.Module,
     x: torch.Tensor,
@@ -345,7 +275,7 @@ def grad_cam(
     with gradient_context(model):
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
-            with capture_outputs([layer]) as captured:
+            with capture([layer], keep="last") as captured:
                 scores = target_scores(model(xb), target[start : start + batch_size])
             if not captured[0]:
                 raise RuntimeError("the Grad-CAM layer was not called in the forward pass.")
@@ -389,7 +319,7 @@ def fullgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_s
     with gradient_context(model):
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
-            with capture_outputs(layers) as captured:
+            with capture(layers) as captured:
                 scores = target_scores(model(xb), target[start : start + batch_size])
             sites = [(layer, t) for layer, outs in zip(layers, captured) for t in outs if t.ndim == 4]
             grads = torch.autograd.grad(scores.sum(), [xb] + [t for _, t in sites], allow_unused=True)
