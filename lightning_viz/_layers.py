@@ -113,3 +113,14 @@ def evenly_spaced(count: int, limit: int) -> list[int]:
     if count <= limit:
         return list(range(count))
     return torch.linspace(0, count - 1, limit).round().long().unique().tolist()
+
+
+def check_channel_range(argument: str, indices: Sequence[int] | None, count: int | None, where: str) -> None:
+    """Raise ``ValueError`` when one of ``indices`` (already checked by ``_validate.indices``) is not below ``count``.
+
+    ``None`` for ``indices`` (the default choice) or ``count`` (not known yet) passes. ``where`` completes the message
+    after "out of range", e.g. ``" for layer 'conv1', which has 8 channels (0..7)"``.
+    """
+    if indices is None or count is None or max(indices) < count:
+        return
+    raise ValueError(f"`{argument}`: index {max(indices)} is out of range{where}.")
