@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_viz import _validate as check
+
 
 def layers_of_kind(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
     """Named submodules of ``model`` that are instances of ``kinds``, in module order."""
@@ -40,8 +42,9 @@ def resolve_layers(
         default: ``"first"``, ``"last"`` or ``"all"`` layers of the right kind when ``names`` is ``None``.
 
     Raises:
-        ValueError: the model has no layer of the right kind; a name is unknown (the message lists the candidates);
-            a named layer is of another kind.
+        TypeError: ``names`` is not a list of strings.
+        ValueError: ``names`` is empty; the model has no layer of the right kind; a name is unknown (the message
+            lists the candidates); a named layer is of another kind.
     """
     candidates = layers_of_kind(model, kinds)
     if names is None:
@@ -53,10 +56,7 @@ def resolve_layers(
         if default == "last":
             return dict(items[-1:])
         return dict(items)
-    if isinstance(names, str):
-        raise TypeError(f"`{argument}` must be a list of layer names, got the string {names!r}; use [{names!r}].")
-    if not names:
-        raise ValueError(f"`{argument}` is empty; pass None for the default or name at least one layer.")
+    check.layer_names(argument, names)
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
     for name in names:
