@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_viz import _validate as check
+
 
 def layers_of_kind(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
     """Named submodules of ``model`` that are instances of ``kinds``, in module order."""
@@ -40,8 +42,9 @@ def resolve_layers(
         default: ``"first"``, ``"last"`` or ``"all"`` layers of the right kind when ``names`` is ``None``.
 
     Raises:
-        ValueError: the model has no layer of the right kind; a name is unknown (the message lists the candidates);
-            a named layer is of another kind.
+        TypeError: ``names`` is not a list of strings.
+        ValueError: ``names`` is empty; the model has no layer of the right kind; a name is unknown (the message
+            lists the candidates); a named layer is of another kind.
     """
     candidates = layers_of_kind(model, kinds)
     if names is None:
@@ -53,10 +56,7 @@ def resolve_layers(
         if default == "last":
             return dict(items[-1:])
         return dict(items)
-    if isinstance(names, str):
-        raise TypeError(f"`{argument}` must be a list of layer names, got the string {names!r}; use [{names!r}].")
-    if not names:
-        raise ValueError(f"`{argument}` is empty; pass None for the default or name at least one layer.")
+    check.layer_names(argument, names)
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
     for name in names:
@@ -113,3 +113,14 @@ def evenly_spaced(count: int, limit: int) -> list[int]:
     if count <= limit:
         return list(range(count))
     return torch.linspace(0, count - 1, limit).round().long().unique().tolist()
+
+
+def check_channel_range(argument: str, indices: Sequence[int] | None, count: int | None, where: str) -> None:
+    """Raise ``ValueError`` when one of ``indices`` (already checked by ``_validate.indices``) is not below ``count``.
+
+    ``None`` for ``indices`` (the default choice) or ``count`` (not known yet) passes. ``where`` completes the message
+    after "out of range", e.g. ``" for layer 'conv1', which has 8 channels (0..7)"``.
+    """
+    if indices is None or count is None or max(indices) < count:
+        return
+    raise ValueError(f"`{argument}`: index {max(indices)} is out of range{where}.")

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-SEVERITIES = ("info", "warning", "critical")
+from torch import nn
+
+FindingKind = Literal["dead_filters", "overfitting", "undertraining", "divergence"]
+Severity = Literal["info", "warning", "critical"]
+#: Severities from the mildest to the worst.
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
 
 
 @dataclass
 class Finding:
-    kind: str  #: "dead_filters", "overfitting", "undertraining", "divergence"
-    severity: str  #: "info", "warning" or "critical"
+    kind: FindingKind
+    severity: Severity
     since_epoch: int
     summary: str
     evidence: list[str] = field(default_factory=list)
@@ -27,9 +33,6 @@ class Finding:
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.subject}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -202,6 +205,14 @@ def divergence(
             "mixed precision: use a gradient scaler / bf16",
         ],
     )
+
+
+def weight_norm(model: nn.Module) -> float:
+    """The total L2 norm of ``model``'s parameters (``inf`` once any is NaN or infinite)."""
+    total = 0.0
+    for p in model.parameters():
+        total += float(p.detach().float().pow(2).sum())
+    return math.sqrt(total) if math.isfinite(total) else float("inf")
 
 
 def to_markdown(findings: Sequence[Finding], epoch: int, step: int) -> str:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from lightning_viz import _validate as check
+
 
 def _split_sample(sample: Any) -> tuple[torch.Tensor, Any]:
     """A dataset item is an image tensor, or a (image, label, ...) tuple/list, or a dict with 'image'/'label'."""
@@ -70,8 +72,8 @@ class ProbeSet:
     @classmethod
     def auto(cls, n: int = 8, seed: int = 0) -> ProbeSet:
         """A probe set of ``n`` images that a callback chooses from the validation data on first use."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`n` must be a positive int, got {n!r}.")
+        check.positive_int("n", n)
+        check.integer("seed", seed)
         probes = cls()
         probes._auto = (n, seed)
         return probes

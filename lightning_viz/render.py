@@ -575,11 +575,6 @@ def tile_row(tiles: torch.Tensor, size: int | None = None) -> np.ndarray:
     return tile_grid(tiles if size is None else resize_tiles(tiles, size), ncol=len(tiles))
 
 
-def with_header(image: np.ndarray, titles: Sequence[str], tile_width: int) -> np.ndarray:
-    """``image`` (rows of labelled tile rows) under a strip with one title per column. Returns (H', W, 3) uint8."""
-    return stack_rows([header(titles, tile_width), image], gap=0)
-
-
 def labelled_grid(tiles: torch.Tensor, titles: Sequence[str], row_labels: Sequence[str]) -> np.ndarray:
     """A grid of tiles with a title over each column and a label left of each row, no gaps.
 
@@ -588,3 +583,140 @@ def labelled_grid(tiles: torch.Tensor, titles: Sequence[str], row_labels: Sequen
     """
     rows = [label_left(tile_row(row), label) for row, label in zip(tiles, row_labels)]
     return stack_rows([header(titles, tiles.shape[-1]), *rows], gap=0)
+
+
+# ---- exemplar and feature-visualisation drawing ----
+
+#: Colour of the receptive-field outline on an exemplar image (yellow: it stands out on gray and on colour images).
+OUTLINE_COLOUR = (1.0, 0.85, 0.0)
+
+
+def fit_tile(tile: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize one tile to a square of ``size`` pixels: nearest when enlarging (so pixels stay pixels), else bilinear.
+
+    Shape:
+        tile: (3, h, w) float in [0, 1]. Returns a new (3, size, size) float tensor in [0, 1].
+    """
+    import torch.nn.functional as F
+
+    mode = "nearest" if max(tile.shape[-2:]) <= size else "bilinear"
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    return F.interpolate(tile.unsqueeze(0), size=(size, size), mode=mode, **kwargs).squeeze(0).clamp(0, 1)
+
+
+def outline(image: torch.Tensor, box: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """A copy of ``image`` with a 1-pixel :data:`OUTLINE_COLOUR` rectangle along the inside of ``box``.
+
+    Shape:
+        image: (3, H, W) float in [0, 1]; box: (top, left, bottom, right), bottom/right exclusive. Returns (3, H, W).
+    """
+    out = image.clone()
+    top, left, bottom, right = (int(v) for v in box)
+    colour = torch.tensor(OUTLINE_COLOUR, dtype=out.dtype).view(3, 1)
+    out[:, top, left:right] = colour
+    out[:, bottom - 1, left:right] = colour
+    out[:, top:bottom, left] = colour
+    out[:, top:bottom, right - 1] = colour
+    return out
+
+
+def exemplar_tiles(
+    image: torch.Tensor, box: torch.Tensor, projection: torch.Tensor, tile_size: int, *, show_full: bool = False
+) -> list[torch.Tensor]:
+    """The tiles of one exemplar: [the image with the receptive field outlined,] its crop, the projection's crop.
+
+    The image is min-max stretched (:func:`display_image`), the projection drawn signed around grey
+    (:func:`signed_image`), each tile resized to ``tile_size`` (:func:`fit_tile`).
+
+    Shape:
+        image: (C, H, W); box: (top, left, bottom, right); projection: (C, H, W). Returns (3, tile_size, tile_size)
+        float tensors in [0, 1].
+    """
+    top, left, bottom, right = (int(v) for v in box)
+    shown = display_image(image)
+    tiles = [fit_tile(outline(shown, box), tile_size)] if show_full else []
+    tiles.append(fit_tile(shown[:, top:bottom, left:right], tile_size))
+    tiles.append(fit_tile(signed_image(projection[:, top:bottom, left:right]), tile_size))
+    return tiles
+
+
+def exemplar_rows(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    projections: torch.Tensor,
+    found: torch.Tensor,
+    channels: Sequence[int],
+    tile_size: int,
+    *,
+    show_full: bool = False,
+) -> np.ndarray | None:
+    """One row per channel, labelled ``ch N``, with :func:`exemplar_tiles` for each of its exemplars.
+
+    Exemplars are ordered channel-major (channel ``c``'s ``j``-th exemplar at ``c * k + j``); those with
+    ``found[c, j]`` false (fewer samples than ``k``) are left out. Returns ``None`` when no channel has one.
+
+    Shape:
+        images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool. Returns (H', W', 3) uint8.
+    """
+    k = found.shape[1]
+    rows = []
+    for ci, channel in enumerate(channels):
+        tiles = [
+            tile
+            for j in range(k)
+            if found[ci, j]
+            for tile in exemplar_tiles(
+                images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], tile_size, show_full=show_full
+            )
+        ]
+        if tiles:
+            rows.append(label_left(tile_grid(torch.stack(tiles), ncol=len(tiles)), f"ch {channel}"))
+    return stack_rows(rows) if rows else None
+
+
+def exemplar_table(
+    channels: Sequence[int], ids: torch.Tensor, scores: torch.Tensor, sample_index: Sequence[int]
+) -> str:
+    """A Markdown table: per channel, its exemplars as ``sample index: score`` (non-finite scores left out).
+
+    Shape:
+        ids, scores: (C, k), ``ids`` positions in ``sample_index`` (the dataset indices that were scanned).
+    """
+    lines = ["| channel | exemplars (sample index: score) |", "|---:|---|"]
+    for ci, channel in enumerate(channels):
+        pairs = [
+            f"{sample_index[int(ids[ci, j])]}: {float(scores[ci, j]):.3g}"
+            for j in range(ids.shape[1])
+            if torch.isfinite(scores[ci, j])
+        ]
+        lines.append(f"| {channel} | {', '.join(pairs)} |")
+    return "\n".join(lines)
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale expanded to three channels, extra channels dropped. (N, C, H, W) -> (N, 3, H, W)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+
+
+def with_header(labels: Sequence[str], tile_size: int, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """``rows`` (tile grids labelled on the left) under a :func:`header` naming their columns, no gap between.
+
+    Returns (H, W, 3) uint8.
+    """
+    return stack_rows([header(labels, tile_size), *rows], gap=0)
+
+
+def featurevis_grid(images: torch.Tensor, labels: Sequence[str], tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature-visualisation images as a grid: a column per label (channel or class), a row per starting noise.
+
+    Returns the grid (header, then a row per seed labelled ``seed s``) and the first seed's row alone, unlabelled
+    (the frame a filmstrip keeps).
+
+    Shape:
+        images: (S * len(labels), C, h, w) float in [0, 1], seed-major. Returns two (H, W, 3) uint8 images.
+    """
+    per_seed = len(labels)
+    tiles = resize_tiles(to_rgb(images), tile_size)
+    seeds = [tile_grid(tiles[s * per_seed : (s + 1) * per_seed], ncol=per_seed) for s in range(len(tiles) // per_seed)]
+    rows = [label_left(grid, f"seed {s}") for s, grid in enumerate(seeds)]
+    return with_header(labels, tile_size, rows), seeds[0]

@@ -77,6 +77,6 @@ def test_tile_row_resizes_and_with_header_adds_titles():
     tiles = torch.rand(3, 3, 16, 16)
     row = render.tile_row(tiles, 8)
     assert row.shape == (10, 1 + 3 * 9, 3)
-    framed = render.with_header(row, ["input", "a", "b"], 8)
+    framed = render.with_header(["input", "a", "b"], 8, [row])
     assert framed.shape[0] == 14 + row.shape[0]
     assert np.array_equal(framed[14:, : row.shape[1]], row)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import diagnosis as D
@@ -15,6 +16,9 @@ from lightning_viz._layers import layers_of_kind
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import filters as F
 from lightning_viz.records import ActivationStats, EmbeddingQuality, FilterStats
+
+if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
+    import lightning.pytorch as pl
 
 log = logging.getLogger("lightning_viz")
 
@@ -115,9 +119,10 @@ class DiagnosisMonitor(VizCallback):
         if self._first_conv is not None and self._own_initial is None:
             self._own_initial = convs[self._first_conv].weight.detach().cpu().clone()
         if self._initial_norm is None:
-            self._initial_norm = _weight_norm(pl_module)
+            self._initial_norm = D.weight_norm(pl_module)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._is_log_epoch(trainer):
             return
         if self._defer:
@@ -130,11 +135,13 @@ class DiagnosisMonitor(VizCallback):
             epochs_done, self._pending = self._pending, None
             self._run(trainer, pl_module, epochs_done=epochs_done)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_pending(trainer, pl_module)
         super().on_train_epoch_start(trainer, pl_module)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_pending(trainer, pl_module)
 
     def _metric(self, trainer: Any, name: str) -> float | None:
@@ -145,9 +152,16 @@ class DiagnosisMonitor(VizCallback):
         return None
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        sink = self._sink
-        assert sink is not None
-        epoch = epochs_done
+        train, dead_sites = self._gather_histories(trainer, epochs_done)
+        findings = self._judge(trainer, pl_module, epochs_done, train, dead_sites)
+        self._announce(trainer, findings, epochs_done)
+        self._write(findings, epochs_done, step)
+
+    def _gather_histories(self, trainer: Any, epoch: int) -> tuple[float | None, list[str]]:
+        """Append this epoch's losses and the bus's latest records to the histories.
+
+        Returns the training loss (``None`` when not logged) and the activation sites with a dead-channel count.
+        """
         train = self._metric(trainer, self.train_loss)
         val = self._metric(trainer, self.val_loss)
         if train is not None:
@@ -166,74 +180,93 @@ class DiagnosisMonitor(VizCallback):
                 f"DiagnosisMonitor: no `{self.train_loss}` among the logged metrics; pass `train_loss=...` (log it "
                 "with on_epoch=True) to diagnose over- and under-training.",
             )
-        findings: list[D.Finding] = []
-        bus = self._bus
-        if not bus.produced(ActivationStats):
+        if not self._bus.produced(ActivationStats):
             self._warn_once(
                 "no activations",
                 "DiagnosisMonitor: no ActivationMonitor among the callbacks, so dead filters are not diagnosed. "
                 "Add one (lightning_viz.default_suite() has it).",
             )
-        for site, stats in bus.latest(ActivationStats).items():
+        dead_sites = []
+        for site, stats in self._bus.latest(ActivationStats).items():
             if stats.dead_fraction is None or stats.dead_count is None:
                 continue
+            dead_sites.append(site)
             history = self._dead.setdefault(site, [])
             if not history or history[-1][0] != stats.epoch:
                 history.append((stats.epoch, stats.dead_fraction))
                 self._dead_counts.setdefault(site, {})[stats.epoch] = stats.dead_count
-            finding = D.dead_filters(
-                site, history, self._dead_counts[site], threshold=self.dead_threshold, critical=self.dead_critical
-            )
-            if finding:
-                findings.append(finding)
-        for quality in bus.latest(EmbeddingQuality).values():
+        for quality in self._bus.latest(EmbeddingQuality).values():
             if quality.knn_accuracy is None:
                 continue
             if not self._history["knn"] or self._history["knn"][-1][0] != quality.epoch:
                 self._history["knn"].append((quality.epoch, quality.knn_accuracy))
-        overfit = D.overfitting(
-            self._history["train_loss"],
-            self._history["val_loss"],
-            patience=self.overfit_patience,
-            tolerance=self.overfit_tolerance,
-            knn=self._history["knn"],
+        return train, dead_sites
+
+    def _judge(
+        self, trainer: Any, pl_module: nn.Module, epoch: int, train: float | None, dead_sites: list[str]
+    ) -> list[D.Finding]:
+        """Apply the rules of :mod:`lightning_viz.diagnosis` to the histories and the model's weights."""
+        findings = [
+            D.dead_filters(
+                site,
+                self._dead[site],
+                self._dead_counts[site],
+                threshold=self.dead_threshold,
+                critical=self.dead_critical,
+            )
+            for site in dead_sites
+        ]
+        findings.append(
+            D.overfitting(
+                self._history["train_loss"],
+                self._history["val_loss"],
+                patience=self.overfit_patience,
+                tolerance=self.overfit_tolerance,
+                knn=self._history["knn"],
+            )
         )
-        if overfit:
-            findings.append(overfit)
-        noise, distance = self._filter_stats(pl_module)
+        # Mid-run, a falling loss is simply training; "under-trained" is a verdict on where the run ended (in
+        # on_fit_end the run is over whatever the reason).
         final = bool(trainer.should_stop) or (
             trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
         )
-        # (in on_fit_end, the run is over whatever the reason)
-        # Mid-run, a falling loss is simply training; "under-trained" is a verdict on where the run ended.
-        under = final and D.undertraining(
-            self._history["train_loss"],
-            noise_score=noise,
-            distance=distance,
-            slope=self.undertrain_slope,
-            noise_threshold=self.noise_threshold,
-            distance_threshold=self.distance_threshold,
-            final=final,
+        if final:
+            noise, distance = self._filter_stats(pl_module)
+            findings.append(
+                D.undertraining(
+                    self._history["train_loss"],
+                    noise_score=noise,
+                    distance=distance,
+                    slope=self.undertrain_slope,
+                    noise_threshold=self.noise_threshold,
+                    distance_threshold=self.distance_threshold,
+                    final=final,
+                )
+            )
+        findings.append(
+            D.divergence(
+                epoch,
+                loss_finite=train is None or math.isfinite(train),
+                weights_finite=all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
+                weight_norm=D.weight_norm(pl_module),
+                initial_norm=self._initial_norm or 0.0,
+                factor=self.explode_factor,
+            )
         )
-        if under:
-            findings.append(under)
-        weights_finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        diverged = D.divergence(
-            epoch,
-            loss_finite=train is None or math.isfinite(train),
-            weights_finite=weights_finite,
-            weight_norm=_weight_norm(pl_module),
-            initial_norm=self._initial_norm or 0.0,
-            factor=self.explode_factor,
-        )
-        if diverged:
-            findings.append(diverged)
-        for finding in findings:  # keep the epoch a finding was first seen, and say it once
+        return [f for f in findings if f is not None]
+
+    def _announce(self, trainer: Any, findings: list[D.Finding], epoch: int) -> None:
+        """Keep the epoch each finding was first seen, and say it once in the log."""
+        for finding in findings:
             if finding.key not in self._seen:
                 self._seen[finding.key] = epoch
                 if trainer.is_global_zero:
                     log.warning("lightning_viz diagnosis (%s): %s", finding.severity, finding.summary)
         self.findings = findings
+
+    def _write(self, findings: list[D.Finding], epoch: int, step: int) -> None:
+        sink = self._sink
+        assert sink is not None
         kinds = [f.kind for f in findings]
         sink.text("diagnosis/findings", D.to_markdown(findings, epoch, step), step)
         sink.scalars(
@@ -275,10 +308,3 @@ class DiagnosisMonitor(VizCallback):
         if state.get("own_initial") is not None:
             self._own_initial = state["own_initial"]
         self._seen = dict(state.get("seen", {}))
-
-
-def _weight_norm(model: nn.Module) -> float:
-    total = 0.0
-    for p in model.parameters():
-        total += float(p.detach().float().pow(2).sum())
-    return math.sqrt(total) if math.isfinite(total) else float("inf")

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
-from lightning_viz._layers import evenly_spaced, model_device, resolve_layers
+from lightning_viz._hooks import capture
+from lightning_viz._layers import check_channel_range, evenly_spaced, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import exemplars as X
-from lightning_viz.functional import saliency as sal
 from lightning_viz.records import ExemplarStats
 
 ProjectionRule = Literal["guided", "deconvnet"]
@@ -110,41 +110,35 @@ class ExemplarMonitor(VizCallback):
                     "choose a Conv2d (or another layer with (N, C, H, W) output)."
                 )
             out_channels = getattr(module, "out_channels", None)
-            if out_channels is not None and self.channels is not None and max(self.channels) >= out_channels:
-                raise ValueError(
-                    f"`channels`: index {max(self.channels)} is out of range for layer {name!r}, which has "
-                    f"{out_channels} channels (0..{out_channels - 1})."
-                )
+            check_channel_range("channels", self.channels, out_channels, _which_has(name, out_channels))
 
     def _cheaper_hint(self) -> str:
         return "or lower `max_samples` "
 
     def _channels_for(self, name: str, count: int) -> list[int]:
-        if self.channels is not None:
-            if max(self.channels) >= count:
-                raise ValueError(
-                    f"`channels`: index {max(self.channels)} is out of range for layer {name!r}, which has "
-                    f"{count} channels."
-                )
-            return list(self.channels)
-        return evenly_spaced(count, self.max_channels)
+        check_channel_range("channels", self.channels, count, _which_has(name, count))
+        return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         dataset = trainer_dataset(trainer, "val")
         if dataset is None:
             raise ValueError("ExemplarMonitor needs an indexable validation (or training) dataset.")
         indices = list(range(min(len(dataset), self.max_samples)))
+        if not indices:
+            raise ValueError("ExemplarMonitor: the validation (or training) dataset is empty.")
+        scan = self._scan(pl_module, dataset, indices)
+        for name in self._modules:
+            self._guard(f"layer {name}", self._log_layer, pl_module, dataset, indices, name, scan, step, epochs_done)
+
+    def _scan(self, pl_module: nn.Module, dataset: Any, indices: list[int]) -> _Scan:
+        """One pass over ``indices``: per layer, the top-k of each chosen channel's spatial maximum."""
         device = model_device(pl_module)
-        tops: dict[str, X.StreamingTopK] = {}
-        chosen: dict[str, list[int]] = {}
-        captured_shapes: dict[str, tuple[int, ...]] = {}
-        image_shape = None
+        scan = _Scan()
         names = list(self._modules)
-        for batch_start, (images, _) in zip(
-            range(0, len(indices), self.batch_size), read_batches(dataset, indices, self.batch_size)
-        ):
-            image_shape = tuple(images.shape[1:])
-            with sal.capture_outputs([self._modules[n] for n in names]) as captured:
+        starts = range(0, len(indices), self.batch_size)
+        for batch_start, (images, _) in zip(starts, read_batches(dataset, indices, self.batch_size)):
+            scan.image_shape = tuple(images.shape[1:])
+            with capture([self._modules[n] for n in names], keep="last") as captured:
                 pl_module(images.to(device))
             ids = torch.arange(batch_start, batch_start + len(images))
             for name, outs in zip(names, captured):
@@ -153,75 +147,31 @@ class ExemplarMonitor(VizCallback):
                     raise ValueError(
                         f"layer {name!r} outputs shape {tuple(acts.shape)}, not a (N, C, H, W) spatial map."
                     )
-                if name not in tops:
-                    chosen[name] = self._channels_for(name, acts.shape[1])
-                    tops[name] = X.StreamingTopK(len(chosen[name]), self.top_k)
-                    captured_shapes[name] = tuple(acts.shape[1:])
-                scores, locations = X.spatial_max(acts[:, chosen[name]])
-                tops[name].update(scores, ids, locations)
-        assert image_shape is not None
-        for name in names:
-            self._guard(
-                f"layer {name}",
-                self._render,
-                pl_module,
-                dataset,
-                indices,
-                name,
-                chosen[name],
-                tops[name],
-                image_shape,
-                step,
-                epochs_done,
-            )
+                if name not in scan.tops:
+                    scan.channels[name] = self._channels_for(name, acts.shape[1])
+                    scan.tops[name] = X.StreamingTopK(len(scan.channels[name]), self.top_k)
+                scores, locations = X.spatial_max(acts[:, scan.channels[name]])
+                scan.tops[name].update(scores, ids, locations)
+        return scan
 
-    def _render(self, pl_module, dataset, indices, name, channels, top, image_shape, step, epochs_done) -> None:
+    def _log_layer(
+        self, pl_module: nn.Module, dataset: Any, indices: list[int], name: str, scan: _Scan, step: int, epoch: int
+    ) -> None:
         sink = self._sink
         assert sink is not None
-        module = self._modules[name]
-        device = model_device(pl_module)
-        c, k = top.ids.shape
-        flat_ids = top.ids.flatten()
-        images, _ = next(read_batches(dataset, [indices[int(i)] for i in flat_ids], len(flat_ids)))
-        images = images.float()
-        channel_of = torch.tensor(channels).repeat_interleave(k)
-        positions = top.locations.reshape(-1, 2)
-        boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
-        projections = X.unit_projection(
-            pl_module, module, images.to(device), channel_of, positions, rule=self.projection_rule
-        ).cpu()
-        rows = []
-        for ci in range(c):
-            tiles = []
-            for j in range(k):
-                i = ci * k + j
-                if not torch.isfinite(top.scores[ci, j]):
-                    continue  # fewer samples than k
-                top_, left, bottom, right = boxes[i].tolist()
-                shown = render.display_image(images[i])
-                if self.show_full:
-                    full = _outline(shown, boxes[i])
-                    tiles.append(_fit(full, self.tile_size))
-                tiles.append(_fit(shown[:, top_:bottom, left:right], self.tile_size))
-                tiles.append(_fit(render.signed_image(projections[i][:, top_:bottom, left:right]), self.tile_size))
-            if tiles:
-                grid = render.tile_grid(torch.stack(tiles), ncol=len(tiles))
-                rows.append(render.label_left(grid, f"ch {channels[ci]}"))
-        if rows:
-            sink.image(f"exemplars/{name}", render.downsize(render.stack_rows(rows), 2048), step)
-        lines = ["| channel | exemplars (sample index: score) |", "|---:|---|"]
-        for ci in range(c):
-            pairs = [
-                f"{indices[int(top.ids[ci, j])]}: {float(top.scores[ci, j]):.3g}"
-                for j in range(k)
-                if torch.isfinite(top.scores[ci, j])
-            ]
-            lines.append(f"| {channels[ci]} | {', '.join(pairs)} |")
-        sink.text(f"exemplars/indices/{name}", "\n".join(lines), step)
+        channels, top = scan.channels[name], scan.tops[name]
+        images, boxes, projections = self._explain(pl_module, dataset, indices, name, channels, top, scan.image_shape)
+        found = torch.isfinite(top.scores)
+        grid = render.exemplar_rows(
+            images, boxes, projections, found, channels, self.tile_size, show_full=self.show_full
+        )
+        if grid is not None:
+            sink.image(f"exemplars/{name}", render.downsize(grid, 2048), step)
+        sink.text(f"exemplars/indices/{name}", render.exemplar_table(channels, top.ids, top.scores, indices), step)
         self._publish(
             ExemplarStats(
                 step=step,
-                epoch=epochs_done,
+                epoch=epoch,
                 subject=name,
                 channels=tuple(channels),
                 ids=top.ids.clone(),
@@ -230,21 +180,39 @@ class ExemplarMonitor(VizCallback):
             )
         )
 
+    def _explain(
+        self,
+        pl_module: nn.Module,
+        dataset: Any,
+        indices: list[int],
+        name: str,
+        channels: list[int],
+        top: X.StreamingTopK,
+        image_shape: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Re-read the exemplars; their receptive-field boxes and single-unit projections (channel-major)."""
+        module = self._modules[name]
+        k = top.ids.shape[1]
+        flat_ids = top.ids.flatten()
+        images, _ = next(read_batches(dataset, [indices[int(i)] for i in flat_ids], len(flat_ids)))
+        images = images.float()
+        channel_of = torch.tensor(channels).repeat_interleave(k)
+        positions = top.locations.reshape(-1, 2)
+        boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
+        projections = X.unit_projection(
+            pl_module, module, images.to(model_device(pl_module)), channel_of, positions, rule=self.projection_rule
+        ).cpu()
+        return images, boxes, projections
 
-def _fit(tile: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a (3, h, w) tile to (3, size, size) (nearest when enlarging, so pixels stay pixels)."""
-    mode = "nearest" if max(tile.shape[-2:]) <= size else "bilinear"
-    kwargs = {} if mode == "nearest" else {"align_corners": False}
-    return F.interpolate(tile.unsqueeze(0), size=(size, size), mode=mode, **kwargs).squeeze(0).clamp(0, 1)
+
+@dataclass
+class _Scan:
+    """What one pass over the data found, per layer: the channels watched and their streaming top-k."""
+
+    channels: dict[str, list[int]] = field(default_factory=dict)
+    tops: dict[str, X.StreamingTopK] = field(default_factory=dict)
+    image_shape: tuple[int, ...] = ()
 
 
-def _outline(image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Draw a 1-pixel yellow rectangle (top, left, bottom, right) on a (3, H, W) image."""
-    out = image.clone()
-    top, left, bottom, right = box.tolist()
-    colour = torch.tensor([1.0, 0.85, 0.0]).view(3, 1)
-    out[:, top, left:right] = colour
-    out[:, bottom - 1, left:right] = colour
-    out[:, top:bottom, left] = colour
-    out[:, top:bottom, right - 1] = colour
-    return out
+def _which_has(name: str, count: int | None) -> str:
+    return f" for layer {name!r}, which has {count} channels (0..{(count or 0) - 1})"

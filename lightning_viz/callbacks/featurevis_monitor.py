@@ -11,7 +11,8 @@ from torch import nn
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import read_batches, trainer_dataset
-from lightning_viz._layers import evenly_spaced, layers_of_kind, model_device, resolve_layers
+from lightning_viz._hooks import capture
+from lightning_viz._layers import check_channel_range, evenly_spaced, layers_of_kind, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import featurevis as FV
 from lightning_viz.records import FeatureVisStats
@@ -134,10 +135,10 @@ class FeatureVisMonitor(VizCallback):
         else:
             names = self.layers
             self._modules = resolve_layers(pl_module, names, (nn.Module,) if names else (nn.Conv2d,), default="last")
-            limit = min((getattr(m, "out_channels", 10**9) for m in self._modules.values()), default=None)
+            known = [m.out_channels for m in self._modules.values() if hasattr(m, "out_channels")]
+            limit = min(known, default=None)
             what = "channels"
-        if self.channels is not None and limit is not None and limit < 10**9 and max(self.channels) >= limit:
-            raise ValueError(f"`channels`: index {max(self.channels)} is out of range; the model has {limit} {what}.")
+        check_channel_range("channels", self.channels, limit, f"; the model has {limit} {what}")
 
     def _cheaper_hint(self) -> str:
         return "or lower `steps` / `max_channels` "
@@ -181,26 +182,59 @@ class FeatureVisMonitor(VizCallback):
         else:
             count = getattr(module, "out_channels", None)
             if count is None:  # any module: look at its output once
-                from lightning_viz.functional.saliency import capture_outputs
-
-                with capture_outputs([module]) as captured, torch.no_grad():
+                with capture([module], keep="last") as captured, torch.no_grad():
                     pl_module(torch.zeros(1, self._in_channels, size, size, device=model_device(pl_module)))
                 count = captured[0][-1].shape[1]
-        if self.channels is not None:
-            if max(self.channels) >= count:
-                raise ValueError(f"`channels`: index {max(self.channels)} is out of range for {name!r} ({count}).")
-            return list(self.channels)
-        return evenly_spaced(count, self.max_channels)
+        check_channel_range("channels", self.channels, count, f" for {name!r} ({count})")
+        return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
-    def _log_layer(self, pl_module, name, module, mean, std, size, step, epochs_done) -> None:
+    def _log_layer(
+        self,
+        pl_module: nn.Module,
+        name: str,
+        module: nn.Module,
+        mean: list[float],
+        std: list[float],
+        size: int,
+        step: int,
+        epochs_done: int,
+    ) -> None:
         sink = self._sink
         assert sink is not None
         targets = self._targets(pl_module, name, module, size)
+        result = self._optimise(pl_module, name, module, targets, mean, std, size)
+        tag = "logits" if module is pl_module else name
+        self._publish(
+            FeatureVisStats(
+                step=step,
+                epoch=epochs_done,
+                subject=tag,
+                channels=tuple(targets),
+                initial_objective=result.initial_objective,
+                final_objective=result.objective,
+            )
+        )
+        labels = [f"{'class' if self.objective in _CLASS_OBJECTIVES else 'ch'} {t}" for t in targets]
+        grid, first_seed = render.featurevis_grid(result.images, labels, self.tile_size)
+        sink.image(f"featurevis/{tag}", grid, step)
+        strip = self._filmstrips[tag].push(f"ep {epochs_done}", first_seed).rows()
+        sink.image(f"featurevis/filmstrip/{tag}", render.with_header(labels, self.tile_size, [strip]), step)
+
+    def _optimise(
+        self,
+        pl_module: nn.Module,
+        name: str,
+        module: nn.Module,
+        targets: list[int],
+        mean: list[float],
+        std: list[float],
+        size: int,
+    ) -> FV.VisResult:
+        """All of a layer's images in one batch, ``images_per_channel`` starting noises (seed-major) per target."""
         per_seed = len(targets)
-        objective = self._objective(name, per_seed, targets * self.images_per_channel)
-        result = FV.visualize(
+        return FV.visualize(
             pl_module,
-            objective,
+            self._objective(name, per_seed, targets * self.images_per_channel),
             n=per_seed * self.images_per_channel,
             size=size,
             channels=self._in_channels,
@@ -214,28 +248,6 @@ class FeatureVisMonitor(VizCallback):
             input_std=torch.tensor(std),
             modules={name: module} if module is not pl_module else None,
         )
-        tag = "logits" if module is pl_module else name
-        self._publish(
-            FeatureVisStats(
-                step=step,
-                epoch=epochs_done,
-                subject=tag,
-                channels=tuple(targets),
-                initial_objective=result.initial_objective,
-                final_objective=result.objective,
-            )
-        )
-        tiles = render.resize_tiles(_rgb(result.images), self.tile_size)
-        label = "class" if self.objective in _CLASS_OBJECTIVES else "ch"
-        head = render.header([f"{label} {t}" for t in targets], self.tile_size)
-        rows = [
-            render.label_left(render.tile_grid(tiles[s * per_seed : (s + 1) * per_seed], ncol=per_seed), f"seed {s}")
-            for s in range(self.images_per_channel)
-        ]
-        sink.image(f"featurevis/{tag}", render.stack_rows([head, *rows], gap=0), step)
-        first = render.tile_grid(tiles[:per_seed], ncol=per_seed)
-        image = self._filmstrips[tag].push(f"ep {epochs_done}", first).rows()
-        sink.image(f"featurevis/filmstrip/{tag}", render.stack_rows([head, image], gap=0), step)
 
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -249,7 +261,3 @@ class FeatureVisMonitor(VizCallback):
         self._stats = (list(stats[0]), list(stats[1])) if stats else None
         self._image_size = state.get("image_size")
         self._filmstrips.load_state_dict(state.get("filmstrips", {}))
-
-
-def _rgb(images: torch.Tensor) -> torch.Tensor:
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]

@@ -336,7 +336,7 @@ class SaliencyMonitor(VizCallback):
         for probe in range(min(self.filmstrip_probes, len(images))):
             row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
             strip = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
-            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(strip, titles, small), step)
+            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(titles, small, [strip]), step)
 
     @override
     def _extra_state(self) -> dict[str, Any]:

@@ -31,9 +31,6 @@ from torch import nn
 from lightning_viz._hooks import capture
 from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
-# Kept importable from here for the monitors that still call ``saliency.capture_outputs``; new code uses
-# `lightning_viz._hooks.capture`.
-capture_outputs = capture
 __all__ = [
     "calling_copy",
     "deconvnet",
