@@ -125,7 +125,8 @@ def test_umap_off_the_training_path_with_dataloader_workers(tmp_path, pl_ns):
     blocked = [v for _, v in events.scalars("lightning_viz/seconds/embedding")]
     projection = [v for _, v in events.scalars("embedding/projection_seconds")]
     assert len(projection) == 3 and sum(blocked) < sum(projection)
-    assert not monitor._jobs and monitor._tmp is None and monitor._worker is None
+    projections = monitor._projections
+    assert not projections.pending and projections.workdir is None and not projections.running
 
 
 def _read_projector(logdir):
@@ -284,7 +285,7 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
     assert sum(n for n in passes if n != probes) == 50
     assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 1, 2]
     assert all(v == 1.0 for _, v in events.scalars("embedding/knn_accuracy"))  # same codes, same quality (lr=0)
-    assert not monitor._capture_handles
+    assert not monitor._capture.attached
     # a shuffled validation loader: no running index, so the monitor reads the subset itself
     shuffled = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise", subset_size=50)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path / "s"), name="run", version=0)
@@ -296,4 +297,4 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
         DataLoader(data, batch_size=32),
         DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
     )
-    assert shuffled._captured_epoch is None
+    assert shuffled._capture.epoch is None
