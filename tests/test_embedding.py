@@ -298,3 +298,39 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
         DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
     )
     assert shuffled._capture.epoch is None
+
+
+def test_projection_client_polls_without_blocking_waits_at_the_end_and_leaves_nothing():
+    from lightning_viz._projection_worker import ProjectionClient
+
+    client = ProjectionClient("pca", seed=0)
+    assert list(client.finished()) == [] and not client.running  # nothing started before the first job
+    x, _ = _clusters(n_per=10, classes=2)
+    for step in (0, 1):
+        client.submit(x.numpy(), context=step)
+    workdir = client.workdir
+    assert client.running and os.path.isdir(workdir)
+    done = list(client.finished(wait=True))
+    assert [p.context for p in done] == [0, 1] and all(p.error is None and p.coords.shape == (20, 2) for p in done)
+    child = client._child
+    client.close()
+    assert child.returncode is not None  # reaped: no zombie
+    assert not client.running and client.pending == 0 and client.workdir is None and not os.path.exists(workdir)
+
+
+def test_projection_client_kill_and_a_dead_child():
+    from lightning_viz._projection_worker import ProjectionClient
+
+    x, _ = _clusters(n_per=10, classes=2)
+    client = ProjectionClient("umap", seed=0)
+    client.submit(x.numpy(), context="slow")
+    child, workdir = client._child, client.workdir
+    client.close(kill=True)  # the run is failing: no waiting for the map
+    assert child.returncode is not None and not os.path.exists(workdir) and client.pending == 0
+    client.submit(x.numpy(), context="lost")  # a new child for a new job
+    client._child.kill()
+    client._child.wait()
+    (failed,) = list(client.finished())
+    assert failed.coords is None and "the umap worker process exited with" in failed.error
+    assert not client.running
+    client.close()
