@@ -237,3 +237,96 @@ class CallSiteRecorder:
     def site_name(self, name: str, index: int) -> str:
         """``name`` for a module called once per forward, ``name#k`` (1-based) for the k-th call otherwise."""
         return name if self.max_calls.get(name, 1) <= 1 else f"{name}#{index + 1}"
+
+
+# ---- a layer's code: one forward pass, or the Trainer's own validation pass ----
+
+
+class ValidationCodeCapture:
+    """Codes (and logits) of chosen dataset indices, taken from the validation pass the Trainer runs anyway.
+
+    A forward hook on the code layer keeps its first call per batch (the model's own forward; our own passes come
+    later); :meth:`batch_end` books the batch's rows under a running count of samples, which is each row's dataset
+    index only where :meth:`can_capture` holds. With ``use_input`` the code is the layer's input and its output the
+    logits (the default code layer is the last ``nn.Linear``). The hook lives between :meth:`attach` and
+    :meth:`detach` (safe to call twice); :meth:`collect` hands the codes over once.
+    """
+
+    def __init__(self, module: nn.Module, use_input: bool) -> None:
+        self._module = module
+        self._use_input = use_input
+        self._handle: Any = None
+        self._wanted: set[int] = set()
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._seen = 0
+        self._batch: list[tuple[Any, Any]] = []
+        #: the epoch whose validation pass was captured last, or None
+        self.epoch: int | None = None
+
+    @staticmethod
+    def can_capture(trainer: Any) -> bool:
+        """One process and a sequential validation loader (the usual, unshuffled one): a running count is an index."""
+        from torch.utils.data import SequentialSampler
+
+        from lightning_viz._data import first_loader
+
+        loader = first_loader(getattr(trainer, "val_dataloaders", None))
+        sampler = getattr(loader, "sampler", None)
+        return (
+            getattr(trainer, "world_size", 1) == 1
+            and isinstance(sampler, SequentialSampler)
+            and getattr(loader, "batch_sampler", None) is not None
+            and type(loader.batch_sampler).__name__ == "BatchSampler"
+        )
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def attach(self, wanted: list[int]) -> None:
+        """Start a validation pass: forget earlier rows, keep the rows of the ``wanted`` dataset indices."""
+        self.detach()
+        self._wanted, self._rows, self._seen = set(wanted), {}, 0
+        self._handle = self._module.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self._batch:  # the first call per batch: the model's own forward pass
+            self._batch.append((inputs[0], output) if self._use_input else (output, None))
+
+    def batch_end(self) -> None:
+        """Book the batch just validated (call after each batch of the first validation loader)."""
+        from lightning_viz.functional.embedding import pooled_codes
+
+        try:
+            if self._batch and isinstance(self._batch[0][0], torch.Tensor):
+                code, logits = pooled_codes(self._batch[0][0]), self._batch[0][1]
+                usable = isinstance(logits, torch.Tensor) and logits.ndim == 2
+                for row in range(len(code)):
+                    if self._seen + row in self._wanted:
+                        out = logits[row].detach().float().cpu() if usable else None
+                        self._rows[self._seen + row] = (code[row].cpu(), out)
+                self._seen += len(code)
+        finally:
+            self._batch = []
+
+    def detach(self, epoch: int | None = None) -> None:
+        """Remove the hook; ``epoch`` marks a validation pass captured to its end."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            if epoch is not None:
+                self.epoch = epoch
+        self._batch = []
+
+    def collect(self, indices: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(codes (N, D), logits (N, K) or None) of ``indices`` captured in ``epoch``; None if any is missing.
+
+        The captured rows are handed over once: a later call finds none.
+        """
+        rows, self._rows = self._rows, {}
+        if self.epoch != epoch or not all(i in rows for i in indices):
+            return None
+        picked = [rows[i] for i in indices]
+        logits = [out for _, out in picked]
+        codes = torch.stack([code for code, _ in picked])
+        return codes, torch.stack(logits) if all(out is not None for out in logits) else None  # type: ignore[arg-type]

@@ -720,3 +720,82 @@ def featurevis_grid(images: torch.Tensor, labels: Sequence[str], tile_size: int)
     seeds = [tile_grid(tiles[s * per_seed : (s + 1) * per_seed], ncol=per_seed) for s in range(len(tiles) // per_seed)]
     rows = [label_left(grid, f"seed {s}") for s, grid in enumerate(seeds)]
     return with_header(labels, tile_size, rows), seeds[0]
+
+
+# ---- embedding drawing ----
+
+#: TensorBoard's projector accepts sprites up to this many pixels per side.
+SPRITE_LIMIT = 8192
+#: Frame colours of a neighbour strip: the probe, a neighbour of its class, of another class, of an unknown one.
+PROBE_FRAME = (0.0, 0.0, 0.0)
+SAME_CLASS_FRAME = (0.1, 0.7, 0.1)
+OTHER_CLASS_FRAME = (0.9, 0.1, 0.1)
+UNKNOWN_CLASS_FRAME = (0.5, 0.5, 0.5)
+
+
+def sprite_tile_side(count: int, wanted: int) -> int:
+    """Side of each of ``count`` sprite thumbnails: ``wanted``, shrunk so the square sheet fits :data:`SPRITE_LIMIT`."""
+    per_side = int(np.ceil(np.sqrt(count)))
+    return max(1, min(wanted, SPRITE_LIMIT // per_side))
+
+
+def thumbnails(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Input images as display thumbnails (min-max stretched, RGB). (N, C, H, W) -> (N, 3, side, side) in [0, 1]."""
+    tiles = torch.stack([display_image(im) for im in images])
+    return torch.nn.functional.interpolate(tiles, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def sprite(thumbs: torch.Tensor) -> np.ndarray:
+    """Square sprite sheet, row-major, as TensorBoard's projector expects. (N, 3, s, s) -> (S, S, 3) uint8.
+
+    ``S = ceil(sqrt(N)) * s``; cells after the last thumbnail stay black.
+    """
+    n, _, s, _ = thumbs.shape
+    per_side = int(np.ceil(np.sqrt(n)))
+    sheet = torch.zeros(3, per_side * s, per_side * s)
+    for i in range(n):
+        r, c = divmod(i, per_side)
+        sheet[:, r * s : (r + 1) * s, c * s : (c + 1) * s] = thumbs[i]
+    return to_uint8(sheet)
+
+
+def neighbour_strips(
+    probes: torch.Tensor,
+    neighbours: Sequence[torch.Tensor],
+    same_class: Sequence[torch.Tensor | None],
+    tile: int = 40,
+) -> np.ndarray:
+    """One row per probe: the probe (black frame), then its nearest neighbours, nearest first, framed green when they
+    share the probe's class, red otherwise, grey when either label is unknown; each row labelled ``probe i``.
+
+    Shape:
+        probes: (P, C, H, W); neighbours: P tensors (k, C, H, W); same_class: P bool tensors (k,) or None.
+        Returns (H', W', 3) uint8.
+    """
+    rows = []
+    for p, (probe, near, same) in enumerate(zip(probes, neighbours, same_class)):
+        tiles = resize_tiles(torch.stack([display_image(im) for im in torch.cat([probe[None], near])]), tile)
+        colours = torch.tensor(UNKNOWN_CLASS_FRAME).repeat(len(tiles), 1)
+        colours[0] = torch.tensor(PROBE_FRAME)
+        if same is not None:
+            colours[1:] = torch.where(same.view(-1, 1), torch.tensor(SAME_CLASS_FRAME), torch.tensor(OTHER_CLASS_FRAME))
+        rows.append(label_left(tile_grid(frame(tiles, colours), ncol=len(tiles)), f"probe {p}"))
+    return stack_rows(rows)
+
+
+def embedding_map(
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    reducer: str,
+    epochs_done: int,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 2-D map of the code (coloured by class, with a legend) and its small filmstrip frame, both uint8 (H, W, 3).
+
+    Shape:
+        coords: (N, 2); labels: (N,) class indices or None (grey points).
+    """
+    image = scatter(coords, labels, title=f"{reducer} of the code, epoch {epochs_done}", class_names=class_names)
+    small = scatter(coords, labels, size=160, title=f"ep {epochs_done}", radius=1)
+    return image, small

@@ -436,10 +436,29 @@ class Sink:
             if backend.takes_tables:
                 backend.embedding_table(tag, features, label_names, predicted_names, step)
 
-    def embedding(self, mat: torch.Tensor, *, tag: str, step: int, **kwargs: Any) -> None:
-        """TensorBoard's own ``add_embedding`` (projector); other loggers take :meth:`embedding_table`."""
-        if self._experiment is not None and self._is_global_zero:
-            self._experiment.add_embedding(mat, tag=tag, global_step=step, **kwargs)
+    def projector(
+        self,
+        features: torch.Tensor | np.ndarray,
+        labels: list[str] | None,
+        predicted: list[str] | None,
+        thumbnails: torch.Tensor | None,
+        step: int,
+        tag: str = "embedding",
+    ) -> str | None:
+        """Write one step of TensorBoard projector data: metadata (true, predicted label), sprite, merged config.
+
+        The tensor file itself is left to the caller (formatting text is slow; a child process can write it).
+
+        Shape:
+            features: (N, D); labels, predicted: N names each (None: "?"); thumbnails: (N, 3, s, s) in [0, 1] or None.
+
+        Returns:
+            the path the tensor file (``tensors.tsv``) is to be written to, or None without a TensorBoard log dir.
+        """
+        log_dir = self.log_dir
+        if log_dir is None:
+            return None
+        return write_projector_step(log_dir, len(features), labels, predicted, thumbnails, step, tag)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         """Send scalars through every logger of the Trainer (TensorBoard, W&B, MLflow, CSV, ...) on rank zero."""
@@ -453,3 +472,59 @@ class Sink:
     def flush(self) -> None:
         for backend in self._backends:
             backend.flush()
+
+
+# ---- TensorBoard projector files ----
+
+
+def write_projector_step(
+    log_dir: str,
+    count: int,
+    labels: list[str] | None,
+    predicted: list[str] | None,
+    thumbnails: torch.Tensor | None,
+    step: int,
+    tag: str = "embedding",
+) -> str:
+    """Metadata and sprite of one projector embedding under ``log_dir/tag/STEP``, listed in ``projector_config.pbtxt``.
+
+    The config is merged with what is on disk (and replaced atomically), so it lists every step also after a resumed
+    run or a second writer process (``SummaryWriter.add_embedding`` rewrites it with only its own process's steps).
+    Returns the path of the embedding's tensor file, which the caller writes.
+    """
+    from google.protobuf import text_format
+    from PIL import Image
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    from lightning_viz.render import sprite
+
+    subdir = os.path.join(tag, f"{step:08d}")
+    path = os.path.join(log_dir, subdir)
+    os.makedirs(path, exist_ok=True)
+    rows = ["label\tpredicted"]
+    for i in range(count):
+        rows.append(f"{labels[i] if labels is not None else '?'}\t{predicted[i] if predicted is not None else '?'}")
+    with open(os.path.join(path, "metadata.tsv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    if thumbnails is not None:
+        Image.fromarray(sprite(thumbnails)).save(os.path.join(path, "sprite.png"))
+    config_path = os.path.join(log_dir, "projector_config.pbtxt")
+    config = ProjectorConfig()
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            text_format.Merge(f.read(), config)
+    kept = [e for e in config.embeddings if e.tensor_path != os.path.join(subdir, "tensors.tsv")]
+    del config.embeddings[:]
+    config.embeddings.extend(kept)
+    info = config.embeddings.add()
+    info.tensor_name = f"{tag}:{step:08d}"
+    info.tensor_path = os.path.join(subdir, "tensors.tsv")
+    info.metadata_path = os.path.join(subdir, "metadata.tsv")
+    if thumbnails is not None:
+        info.sprite.image_path = os.path.join(subdir, "sprite.png")
+        info.sprite.single_image_dim.extend([thumbnails.shape[-1], thumbnails.shape[-2]])
+    tmp = config_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text_format.MessageToString(config))
+    os.replace(tmp, config_path)
+    return os.path.join(path, "tensors.tsv")

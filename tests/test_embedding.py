@@ -125,7 +125,8 @@ def test_umap_off_the_training_path_with_dataloader_workers(tmp_path, pl_ns):
     blocked = [v for _, v in events.scalars("lightning_viz/seconds/embedding")]
     projection = [v for _, v in events.scalars("embedding/projection_seconds")]
     assert len(projection) == 3 and sum(blocked) < sum(projection)
-    assert not monitor._jobs and monitor._tmp is None and monitor._worker is None
+    projections = monitor._projections
+    assert not projections.pending and projections.workdir is None and not projections.running
 
 
 def _read_projector(logdir):
@@ -245,7 +246,7 @@ def test_feature_layer_output_not_a_tensor(tmp_path, pl_ns):
             x, _ = self.pair(x)
             return super().forward(x)
 
-    with pytest.raises(TypeError, match="the feature layer's output must be a tensor, got tuple"):
+    with pytest.raises(TypeError, match="the feature layer returned no tensor"):
         _fit(pl_ns, tmp_path, EmbeddingMonitor(layer="model.pair", on_error="raise"), _planted(), model=Model())
     with pytest.warns(UserWarning, match="switched off.*output must be a tensor"):
         trainer, _ = _fit(pl_ns, tmp_path / "warn", EmbeddingMonitor(layer="model.pair"), _planted(), model=Model())
@@ -284,7 +285,7 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
     assert sum(n for n in passes if n != probes) == 50
     assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 1, 2]
     assert all(v == 1.0 for _, v in events.scalars("embedding/knn_accuracy"))  # same codes, same quality (lr=0)
-    assert not monitor._capture_handles
+    assert not monitor._capture.attached
     # a shuffled validation loader: no running index, so the monitor reads the subset itself
     shuffled = EmbeddingMonitor(reducer="pca", every_n_epochs=1, on_error="raise", subset_size=50)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path / "s"), name="run", version=0)
@@ -296,4 +297,40 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
         DataLoader(data, batch_size=32),
         DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
     )
-    assert shuffled._captured_epoch is None
+    assert shuffled._capture.epoch is None
+
+
+def test_projection_client_polls_without_blocking_waits_at_the_end_and_leaves_nothing():
+    from lightning_viz._projection_worker import ProjectionClient
+
+    client = ProjectionClient("pca", seed=0)
+    assert list(client.finished()) == [] and not client.running  # nothing started before the first job
+    x, _ = _clusters(n_per=10, classes=2)
+    for step in (0, 1):
+        client.submit(x.numpy(), context=step)
+    workdir = client.workdir
+    assert client.running and os.path.isdir(workdir)
+    done = list(client.finished(wait=True))
+    assert [p.context for p in done] == [0, 1] and all(p.error is None and p.coords.shape == (20, 2) for p in done)
+    child = client._child
+    client.close()
+    assert child.returncode is not None  # reaped: no zombie
+    assert not client.running and client.pending == 0 and client.workdir is None and not os.path.exists(workdir)
+
+
+def test_projection_client_kill_and_a_dead_child():
+    from lightning_viz._projection_worker import ProjectionClient
+
+    x, _ = _clusters(n_per=10, classes=2)
+    client = ProjectionClient("umap", seed=0)
+    client.submit(x.numpy(), context="slow")
+    child, workdir = client._child, client.workdir
+    client.close(kill=True)  # the run is failing: no waiting for the map
+    assert child.returncode is not None and not os.path.exists(workdir) and client.pending == 0
+    client.submit(x.numpy(), context="lost")  # a new child for a new job
+    client._child.kill()
+    client._child.wait()
+    (failed,) = list(client.finished())
+    assert failed.coords is None and "the umap worker process exited with" in failed.error
+    assert not client.running
+    client.close()

@@ -139,7 +139,7 @@ def test_no_hooks_after_fit_validate_test_and_an_exception(tmp_path, pl_ns):
     finally:
         ChannelStats.update = original
     assert hook_count(module) == hooks
-    assert embedding._worker is None and not embedding._jobs
+    assert not embedding._projections.running and not embedding._projections.pending
 
 
 def test_gradient_monitors_work_inside_inference_mode(tmp_path, pl_ns):

@@ -21,6 +21,16 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.detach().float(), dim=1)
 
 
+def pooled_codes(output: torch.Tensor) -> torch.Tensor:
+    """A layer's output as one code per sample: detached, float, spatial dimensions average-pooled.
+
+    Shape:
+        output: (N, C) or (N, C, ...). Returns (N, C).
+    """
+    code = output.detach().float()
+    return code.flatten(2).mean(-1) if code.ndim > 2 else code
+
+
 def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine distances. Shape: (N, D), (M, D) -> (N, M)."""
     return (1.0 - _normalise(a) @ _normalise(b).T).clamp_min(0)
