@@ -188,7 +188,7 @@ def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
     train = TensorDataset(torch.randn(steps * 128, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * 128,)))
     val = TensorDataset(torch.randn(1024, 3, 32, 32, generator=gen), torch.randint(0, 10, (1024,)))
     results = {}
-    full = lightning_viz.default_suite(every_n_epochs=1, embedding={"projection": projection})
+    full = lightning_viz.default_suite(every_n_epochs=1, embedding={"reducer": projection})
     clocks = {}
     for label, suite in (("plain", []), ("suite", full)):
         clocks[label] = EpochClock()

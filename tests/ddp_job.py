@@ -93,7 +93,7 @@ def main(logdir: str) -> None:
     suite = lightning_viz.default_suite(
         every_n_epochs=1,
         featurevis={"steps": 2},
-        embedding={"projection": "pca"},
+        embedding={"reducer": "pca"},
         on_error="raise",
         activations={"layers": ["model.relu"]},
         saliency={"occlusion_window": 4},

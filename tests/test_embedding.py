@@ -246,7 +246,7 @@ def test_feature_layer_output_not_a_tensor(tmp_path, pl_ns):
             x, _ = self.pair(x)
             return super().forward(x)
 
-    with pytest.raises(TypeError, match="the feature layer returned no tensor"):
+    with pytest.raises(TypeError, match="the feature layer.s output must be a tensor; it returned none"):
         _fit(pl_ns, tmp_path, EmbeddingMonitor(layer="model.pair", on_error="raise"), _planted(), model=Model())
     with pytest.warns(UserWarning, match="switched off.*output must be a tensor"):
         trainer, _ = _fit(pl_ns, tmp_path / "warn", EmbeddingMonitor(layer="model.pair"), _planted(), model=Model())

@@ -17,7 +17,7 @@ import lightning_viz
 from lightning_viz import VizCallback
 from lightning_viz._hooks import hook_count, isolated
 
-FAST = dict(featurevis={"steps": 4}, embedding={"projection": "pca"})  # the full suite, quick settings
+FAST = dict(featurevis={"steps": 4}, embedding={"reducer": "pca"})  # the full suite, quick settings
 
 
 def _frozen_bn_model() -> nn.Module:

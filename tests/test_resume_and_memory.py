@@ -9,7 +9,7 @@ from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
 
 import lightning_viz
 
-FAST = dict(featurevis={"steps": 4}, embedding={"projection": "pca"})
+FAST = dict(featurevis={"steps": 4}, embedding={"reducer": "pca"})
 
 
 def test_resume_continues_with_the_same_probes_state_and_steps(tmp_path, pl_ns):
@@ -90,7 +90,7 @@ def test_memory_after_100_calls_of_each_monitor(tmp_path):
     )
     suite = lightning_viz.default_suite(
         saliency={"occlusion_window": 4, "smoothgrad_samples": 2, "max_probes": 2},
-        embedding={"projection": "pca", "subset_size": 32},
+        embedding={"reducer": "pca", "subset_size": 32},
         exemplars={"max_samples": 32, "top_k": 2, "max_channels": 2},
         featurevis={"steps": 1, "max_channels": 2, "image_size": 24},
     )

@@ -22,9 +22,7 @@ from lightning_viz import FolderLogger
 from lightning_viz.report import write_reports
 from lightning_viz.sinks import FolderBackend, Sink, safe_path
 
-FAST = dict(
-    featurevis={"steps": 2}, embedding={"projection": "pca"}, saliency={"smoothgrad_samples": 2, "max_probes": 2}
-)
+FAST = dict(featurevis={"steps": 2}, embedding={"reducer": "pca"}, saliency={"smoothgrad_samples": 2, "max_probes": 2})
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -205,6 +203,8 @@ def test_folder_logger_run_reads_back_and_makes_the_report(tmp_path, pl_ns, plai
     assert ("saliency/grid", 8) in images and ("activations/maps/model.relu1", 8) in images
     assert np.asarray(Image.open(run / "images" / "filters" / "model.conv1" / "00000008.png")).shape[2] == 3
     assert (run / "text" / "diagnosis" / "findings" / "00000008.md").is_file()
+    tables = {(r["tag"], r["step"]) for r in index if r["kind"] not in ("images", "text", "histograms")}
+    assert ("embedding/table", 0) in tables  # the EmbeddingMonitor's codes as a table (every 3 epochs)
     scalars = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
     noise = [r["step"] for r in scalars if "filters/noise_score/model.conv1" in r["metrics"]]
     assert noise == [0, 4, 8]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 Reducer = Literal["umap", "tsne", "pca"]
+_RENAMED = {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "knn_neighbours"}  # until 0.3
 
 
 class EmbeddingMonitor(VizCallback):
@@ -39,16 +40,15 @@ class EmbeddingMonitor(VizCallback):
     - **Projector** (TensorBoard's "Projector" tab): one embedding per logged step, with metadata (true label,
       predicted label) and sprite thumbnails within the 8192x8192 sprite limit; every step is listed, also after a
       resumed run (:meth:`~lightning_viz.sinks.Sink.projector`).
-    - **2-D map** (image ``embedding/map``): UMAP by default (``reducer="tsne"`` or ``"pca"``), coloured by class
-      with a legend. It is computed in one child process per fit (``lightning_viz/_projection_worker.py``), off the
-      training path; the image is written at the step it belongs to when it is ready, and the end of ``fit`` waits
-      for outstanding maps. Seeded; each map is Procrustes-aligned to the previous one so the cloud does not flip or
-      spin between epochs; ``embedding/map_filmstrip`` shows the last ``filmstrip_length`` maps side by side.
-      The projection's own time is logged as ``embedding/projection_seconds``.
+    - **2-D map** (image ``embedding/map``): UMAP by default, coloured by class, computed in one child process per
+      fit off the training path (``_projection_worker.py``) and written at its own step when ready (the end of
+      ``fit`` waits); seeded and Procrustes-aligned to the previous map; ``embedding/map_filmstrip`` shows the last
+      ``filmstrip_length`` maps; ``embedding/projection_seconds`` the projection's time.
     - **Nearest neighbours** (image ``embedding/neighbours``): for each probe, its ``num_neighbours`` nearest subset
       images in the code space (cosine distance), framed green when they share the probe's label, red otherwise.
     - **Quality**: ``embedding/knn_accuracy`` (leave-one-out, ``knn_neighbours`` neighbours, cosine) and
-      ``embedding/silhouette`` (cosine) - "does the code get better" as a curve.
+      ``embedding/silhouette`` (cosine) - "does the code get better" as a curve. W&B, MLflow and folder loggers
+      get the codes as a table ``embedding/table`` (label, predicted, one column per dimension).
 
     Args:
         layer: name of the layer whose *output* is the code; default: the *input* of the model's last ``nn.Linear``
@@ -86,11 +86,7 @@ class EmbeddingMonitor(VizCallback):
         class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        moved = check.renamed(
-            "EmbeddingMonitor",
-            kwargs,
-            {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "knn_neighbours"},
-        )
+        moved = check.renamed("EmbeddingMonitor", kwargs, _RENAMED)
         reducer = moved.get("reducer", reducer)
         num_neighbours = moved.get("num_neighbours", num_neighbours)
         knn_neighbours = moved.get("knn_neighbours", knn_neighbours)
@@ -156,7 +152,9 @@ class EmbeddingMonitor(VizCallback):
             out = pl_module(images.to(model_device(pl_module)))
         calls = captured[0]
         if not calls:
-            raise TypeError("EmbeddingMonitor: the feature layer returned no tensor (or was not called).")
+            raise TypeError(
+                "EmbeddingMonitor: the feature layer's output must be a tensor; it returned none (or was not called)."
+            )
         logits = out.detach().float().cpu() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
         return E.pooled_codes(calls[-1]).cpu(), logits
 
@@ -221,6 +219,8 @@ class EmbeddingMonitor(VizCallback):
         names = self._names(labels), self._names(predicted)
         tsv = self._guard("projector", sink.projector, features, *names, thumbs, step) if projector else None
         tsv = tsv if isinstance(tsv, str) else None
+        if sink.writes_tables:  # W&B, MLflow, folder: the codes as a table (TensorBoard has the projector)
+            self._guard("table", sink.embedding_table, "embedding/table", features.numpy(), *names, step)
         if sink.writes_images:
             self._guard("neighbours", self._log_neighbours, pl_module, features, dataset, labels, step)
         submitted = sink.writes_images and self._guard("map", self._submit, features, labels, step, epochs_done, tsv)
