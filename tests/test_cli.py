@@ -192,9 +192,11 @@ def test_report_fails_only_when_no_page_could_be_written(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------------- board
 def _free_loopback_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # below the ephemeral range, where no outgoing connection can take the port between our choice and the bind
+    # (the DDP test picks its rendezvous port the same way)
+    from test_ddp import free_loopback_port
+
+    return free_loopback_port()
 
 
 def _answers(port):
@@ -231,19 +233,24 @@ def _alive(pid):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find TensorBoard's processes")
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_board_stopped_by_a_signal_leaves_no_tensorboard_behind(tmp_path, signame):
-    port = _free_loopback_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lightning_viz.cli", "board", str(tmp_path), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # so a failing test can still kill everything it started
-    )
     children = []
-    try:
-        deadline = time.monotonic() + 120
+    for _attempt in range(3):  # a port taken by someone else between our choice and TensorBoard's bind: another
+        port = _free_loopback_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lightning_viz.cli", "board", str(tmp_path), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a failing test can still kill everything it started
+        )
+        deadline = time.monotonic() + 180
         while not _answers(port) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _answers(port), f"TensorBoard never answered on 127.0.0.1:{port}"
+        if _answers(port) or proc.poll() is None:
+            break
+        output = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+    try:
+        assert _answers(port), f"TensorBoard never answered on 127.0.0.1:{port}: {locals().get('output', '')[-3000:]}"
         children = _descendants(proc.pid)
         assert children, "no TensorBoard child found"
         proc.send_signal(getattr(signal, signame))
