@@ -523,3 +523,42 @@ def dead_channel_table(sites: Sequence[tuple[str, Sequence[int], int]], epochs_d
         shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
         lines.append(f"| `{site}` | {len(indices)}/{channels} | {shown or '-'} |")
     return "\n".join(lines)
+
+
+# ---- attention drawing (AttentionMonitor) ----
+
+
+def token_overlay(image: torch.Tensor, patch_map: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """A map over the patch grid drawn over the image: each patch's value, nearest-upsampled to its pixels.
+
+    Args:
+        image: the display image (:func:`display_image`), (3, H, W) in [0, 1].
+        patch_map: one value per patch, (rows, cols), e.g. the class token's attention to each patch.
+        scale: values are divided by ``scale`` and clipped to [0, 1] (a fixed scale: comparable across epochs);
+            ``None`` scales the map to its own maximum.
+
+    Returns:
+        (3, H, W) float in [0, 1].
+    """
+    import torch.nn.functional as F
+
+    values = torch.nan_to_num(patch_map.detach().float().cpu())
+    if scale is None:
+        top = float(values.max()) if values.numel() else 0.0
+        scale = top if top > 0 else 1.0
+    heat = F.interpolate((values / scale).clamp(0, 1)[None, None], size=tuple(image.shape[-2:]), mode="nearest")
+    return overlay(image, heat[0, 0])
+
+
+def labelled_grid(
+    columns: dict[str, torch.Tensor], row_labels: Sequence[str], tile_size: int, titles: Sequence[str] | None = None
+) -> np.ndarray:
+    """Tiles in a grid: a column per entry of ``columns`` (titled in a header), a row per label.
+
+    Shape:
+        columns: name -> (rows, 3, h, w) float in [0, 1]. Returns (H, W, 3) uint8.
+    """
+    names = list(columns)
+    tiles = torch.stack([resize_tiles(columns[n], tile_size) for n in names], dim=1)  # (rows, columns, 3, s, s)
+    rows = [label_left(tile_grid(tiles[r], ncol=len(names)), label) for r, label in enumerate(row_labels)]
+    return stack_rows([header(list(titles or names), tile_size), *rows], gap=0)
