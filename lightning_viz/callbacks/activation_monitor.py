@@ -17,7 +17,7 @@ from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import activations as A
-from lightning_viz.functional.activations import ACTIVATION_KINDS, Site
+from lightning_viz.functional.activations import Site
 from lightning_viz.probes import ProbeSet
 from lightning_viz.records import ActivationStats
 
@@ -131,7 +131,7 @@ class ActivationMonitor(VizCallback):
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         configured = self.layers is not None or self.pre_activation_layers is not None
-        if not configured and not layers_of_kind(pl_module, ACTIVATION_KINDS):
+        if not configured and not layers_of_kind(pl_module, A.activation_kinds(pl_module)):
             # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
             # of the way rather than stop a default suite from training.
             candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]

@@ -73,7 +73,7 @@ class AttentionMonitor(VizCallback):
         max_probes: int = 4,
         max_head_layers: int = 4,
         head_fusion: A.HeadFusion = "mean",
-        attention_scale: float = 4.0,
+        attention_scale: float = 2.0,
         tile_size: int = 48,
         filmstrip_probes: int = 2,
         filmstrip_length: int = 8,

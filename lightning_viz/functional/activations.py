@@ -41,6 +41,12 @@ ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
     nn.Softplus,
 )
+#: timm's own activation modules (``timm.layers.activations``, not subclasses of torch's), recognised by name so
+#: that timm need not be imported: ConvNeXt and others build ``timm.layers.GELU``.
+TIMM_ACTIVATION_NAMES = frozenset(
+    {"GELU", "GELUTanh", "QuickGELU", "Swish", "SwishMe", "Mish", "MishMe", "HardSwish", "HardSwishMe", "HardMish"}
+)
+
 #: Activations whose inactive output is exactly zero, so a channel can be *dead*.
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
@@ -60,6 +66,10 @@ CHANNELS_FIRST_KINDS: tuple[type[nn.Module], ...] = (
 )
 #: Modules that keep their input's layout (skipped when looking for the layer that produced an activation's input).
 _LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity, *ACTIVATION_KINDS)
+
+
+def _keeps_layout(module: nn.Module) -> bool:
+    return isinstance(module, _LAYOUT_KEEPING) or type(module).__name__ in TIMM_ACTIVATION_NAMES
 
 
 class Layout(NamedTuple):
@@ -113,7 +123,7 @@ def channel_layouts(model: nn.Module, names: Sequence[str]) -> dict[str, Layout]
                 (
                     layout
                     for _, m in reversed(before)
-                    if not isinstance(m, _LAYOUT_KEEPING) and (layout := layer_layout(m)) is not None
+                    if not _keeps_layout(m) and (layout := layer_layout(m)) is not None
                 ),
                 Layout(),
             )
@@ -246,6 +256,16 @@ class SiteStats(dict):
         stats.update(output)
 
 
+def activation_kinds(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """:data:`ACTIVATION_KINDS` and the timm activation classes (:data:`TIMM_ACTIVATION_NAMES`) used in ``model``."""
+    timm = {
+        type(m)
+        for m in model.modules()
+        if type(m).__name__ in TIMM_ACTIVATION_NAMES and type(m).__module__.startswith("timm.layers")
+    }
+    return ACTIVATION_KINDS + tuple(sorted(timm - set(ACTIVATION_KINDS), key=lambda k: k.__name__))
+
+
 def activation_layers(
     model: nn.Module,
     layers: Sequence[str] | None,
@@ -256,7 +276,7 @@ def activation_layers(
 
     Args:
         model: the model.
-        layers: names of activation modules (:data:`ACTIVATION_KINDS`); ``None``: all of them, unless only
+        layers: names of activation modules (:func:`activation_kinds`); ``None``: all of them, unless only
             ``pre_activation_layers`` are given.
         pre_activation_layers: names of layers whose outputs feed a functional ``F.relu`` (dead units defined).
         count_dead: ``None``: where defined (:data:`RELU_FAMILY` and ``pre_activation_layers``); ``True``: required
@@ -268,7 +288,7 @@ def activation_layers(
     modules: dict[str, nn.Module] = {}
     dead: dict[str, bool] = {}
     if layers is not None or pre_activation_layers is None:
-        resolved = resolve_layers(model, layers, ACTIVATION_KINDS, argument="layers", default="all")
+        resolved = resolve_layers(model, layers, activation_kinds(model), argument="layers", default="all")
         modules.update(resolved)
         dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})
     if pre_activation_layers is not None:
