@@ -205,6 +205,17 @@ def test_attention_monitor_logs_heads_rollout_filmstrips_and_entropy(tmp_path, p
     assert hook_count(model) == hooks
 
 
+def test_attention_monitor_state_keeps_probes_and_filmstrips(tmp_path, pl_ns):
+    torch.manual_seed(0)
+    monitor = AttentionMonitor(on_error="raise", max_probes=2, tile_size=16)
+    _fit(pl_ns, tmp_path, monitor, TinyViT())
+    resumed = AttentionMonitor(max_probes=2, tile_size=16)
+    resumed.load_state_dict(monitor.state_dict())
+    assert torch.equal(resumed.probes.images, monitor.probes.images)
+    assert [label for label, _ in resumed._filmstrips[0].frames] == ["ep 0", "ep 1", "ep 2"]
+    assert resumed.state_key == monitor.state_key
+
+
 def test_attention_monitor_changes_no_weight(tmp_path, pl_ns):
     def run(monitor, sub: str) -> list[torch.Tensor]:
         torch.manual_seed(0)

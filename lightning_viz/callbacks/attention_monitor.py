@@ -149,7 +149,7 @@ class AttentionMonitor(VizCallback):
         return "or lower `max_probes`, or leave `grad_rollout` out of `methods` "
 
     # ---------------------------------------------------------------------------------------------- logging
-    def _weights(self, trainer: Any, pl_module: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+    def _weights(self, pl_module: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple:
         """Attention weights of every supported layer, and their gradients when ``grad_rollout`` is on and works."""
         if "grad_rollout" in self.methods and self._rollout_ok:
             result = self._guard("grad_rollout", A.attention_gradients, pl_module, self._modules, x, labels)
@@ -162,7 +162,7 @@ class AttentionMonitor(VizCallback):
         images = self.probes.images[: self.max_probes]
         labels = self.probes.labels[: self.max_probes] if self.probes.labels is not None else None
         x = images.to(model_device(pl_module))
-        weights, grads = self._weights(trainer, pl_module, x, labels)
+        weights, grads = self._weights(pl_module, x, labels)
         if not weights:
             raise RuntimeError("no supported attention module ran in the model's forward pass on the probe images.")
         for name, attn in weights.items():

@@ -32,9 +32,14 @@ from torch import nn
 HeadFusion = Literal["mean", "max", "min"]
 
 
+#: Where timm defines the ViT ``Attention`` (older releases kept it in the model's module); timm has other classes
+#: named ``Attention`` (LeViT, EfficientFormer) that compute attention differently and are not recognised.
+_TIMM_ATTENTION_MODULES = ("timm.layers.attention", "timm.models.vision_transformer")
+
+
 def _timm_attention_class(module: nn.Module) -> type | None:
     for cls in type(module).__mro__:
-        if cls.__name__ == "Attention" and cls.__module__.startswith("timm.layers"):
+        if cls.__name__ == "Attention" and cls.__module__ in _TIMM_ATTENTION_MODULES:
             return cls
     return None
 
