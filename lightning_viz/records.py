@@ -189,3 +189,31 @@ def bus_for(trainer: Any) -> RecordBus:
     if bus is None:
         bus = _BUSES[trainer] = RecordBus()
     return bus
+
+
+# ---- attention (AttentionMonitor) ----
+
+
+@dataclass(frozen=True)
+class AttentionStats(Record):
+    """One attention layer's weights on the probe images (published by :class:`~lightning_viz.AttentionMonitor`).
+
+    Attention collapse (every query attending to one token) shows as ``normalized_entropy`` near 0 and
+    ``top_key_share`` near 1; uniform attention as ``normalized_entropy`` 1 and ``top_key_share`` ``1 / tokens``.
+    """
+
+    #: Number of heads.
+    heads: int
+    #: Number of key tokens.
+    tokens: int
+    #: Mean entropy of the attention rows in nats, over heads, queries and probe images.
+    entropy: float
+    #: ``entropy / log(tokens)``, in [0, 1]; ``None`` for a single token.
+    normalized_entropy: float | None
+    #: Mean entropy per head, nats.
+    head_entropy: tuple[float, ...]
+    #: Share of the attention that goes to the single most-attended token (mean over heads and probes).
+    top_key_share: float
+
+
+__all__ += ["AttentionStats"]

@@ -799,3 +799,29 @@ def embedding_map(
     image = scatter(coords, labels, title=f"{reducer} of the code, epoch {epochs_done}", class_names=class_names)
     small = scatter(coords, labels, size=160, title=f"ep {epochs_done}", radius=1)
     return image, small
+
+
+# ---- attention drawing (AttentionMonitor) ----
+
+
+def token_overlay(image: torch.Tensor, patch_map: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """A map over the patch grid drawn over the image: each patch's value, nearest-upsampled to its pixels.
+
+    Args:
+        image: the display image (:func:`display_image`), (3, H, W) in [0, 1].
+        patch_map: one value per patch, (rows, cols), e.g. the class token's attention to each patch.
+        scale: values are divided by ``scale`` and clipped to [0, 1] (a fixed scale: comparable across epochs);
+            ``None`` scales the map to its own maximum.
+
+    Returns:
+        (3, H, W) float in [0, 1].
+    """
+    import torch.nn.functional as F
+
+    values = torch.nan_to_num(patch_map.detach().float().cpu())
+    if scale is None:
+        top = float(values.max()) if values.numel() else 0.0
+        scale = top if top > 0 else 1.0
+    heat = F.interpolate((values / scale).clamp(0, 1)[None, None], size=tuple(image.shape[-2:]), mode="nearest")
+    return overlay(image, heat[0, 0])
+

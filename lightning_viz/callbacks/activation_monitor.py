@@ -17,7 +17,7 @@ from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import activations as A
-from lightning_viz.functional.activations import ACTIVATION_KINDS, Site
+from lightning_viz.functional.activations import Site
 from lightning_viz.probes import ProbeSet
 from lightning_viz.records import ActivationStats
 
@@ -36,6 +36,9 @@ class ActivationMonitor(VizCallback):
     A module applied several times per forward (torchvision's ResNet reuses ``relu`` in each block) is reported per
     call site: ``layer1.0.relu#1``, ``layer1.0.relu#2``. Call sites are counted per batch, so a model that runs
     several forward passes per validation step numbers the later passes' sites on from the first's.
+
+    Channels follow the layer (:func:`~lightning_viz.functional.activations.channel_layouts`): a ViT's MLP GELU
+    output (N, tokens, D) is counted per hidden unit D, never per token; GELU gets sparsity, not dead units.
 
     Logged per site: scalars ``activations/sparsity/<site>`` (share of values <= 0), ``activations/mean/<site>``
     and, for the ReLU family, ``activations/dead_fraction/<site>`` and ``activations/dead_count/<site>``; histograms
@@ -128,7 +131,7 @@ class ActivationMonitor(VizCallback):
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         configured = self.layers is not None or self.pre_activation_layers is not None
-        if not configured and not layers_of_kind(pl_module, ACTIVATION_KINDS):
+        if not configured and not layers_of_kind(pl_module, A.activation_kinds(pl_module)):
             # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
             # of the way rather than stop a default suite from training.
             candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
@@ -152,6 +155,7 @@ class ActivationMonitor(VizCallback):
             self._map_modules = list(self.map_layers)
         self._modules = modules
         self._dead_defined = dead
+        self._stats.layouts = A.channel_layouts(pl_module, list(modules))
         self._release(pl_module)
         self._recorder = CallSiteRecorder(modules, self._record)
 
@@ -321,7 +325,8 @@ class ActivationMonitor(VizCallback):
         if not self._map_modules or self._sink is None or not self._sink.writes_images:
             return
         image = self._probe_image(trainer).to(model_device(pl_module))
-        captured = A.site_maps(pl_module, {n: self._modules[n] for n in self._map_modules}, image)
+        modules = {n: self._modules[n] for n in self._map_modules}
+        captured = A.site_maps(pl_module, modules, image, self._stats.layouts)
         for site, key in sites:
             if key not in captured:
                 continue

@@ -36,7 +36,9 @@ class FilterMonitor(VizCallback):
     against the weights at the start of the fit; kept in the checkpoint so a resumed run measures from the same W0).
 
     Args:
-        layers: names of ``nn.Conv2d`` layers; default: the model's first ``Conv2d``.
+        layers: names of ``nn.Conv2d`` layers; default: the model's first ``Conv2d`` (in a vision transformer its
+            patch embedding, e.g. timm's ``patch_embed.proj`` or torchvision's ``conv_proj``: RGB tiles of 16x16
+            kernels).
         max_filters: at most this many filters per grid.
         max_input_channels: at most this many input-channel slices per filter for layers with more than 3 input
             channels (was ``max_channels``).

@@ -5,12 +5,19 @@ that feed a functional ``F.relu``, where a value <= 0 is what the ReLU turns int
 zero, and a channel that is never active on any position of any sample is *dead*: no gradient reaches its weights,
 so it stays dead. For smooth activations (GELU, SiLU, ELU, LeakyReLU...) the same counts give a *sparsity* (share of
 positions <= 0) but "dead" is not defined.
+
+Channels follow the layer: a convolution's output is (N, C, ...), a Linear's, a LayerNorm's or an attention's
+(N, ..., D), e.g. (N, tokens, D) in a transformer. Statistics are per channel or hidden unit, never per token or
+position. An activation module (GELU, ReLU) has no layout of its own: :func:`channel_layouts` takes it from the
+layer that produces its input, the nearest layout-defining module before it in the model (``fc1`` for the GELU of a
+transformer's MLP, ``bn1`` for a ResNet's ReLU), and :meth:`Layout.axis_for` checks that guess against each
+output's shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,24 +41,111 @@ ACTIVATION_KINDS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
     nn.Softplus,
 )
+#: timm's own activation modules (``timm.layers.activations``, not subclasses of torch's), recognised by name so
+#: that timm need not be imported: ConvNeXt and others build ``timm.layers.GELU``.
+TIMM_ACTIVATION_NAMES = frozenset(
+    {"GELU", "GELUTanh", "QuickGELU", "Swish", "SwishMe", "Mish", "MishMe", "HardSwish", "HardSwishMe", "HardMish"}
+)
+
 #: Activations whose inactive output is exactly zero, so a channel can be *dead*.
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
 #: A call site: a module's name and which of its calls within one forward pass (0-based).
 Site = tuple[str, int]
 
+#: Layers whose outputs have their hidden units last, (N, ..., D).
+CHANNELS_LAST_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.MultiheadAttention) + (
+    (nn.Embedding, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.Embedding,)
+)
+#: Layers whose outputs have their channels on axis 1, (N, C, ...).
+CHANNELS_FIRST_KINDS: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+)
+#: Modules that keep their input's layout (skipped when looking for the layer that produced an activation's input).
+_LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity, *ACTIVATION_KINDS)
+
+
+def _keeps_layout(module: nn.Module) -> bool:
+    return isinstance(module, _LAYOUT_KEEPING) or type(module).__name__ in TIMM_ACTIVATION_NAMES
+
+
+class Layout(NamedTuple):
+    """Where a site's channels are: ``axis`` 1 (channels first) or -1 (last), and their number when known."""
+
+    axis: int = 1
+    width: int | None = None
+
+    def axis_for(self, output: torch.Tensor) -> int:
+        """The channel axis of ``output``: :attr:`axis`, unless only the other candidate axis has :attr:`width`
+        entries (timm's ``LayerNorm2d`` is a LayerNorm that keeps (N, C, H, W))."""
+        if self.width is None or output.ndim <= 2:
+            return self.axis
+        other = -1 if self.axis == 1 else 1
+        if output.shape[self.axis] != self.width and output.shape[other] == self.width:
+            return other
+        return self.axis
+
+
+def layer_layout(module: nn.Module) -> Layout | None:
+    """The layout of a layout-defining module's output; ``None`` for others (activations, containers, ...)."""
+    width_attributes = ("out_features", "embed_dim", "embedding_dim", "out_channels", "num_features", "num_channels")
+    width = next((getattr(module, a) for a in width_attributes if hasattr(module, a)), None)
+    if width is None and getattr(module, "normalized_shape", None):  # LayerNorm, RMSNorm
+        width = module.normalized_shape[-1]
+    if isinstance(module, CHANNELS_LAST_KINDS):
+        return Layout(-1, None if width is None else int(width))
+    if isinstance(module, CHANNELS_FIRST_KINDS):
+        return Layout(1, None if width is None else int(width))
+    return None
+
+
+def channel_layouts(model: nn.Module, names: Sequence[str]) -> dict[str, Layout]:
+    """Where the channels of each named module's output are.
+
+    A layout-defining layer (:data:`CHANNELS_LAST_KINDS`, :data:`CHANNELS_FIRST_KINDS`) gives its own; any other
+    module (an activation) takes the layout of the nearest layout-defining leaf module registered before it,
+    skipping dropout, identities and other activations. Without one, channels are on axis 1.
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
+    order = {n: i for i, (n, _) in enumerate(leaves)}
+    modules = dict(model.named_modules())
+    layouts: dict[str, Layout] = {}
+    for name in names:
+        own = layer_layout(modules[name])
+        if own is None:
+            inside = [order[n] for n, _ in leaves if n.startswith(f"{name}.")]
+            # a container's output comes from its last layer inside; an activation's from the one before it
+            before = leaves[: max(inside) + 1] if inside else leaves[: order.get(name, 0)]
+            own = next(
+                (
+                    layout
+                    for _, m in reversed(before)
+                    if not _keeps_layout(m) and (layout := layer_layout(m)) is not None
+                ),
+                Layout(),
+            )
+        layouts[name] = own
+    return layouts
+
 
 class ChannelStats:
     """Per-channel counters, updated batch by batch; activations themselves are never kept.
 
-    Channels are along dimension 1 of the activation: (N, C), (N, C, L), (N, C, H, W), ...
+    Channels are along ``channel_axis`` of the activation: 1 for (N, C), (N, C, L), (N, C, H, W), ...; -1 for
+    hidden units of tokens (N, T, D) or channels-last maps (N, H, W, C).
 
     Attributes (float64 tensors of shape (C,), so they can be summed across processes):
         positions: values seen per channel; active: values > 0; total: their sum.
     A bounded random sample of raw values (``sample_size``, drawn with the given generator) backs a histogram.
     """
 
-    def __init__(self, sample_size: int = 4096, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, sample_size: int = 4096, generator: torch.Generator | None = None, channel_axis: int = 1
+    ) -> None:
+        self.channel_axis = channel_axis
         self.positions: torch.Tensor | None = None
         self.active: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
@@ -67,12 +161,13 @@ class ChannelStats:
 
     @torch.no_grad()
     def update(self, activation: torch.Tensor) -> None:
-        """Add one batch. Shape: (N, C, ...)."""
+        """Add one batch. Shape: (N, C, ...) with ``channel_axis=1``, (N, ..., C) with ``channel_axis=-1``."""
         if activation.ndim < 2:
             raise ValueError(f"activations must have shape (N, C, ...), got {tuple(activation.shape)}.")
         x = activation.detach()
-        channels = x.shape[1]
-        dims = [0, *range(2, x.ndim)]
+        axis = self.channel_axis % x.ndim
+        channels = x.shape[axis]
+        dims = [d for d in range(x.ndim) if d != axis]
         per_channel = x.numel() // channels
         # Reductions accumulate in float64 inside the kernel: no float64 copy of the activation is materialised
         # (it would be 2x the activation's size at the largest layer, and show up in peak memory).
@@ -137,21 +232,38 @@ class SiteStats(dict):
     Args:
         sample_size: values sampled per site for a histogram.
         seed: the k-th site created samples with a private generator seeded ``seed + k`` (never the global RNG).
+        layouts: module name -> :class:`Layout` (see :func:`channel_layouts`); channels on axis 1 where missing.
     """
 
-    def __init__(self, sample_size: int, seed: int = 0) -> None:
+    def __init__(self, sample_size: int, seed: int = 0, layouts: Mapping[str, Layout] | None = None) -> None:
         super().__init__()
         self.sample_size = sample_size
         self.seed = seed
+        self.layouts: dict[str, Layout] = dict(layouts or {})
 
     def add(self, site: Site, output: Any) -> None:
-        """Count one output of a call site; outputs that are not tensors of shape (N, C, ...) are ignored."""
+        """Count one output of a call site; outputs that are not tensors of shape (N, C, ...) are ignored.
+
+        The channel axis is fixed by the site's first output (:meth:`Layout.axis_for`).
+        """
         if not isinstance(output, torch.Tensor) or output.ndim < 2:
             return
         stats = self.get(site)
         if stats is None:
-            stats = self[site] = ChannelStats(self.sample_size, torch.Generator().manual_seed(self.seed + len(self)))
+            axis = self.layouts.get(site[0], Layout()).axis_for(output)
+            generator = torch.Generator().manual_seed(self.seed + len(self))
+            stats = self[site] = ChannelStats(self.sample_size, generator, channel_axis=axis)
         stats.update(output)
+
+
+def activation_kinds(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """:data:`ACTIVATION_KINDS` and the timm activation classes (:data:`TIMM_ACTIVATION_NAMES`) used in ``model``."""
+    timm = {
+        type(m)
+        for m in model.modules()
+        if type(m).__name__ in TIMM_ACTIVATION_NAMES and type(m).__module__.startswith("timm.layers")
+    }
+    return ACTIVATION_KINDS + tuple(sorted(timm - set(ACTIVATION_KINDS), key=lambda k: k.__name__))
 
 
 def activation_layers(
@@ -164,7 +276,7 @@ def activation_layers(
 
     Args:
         model: the model.
-        layers: names of activation modules (:data:`ACTIVATION_KINDS`); ``None``: all of them, unless only
+        layers: names of activation modules (:func:`activation_kinds`); ``None``: all of them, unless only
             ``pre_activation_layers`` are given.
         pre_activation_layers: names of layers whose outputs feed a functional ``F.relu`` (dead units defined).
         count_dead: ``None``: where defined (:data:`RELU_FAMILY` and ``pre_activation_layers``); ``True``: required
@@ -176,7 +288,7 @@ def activation_layers(
     modules: dict[str, nn.Module] = {}
     dead: dict[str, bool] = {}
     if layers is not None or pre_activation_layers is None:
-        resolved = resolve_layers(model, layers, ACTIVATION_KINDS, argument="layers", default="all")
+        resolved = resolve_layers(model, layers, activation_kinds(model), argument="layers", default="all")
         modules.update(resolved)
         dead.update({name: isinstance(m, RELU_FAMILY) for name, m in resolved.items()})
     if pre_activation_layers is not None:
@@ -214,17 +326,27 @@ def sum_counters(stats: Mapping[Site, ChannelStats], reduce: Callable[[torch.Ten
 
 
 @torch.no_grad()
-def site_maps(model: nn.Module, modules: Mapping[str, nn.Module], image: torch.Tensor) -> dict[Site, torch.Tensor]:
+def site_maps(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    image: torch.Tensor,
+    layouts: Mapping[str, Layout] | None = None,
+) -> dict[Site, torch.Tensor]:
     """One forward pass of ``image``; each call site's spatial output (float, on the CPU), per site.
+
+    Args:
+        layouts: module name -> :class:`Layout`; a channels-last (N, H, W, C) output is returned channels first.
 
     Shape:
         image: (1, C, H, W). Returns (C', H', W') per call site of ``modules`` whose output is 4-D.
     """
     captured: dict[Site, torch.Tensor] = {}
+    layouts = layouts or {}
 
     def keep(name: str, index: int, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4:
-            captured[(name, index)] = output[0].detach().float().cpu().clone()
+            axis = layouts.get(name, Layout()).axis_for(output) % 4
+            captured[(name, index)] = output[0].detach().movedim(axis - 1, 0).float().cpu().clone()
 
     recorder = CallSiteRecorder(modules, keep)
     recorder.attach()
