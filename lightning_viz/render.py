@@ -824,4 +824,3 @@ def token_overlay(image: torch.Tensor, patch_map: torch.Tensor, scale: float | N
         scale = top if top > 0 else 1.0
     heat = F.interpolate((values / scale).clamp(0, 1)[None, None], size=tuple(image.shape[-2:]), mode="nearest")
     return overlay(image, heat[0, 0])
-

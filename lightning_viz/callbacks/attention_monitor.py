@@ -221,7 +221,8 @@ class AttentionMonitor(VizCallback):
                 continue
             maps = A.patch_map(weights[name], prefix, rows, cols)  # (N, H, rows, cols)
             columns = {"input": display, **{f"h{h}": overlays(maps[:, h]) for h in range(maps.shape[1])}}
-            grid = render.labelled_grid(render.column_tiles(list(columns.values()), self.tile_size), list(columns), row_labels)
+            tiles = render.column_tiles(list(columns.values()), self.tile_size)
+            grid = render.labelled_grid(tiles, list(columns), row_labels)
             sink.image(f"attention/heads/{name}", grid, step)
 
         if not self._rollout_ok:
