@@ -12,6 +12,7 @@ from lightning_viz.probes import ProbeSet
 if TYPE_CHECKING:
     from lightning_viz.callbacks import (
         ActivationMonitor,
+        AttentionMonitor,
         DiagnosisMonitor,
         EmbeddingMonitor,
         ExemplarMonitor,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMonitor",
+    "AttentionMonitor",
     "DiagnosisMonitor",
     "EmbeddingMonitor",
     "ExemplarMonitor",

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 #: Public name -> the module under `lightning_viz.callbacks` that defines it.
 _MODULES = {
     "ActivationMonitor": "activation_monitor",
+    "AttentionMonitor": "attention_monitor",
     "DiagnosisMonitor": "diagnosis_monitor",
     "EmbeddingMonitor": "embedding_monitor",
     "ExemplarMonitor": "exemplar_monitor",
@@ -33,6 +34,7 @@ _MODULES = {
 
 __all__ = [
     "ActivationMonitor",
+    "AttentionMonitor",
     "DiagnosisMonitor",
     "EmbeddingMonitor",
     "ExemplarMonitor",
