@@ -11,6 +11,7 @@ from lightning_viz import _lazy_attributes
 
 if TYPE_CHECKING:
     from lightning_viz.callbacks.activation_monitor import ActivationMonitor
+    from lightning_viz.callbacks.attention_monitor import AttentionMonitor
     from lightning_viz.callbacks.base import VizCallback
     from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor
     from lightning_viz.callbacks.embedding_monitor import EmbeddingMonitor
