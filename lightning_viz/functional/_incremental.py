@@ -212,7 +212,7 @@ class IncrementalOcclusion:
             if len(placeholders) != 1:
                 return None
             with torch.no_grad():
-                ShapeProp(gm).propagate(example)
+                ShapeProp(gm).propagate(example.clone())  # the model may edit its input in place
         except Exception:
             return None
         modules = dict(gm.named_modules())

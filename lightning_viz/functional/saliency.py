@@ -1,6 +1,9 @@
 """Gradient-based saliency on a plain ``nn.Module``, batched over images. Pure functions, no Trainer.
 
-Every method explains the *score* of a target class: the model's output (logit, before any softmax) at that class.
+Every method explains the *score* of a target class: the model's output (logit, before any softmax) at that class;
+for a single-logit (sigmoid) binary head, the logit for class 1 and its negative for class 0 (:func:`class_scores`;
+:func:`head_outputs` gives a head's probabilities and predicted classes). The model always gets a fresh copy of its
+input, so models that edit their input in place (``x.sub_(0.5)``) work and the caller's tensor is untouched.
 Gradients are taken with ``torch.autograd.grad`` w.r.t. a clone of the input, so no parameter's ``.grad`` is touched;
 parameters are frozen (``requires_grad=False``) for the duration, so autograd builds no weight-gradient graph, and
 their flags are restored afterwards. The functions work inside ``torch.inference_mode`` (Lightning's validation):
