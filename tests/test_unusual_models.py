@@ -283,6 +283,10 @@ def test_head_outputs():
     assert torch.allclose(probs, logits.softmax(1)) and pred.tolist() == [0, 2]
     probs, pred = sal.head_outputs(logits, "multilabel")
     assert torch.allclose(probs, logits.sigmoid()) and pred.tolist() == [0, 2]
+    result = occ.OcclusionResult(logits.view(2, 1, 1, 3), logits, [0], [0], 1)  # a multi-label occlusion map
+    assert torch.allclose(
+        result.probability(torch.tensor([1, 2]), "multilabel").flatten(), logits.sigmoid()[:, 1:].diag()
+    )
     probs, pred = sal.head_outputs(torch.tensor([[1.5], [-0.2]]))
     assert pred.tolist() == [1, 0] and torch.allclose(probs[:, 1], torch.tensor([1.5, -0.2]).sigmoid())
     assert torch.allclose(probs.sum(1), torch.ones(2))
