@@ -105,7 +105,7 @@ def _occlusion(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
             m._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result.rows(i.index).upsampled(i.target, tuple(x.shape[-2:]))
+    return result.rows(i.index).upsampled(i.target, tuple(x.shape[-2:]), m.head)
 
 
 #: The methods, in the order their columns appear: a new method is one entry here.
@@ -137,23 +137,19 @@ class SaliencyMonitor(VizCallback):
 
     Grid (tag ``saliency/grid``): a row per probe and target class, a column for the input and one per method. Each
     probe is explained for its true class (when labels are known) and, when the prediction differs, for the
-    predicted class in a second row; row labels give both and the predicted probability. Filmstrips (tags
-    ``saliency/filmstrip/probe_XX``) show the first row of each of the first ``filmstrip_probes`` probes at each of
-    the last ``filmstrip_length`` logged epochs.
+    predicted class in a second row; row labels give both and the predicted probability. Filmstrips
+    (``saliency/filmstrip/probe_XX``): the first row of the first ``filmstrip_probes`` probes over logged epochs.
 
-    How each column is drawn: ``gradient``, ``smoothgrad``, ``gradcam`` and ``fullgrad`` are heat maps over the
-    grayscale image, each map scaled to its own 99th percentile (their absolute size changes by orders of magnitude
-    during training, so a fixed scale would show nothing; compare *where*, not *how much*). ``guided_backprop`` and
-    ``deconvnet`` are signed colour images, 0 = grey, scaled the same way. ``occlusion`` shows the probability of the
-    row's class with a grey ``occlusion_window`` square at each position, on the fixed scale 0 (black) to 1 (bright),
-    comparable across epochs; ``occl. top`` the most probable class at each position (categorical colours), and with
-    ``occlusion_layer`` the total activation of that layer's strongest channel (``occl. act``).
+    Columns: ``gradient``, ``smoothgrad``, ``gradcam``, ``fullgrad``: heat maps over the grayscale image, each scaled
+    to its own 99th percentile (compare *where*, not *how much*); ``guided_backprop``, ``deconvnet``: signed colour
+    images, 0 = grey. ``occlusion``: the probability of the row's class with a grey ``occlusion_window`` square at
+    each position, on the fixed scale 0 (black) to 1 (bright); ``occl. top`` the predicted class at each position,
+    and with ``occlusion_layer`` the total activation of that layer's strongest channel (``occl. act``). A
+    single-logit head explains the class's log-odds (``logit`` for class 1, ``-logit`` for class 0).
 
     Input-space methods and Grad-CAM run on a frozen copy of the model with conv+BatchNorm folded (except the
     Grad-CAM layer; :func:`lightning_viz.functional.saliency.inference_copy`), FullGrad on the model itself (it needs
-    the BatchNorm biases); all in eval mode, gradients by ``torch.autograd.grad``, the model's modes, ``.grad`` and
-    RNG streams restored afterwards. Occlusion recomputes only the window's patch in the first local layers
-    (:func:`lightning_viz.functional.occlusion.occlusion`), exact up to float rounding.
+    the BatchNorm biases); all in eval mode, the model's modes, ``.grad`` and RNG streams restored afterwards.
 
     Args:
         methods: any of ``gradient``, ``smoothgrad``, ``guided_backprop``, ``deconvnet``, ``gradcam``, ``fullgrad``,
@@ -164,8 +160,9 @@ class SaliencyMonitor(VizCallback):
         occlusion_window, occlusion_stride, occlusion_baseline: the occluding square, its step and its value.
         occlusion_layer: optionally, a layer whose strongest channel's total activation is mapped too.
         batch_size: images per forward/backward pass (SmoothGrad copies, occluded images are batched too).
-        max_probes: at most this many probes are explained.
-        tile_size: side of each tile in pixels.
+        max_probes: at most this many probes are explained. tile_size: side of each tile in pixels.
+        head: how the outputs read as classes (:func:`~lightning_viz.functional.saliency.head_outputs`): ``softmax``,
+            ``sigmoid`` (one logit, class 1 if ``logit > 0``), ``multilabel`` (a sigmoid per class); ``auto``: by size.
         filmstrip_probes, filmstrip_length: how many probes get a filmstrip, and how many epochs it shows.
         **kwargs: ``every_n_epochs`` (default 2: maps change slowly, and each call costs a few training steps),
             ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
@@ -189,6 +186,7 @@ class SaliencyMonitor(VizCallback):
         occlusion_layer: str | None = None,
         batch_size: int = 64,
         max_probes: int = 6,
+        head: sal.Head = "auto",
         tile_size: int = 48,
         filmstrip_probes: int = 2,
         filmstrip_length: int = 6,
@@ -210,6 +208,7 @@ class SaliencyMonitor(VizCallback):
             check.positive_int(arg, value)
         check.number("noise_level", noise_level, low=0.0)
         check.number("occlusion_baseline", occlusion_baseline)
+        check.choice("head", head, sal.HEADS)
         check.layer_name("gradcam_layer", gradcam_layer)
         check.layer_name("occlusion_layer", occlusion_layer)
         self.methods = methods
@@ -222,7 +221,7 @@ class SaliencyMonitor(VizCallback):
         self.occlusion_baseline = float(occlusion_baseline)
         self.occlusion_layer = occlusion_layer
         self.batch_size = batch_size
-        self.max_probes = max_probes
+        self.max_probes, self.head = max_probes, head
         self.tile_size = tile_size
         self.filmstrip_probes = filmstrip_probes
         self.filmstrip_length = filmstrip_length
@@ -277,7 +276,7 @@ class SaliencyMonitor(VizCallback):
             )
         with isolated(pl_module):
             try:
-                out = pl_module(images[:2].to(model_device(pl_module)))
+                out = pl_module(images[:2].to(model_device(pl_module)).clone())  # it may edit its input
             except Exception as exc:
                 raise ValueError(
                     f"`probes`: the model cannot take the probe images of shape {tuple(images.shape)}: "
@@ -286,6 +285,7 @@ class SaliencyMonitor(VizCallback):
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"SaliencyMonitor needs a model that returns class scores (N, K); it returned {shape}.")
+        sal.resolve_head(self.head, out.shape[1])  # fails naming `head` when it cannot read that many outputs
 
     @override
     def _cheaper_hint(self) -> str:
@@ -311,10 +311,11 @@ class SaliencyMonitor(VizCallback):
         x = images.to(model_device(pl_module))
         methods = [_BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
-        fast = sal.inference_copy(pl_module, keep=keep) if any(m.runs_on_copy for m in methods) else pl_module
+        on_copy = any(m.runs_on_copy for m in methods)  # the copy is checked against the model on the probes
+        fast = sal.inference_copy(pl_module, keep=keep, example=x) if on_copy else pl_module
         with torch.no_grad():
-            probs = fast(x).float().softmax(dim=1)
-        index, target = sal.rows_to_explain(probs.argmax(dim=1), labels)
+            probs, predicted = sal.head_outputs(fast(x.clone()), self.head)
+        index, target = sal.rows_to_explain(predicted, labels)
         row_labels = [render.explained_label(int(p), int(c), probs[p], labels) for p, c in zip(index, target)]
         inputs = Inputs(pl_module, fast, x[index.to(x.device)], target.to(x.device), x, index.to(x.device))
 

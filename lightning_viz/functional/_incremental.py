@@ -78,6 +78,12 @@ class _Step:
     pad_value: float = 0.0
 
 
+def window_offsets(length: int, window: int, stride: int) -> list[int]:
+    """Offsets ``0, stride, 2*stride, ...`` of an occluding window along an axis of ``length``, as Captum's
+    ``Occlusion`` places them: while the previous window did not reach the end, so a last window may be cut off."""
+    return list(range(0, max(length - window, 0) + stride, stride))
+
+
 def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -206,13 +212,14 @@ class IncrementalOcclusion:
             if len(placeholders) != 1:
                 return None
             with torch.no_grad():
-                ShapeProp(gm).propagate(example)
+                ShapeProp(gm).propagate(example.clone())  # the model may edit its input in place
         except Exception:
             return None
         modules = dict(gm.named_modules())
         h, w = example.shape[-2:]
-        tops = torch.arange(0, h - window + 1, stride)
-        lefts = torch.arange(0, w - window + 1, stride)
+        # windows cut off by the border are shifted inside it (their patch then holds some clean pixels)
+        tops = torch.tensor(window_offsets(h, window, stride)).clamp(max=h - window)
+        lefts = torch.tensor(window_offsets(w, window, stride)).clamp(max=w - window)
         # Static simulation over every window position: the patch size of each node.
         ranges: dict[fx.Node, _Ranges] = {}
         steps: list[_Step] = []
@@ -355,6 +362,24 @@ class IncrementalOcclusion:
         crop[bi[valid], ri[valid], ci[valid]] = patch.permute(0, 2, 3, 1)[valid]
         return crop.permute(0, 3, 1, 2)
 
+    def _input_patch(
+        self, node: fx.Node, image: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, window: int, baseline: float
+    ) -> tuple[torch.Tensor, _Ranges]:
+        """The occluded input's ``window`` x ``window`` patch. A window cut off by the border (it starts less than
+        ``window`` before the end) is shifted inside the image, its patch then holds the clean pixels before it."""
+        clean = self._clean[node]
+        h, w = clean.shape[-2:]
+        top, left = tops.clamp(max=h - window), lefts.clamp(max=w - window)
+        shape = (len(image), clean.shape[1], window, window)
+        patch = torch.full(shape, baseline, dtype=clean.dtype, device=clean.device)
+        if bool((top != tops).any() or (left != lefts).any()):
+            offsets = torch.arange(window, device=clean.device)
+            rows, cols = top.view(-1, 1) + offsets, left.view(-1, 1) + offsets  # (B, window) each
+            crop = clean[image.view(-1, 1, 1), :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+            covered = (rows >= tops.view(-1, 1))[:, :, None] & (cols >= lefts.view(-1, 1))[:, None, :]
+            patch = torch.where(covered[:, None], patch, crop)
+        return patch, _Ranges(top, left, window, window)
+
     @torch.no_grad()
     def forward(self, image: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, window: int, baseline: float):
         """Model output for clean image ``image[b]`` occluded at ``(tops[b], lefts[b])``; call :meth:`prepare` first."""
@@ -364,10 +389,7 @@ class IncrementalOcclusion:
         fmt = self._format
         for step in self.steps:
             if step.kind == "input":
-                clean = self._clean[step.node]
-                shape = (len(image), clean.shape[1], window, window)
-                patch = torch.full(shape, baseline, dtype=clean.dtype, device=dev)
-                patches[step.node] = (patch, _Ranges(tops.to(dev), lefts.to(dev), window, window))
+                patches[step.node] = self._input_patch(step.node, image, tops.to(dev), lefts.to(dev), window, baseline)
                 continue
             srcs = [patches[i] for i in step.inputs]
             rng = self._advance(step, [r for _, r in srcs])

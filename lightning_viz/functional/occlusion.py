@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lightning_viz._hooks import capture
-from lightning_viz.functional._incremental import IncrementalOcclusion
+from lightning_viz.functional._incremental import IncrementalOcclusion, window_offsets
+from lightning_viz.functional.saliency import class_scores, head_outputs
 
 
 class IncrementalMismatchWarning(RuntimeWarning):
@@ -24,12 +25,14 @@ class IncrementalMismatchWarning(RuntimeWarning):
 
 
 def occlusion_grid(height: int, width: int, window: int, stride: int) -> tuple[list[int], list[int]]:
-    """Top and left offsets of the occluding window: 0, stride, 2*stride, ... while the window fits."""
+    """Top and left offsets of the occluding window: 0, stride, 2*stride, ... as Captum's ``Occlusion`` places them:
+    when the windows do not tile the image, a last window starts before the border and is cut off by it, so every
+    pixel is covered."""
     if window < 1 or stride < 1:
         raise ValueError(f"`window` and `stride` must be >= 1, got window={window}, stride={stride}.")
     if window > height or window > width:
         raise ValueError(f"occlusion `window`={window} is larger than the image ({height}x{width}).")
-    return list(range(0, height - window + 1, stride)), list(range(0, width - window + 1, stride))
+    return window_offsets(height, window, stride), window_offsets(width, window, stride)
 
 
 @dataclass
@@ -52,9 +55,11 @@ class OcclusionResult:
     window: int
     layer_total: torch.Tensor | None = None
 
-    def probability(self, target: torch.Tensor) -> torch.Tensor:
-        """Softmax probability of each image's ``target`` class at each position, (N, gh, gw)."""
-        probs = self.logits.float().softmax(dim=-1)
+    def probability(self, target: torch.Tensor, head: str = "auto") -> torch.Tensor:
+        """Probability of each image's ``target`` class at each position, (N, gh, gw), as the classification
+        ``head`` reads the logits (:func:`~lightning_viz.functional.saliency.head_outputs`; default: softmax, or
+        sigmoid for a single logit)."""
+        probs = head_outputs(self.logits, head)[0]
         index = target.to(probs.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
         return probs.gather(-1, index).squeeze(-1)
 
@@ -64,18 +69,20 @@ class OcclusionResult:
         total = self.layer_total[index] if self.layer_total is not None else None
         return OcclusionResult(self.logits[index], self.clean_logits[index], self.tops, self.lefts, self.window, total)
 
-    def top_class(self) -> torch.Tensor:
-        """The most probable class at each position, (N, gh, gw)."""
-        return self.logits.argmax(dim=-1)
+    def top_class(self, head: str = "auto") -> torch.Tensor:
+        """The predicted class at each position, (N, gh, gw) (for a single logit: ``logit > 0``)."""
+        return head_outputs(self.logits, head)[1]
 
-    def upsampled(self, target: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def upsampled(
+        self, target: torch.Tensor, image_size: tuple[int, int], head: str = "auto"
+    ) -> dict[str, torch.Tensor]:
         """:meth:`probability` of ``target``, :meth:`top_class` and ``layer_total`` (when measured), each painted
         to image size by :func:`upsample_grid`, on the CPU. Keys: ``probability``, ``top_class``, ``layer_total``.
 
         Shape:
             target: (N,). Returns maps of shape (N, H, W).
         """
-        grids = {"probability": self.probability(target), "top_class": self.top_class()}
+        grids = {"probability": self.probability(target, head), "top_class": self.top_class(head)}
         if self.layer_total is not None:
             grids["layer_total"] = self.layer_total
         return {key: upsample_grid(grid, self, image_size).cpu() for key, grid in grids.items()}
@@ -104,6 +111,10 @@ def occlusion(
         incremental: recompute only the window's patch in the model's first local layers when the model allows it
             (not with ``layer``). Exact up to float rounding; set ``False`` to always run full forward passes.
 
+    Window positions follow Captum (:func:`occlusion_grid`): a last window cut off by the border when the windows do
+    not tile the image. The model gets fresh copies of the images, so one that edits its input in place sees the
+    clean image, and the windows are cut from the clean image.
+
     Shape:
         x: (N, C, H, W).
     """
@@ -129,7 +140,7 @@ def occlusion(
 
         fast = IncrementalOcclusion.build(model, x[:1], window, stride) if incremental and layer is None else None
         if fast is not None:
-            clean = fast.prepare(x).detach()
+            clean = fast.prepare(x.clone()).detach()
             first = slice(0, min(4, len(pairs_image)))
             got = fast.forward(pairs_image[first], pairs_top[first], pairs_left[first], window, baseline)
             want = model(occluded(first))
@@ -151,7 +162,7 @@ def occlusion(
 
         channel = None
         with capture([layer] if layer is not None else [], keep="last") as captured:
-            clean = model(x).detach()
+            clean = model(x.clone()).detach()
             if layer is not None:
                 acts = captured[0][-1]
                 channel = acts.flatten(2).sum(-1).argmax(dim=1)  # (N,) strongest channel per image
@@ -170,17 +181,15 @@ def occlusion(
 
 def occlusion_attribution(result: OcclusionResult, target: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Per-pixel attribution as Captum's ``Occlusion`` defines it: the drop of the target score when a window covering
-    the pixel is occluded, averaged over every window position that covers it (0 where none does).
+    the pixel is occluded, averaged over every window position that covers it (0 where none does). The score is
+    :func:`~lightning_viz.functional.saliency.class_scores`' (a single logit: ``±logit``).
 
     Shape:
         returns (N, H, W).
     """
     h, w = image_size
     n = result.logits.shape[0]
-    target = target.to(result.logits.device).view(-1)
-    clean = result.clean_logits.gather(1, target.view(-1, 1)).view(n, 1, 1)
-    occluded = result.logits.gather(-1, target.view(-1, 1, 1, 1).expand(-1, *result.logits.shape[1:3], 1))
-    drop = clean - occluded.squeeze(-1)  # (N, gh, gw)
+    drop = class_scores(result.clean_logits, target).view(n, 1, 1) - class_scores(result.logits, target)  # (N, gh, gw)
     total = torch.zeros(n, h, w, dtype=drop.dtype, device=drop.device)
     count = torch.zeros(h, w, dtype=drop.dtype, device=drop.device)
     k = result.window

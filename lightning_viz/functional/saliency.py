@@ -1,6 +1,9 @@
 """Gradient-based saliency on a plain ``nn.Module``, batched over images. Pure functions, no Trainer.
 
-Every method explains the *score* of a target class: the model's output (logit, before any softmax) at that class.
+Every method explains the *score* of a target class: the model's output (logit, before any softmax) at that class;
+for a single-logit (sigmoid) binary head, the logit for class 1 and its negative for class 0 (:func:`class_scores`;
+:func:`head_outputs` gives a head's probabilities and predicted classes). The model always gets a fresh copy of its
+input, so models that edit their input in place (``x.sub_(0.5)``) work and the caller's tensor is untouched.
 Gradients are taken with ``torch.autograd.grad`` w.r.t. a clone of the input, so no parameter's ``.grad`` is touched;
 parameters are frozen (``requires_grad=False``) for the duration, so autograd builds no weight-gradient graph, and
 their flags are restored afterwards. The functions work inside ``torch.inference_mode`` (Lightning's validation):
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,11 @@ from lightning_viz._hooks import capture
 from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 __all__ = [
+    "HEADS",
+    "FoldingError",
+    "Head",
     "calling_copy",
+    "class_scores",
     "deconvnet",
     "effective_bias",
     "fold_batchnorm",
@@ -40,47 +48,90 @@ __all__ = [
     "grad_cam",
     "gradient",
     "guided_backprop",
+    "head_outputs",
     "inference_copy",
     "input_gradient",
+    "resolve_head",
     "rows_to_explain",
     "smoothgrad",
     "target_scores",
 ]
 
 
-def fold_batchnorm(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
+def _foldable_pairs(gm: torch.fx.GraphModule, keep: Sequence[str]) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """The (conv node, BatchNorm node) pairs that are provably safe to fold: a plain ``Conv2d`` module called exactly
+    once per forward, whose weights nothing else reads, whose output only that BatchNorm consumes, and a BatchNorm in
+    eval mode with running statistics applied to that output alone."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    attrs = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    pairs = []
+    for node in gm.graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d or len(node.args) != 1 or node.kwargs or bn.training:
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv = modules.get(prev.target)
+        if (
+            type(conv) is not nn.Conv2d
+            or conv.training
+            or prev.target in keep
+            or calls[prev.target] != 1
+            or prev.kwargs
+        ):
+            continue
+        if bn.running_mean is None or any(a == prev.target or a.startswith(f"{prev.target}.") for a in attrs):
+            continue
+        pairs.append((prev, node))
+    return pairs
+
+
+class FoldingError(RuntimeError):
+    """:func:`fold_batchnorm`'s copy gave different outputs than the model on the example images."""
+
+
+def fold_batchnorm(model: nn.Module, keep: Sequence[str] = (), *, example: torch.Tensor | None = None) -> nn.Module:
     """A ``torch.fx`` copy of an eval-mode ``model`` with each ``Conv2d`` followed by ``BatchNorm2d`` folded into one
     convolution (exact up to float rounding). Convolutions named in ``keep`` stay unfolded, so their own output can
     still be hooked (Grad-CAM's layer). Submodule names are kept. Raises when ``torch.fx`` cannot trace the model.
+
+    Only provably safe pairs are folded: the convolution module is called exactly once per forward (a convolution
+    shared by several calls is left alone), its output feeds that BatchNorm and nothing else (not also a residual
+    addition), nothing reads its weights directly, and the BatchNorm normalises that one output (not a sum of several
+    convolutions). A BatchNorm module shared by several such convolutions is folded into each. With ``example``
+    images the folded copy's output is compared with the model's on them, and :class:`FoldingError` is raised when
+    they differ beyond float rounding.
     """
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     gm = torch.fx.symbolic_trace(copy.deepcopy(model))
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d or len(node.args) != 1:
-            continue
-        prev = node.args[0]
-        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
-            continue
-        conv, bn = modules.get(prev.target), modules[node.target]
-        if type(conv) is not nn.Conv2d or prev.target in keep or bn.track_running_stats is False:
-            continue
-        fused = fuse_conv_bn_eval(conv, bn)
-        parent, _, name = prev.target.rpartition(".")
+    for conv_node, bn_node in _foldable_pairs(gm, keep):
+        fused = fuse_conv_bn_eval(gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target))
+        parent, _, name = conv_node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, fused)
-        modules[prev.target] = fused
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
+        bn_node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(bn_node)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    if example is not None:
+        with torch.no_grad():  # fresh copies: the model may edit its input in place
+            want, got = model(example.detach().clone()), gm(example.detach().clone())
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
+            raise FoldingError(f"the folded copy's output differs by up to {float((got - want).abs().max()):.3g}")
     return gm
 
 
-def inference_copy(model: nn.Module, *, keep: Sequence[str] = (), channels_last: bool = False) -> nn.Module:
+def inference_copy(
+    model: nn.Module, *, keep: Sequence[str] = (), channels_last: bool = False, example: torch.Tensor | None = None
+) -> nn.Module:
     """A frozen copy of an eval-mode model for fast repeated forward/backward passes over its *input*.
 
     Convolutions and the BatchNorm after them are folded into one convolution (:func:`fold_batchnorm`; exact up to
@@ -90,15 +141,24 @@ def inference_copy(model: nn.Module, *, keep: Sequence[str] = (), channels_last:
     even that fails the model itself is returned (its parameters are then frozen only inside
     :func:`gradient_context`). Use the copy for input-space methods (gradient, SmoothGrad, guided backprop,
     deconvnet, occlusion) and for Grad-CAM of a layer in ``keep``; not for FullGrad, whose BatchNorm biases the
-    folding removes. ReLU modules survive the folding, so ReLU rules still apply.
+    folding removes. ReLU modules survive the folding, so ReLU rules still apply. With ``example`` images (the
+    probes) the folded copy is checked against the model on them; when tracing fails or the outputs differ the copy
+    is left unfolded and a warning says so (once per message and call site, Python's default).
     """
     if model.training:
         raise ValueError("inference_copy needs a model in eval mode (BatchNorm folding uses the running statistics).")
     from lightning_viz._layers import detached_deepcopy
 
     try:
-        fast = detached_deepcopy(model, lambda m: fold_batchnorm(m, keep))
-    except Exception:
+        fast = detached_deepcopy(model, lambda m: fold_batchnorm(m, keep, example=example))
+    except Exception as exc:
+        warnings.warn(
+            f"inference_copy: conv+BatchNorm pairs of {type(model).__name__} are not folded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); the copy runs them "
+            "unfolded, with the same results, a little slower.",
+            UserWarning,
+            stacklevel=2,
+        )
         try:
             fast = detached_deepcopy(model)
         except Exception:
@@ -146,15 +206,77 @@ def rows_to_explain(predicted: torch.Tensor, labels: torch.Tensor | None) -> tup
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
+def class_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The score of each image's ``target`` class: the logit of that class; for a single-logit (sigmoid) head the
+    logit for class 1 and its negative for class 0 (the log-odds of the class).
+
+    Shape:
+        logits: (N, ..., K); target: (N,). Returns (N, ...).
+    """
+    target = target.to(logits.device).view(-1, *[1] * (logits.ndim - 1))
+    if logits.shape[-1] == 1:
+        if bool(((target != 0) & (target != 1)).any()):
+            raise ValueError(
+                f"a single-logit (binary) head has classes 0 and 1, got targets {target.flatten().tolist()}."
+            )
+        return torch.where(target == 1, logits, -logits).squeeze(-1)
+    return logits.gather(-1, target.expand(*logits.shape[:-1], 1)).squeeze(-1)
+
+
 def target_scores(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The output at each row's target class. Shape: (N, K), (N,) -> (N,)."""
+    """The output at each row's target class (see :func:`class_scores`). Shape: (N, K), (N,) -> (N,)."""
     if output.ndim != 2:
         raise ValueError(f"the model must return class scores of shape (N, K), got {tuple(output.shape)}.")
-    return output.gather(1, target.view(-1, 1)).squeeze(1)
+    return class_scores(output, target)
+
+
+Head = Literal["auto", "softmax", "sigmoid", "multilabel"]
+#: The kinds of classification head :func:`head_outputs` understands.
+HEADS = ("auto", "softmax", "sigmoid", "multilabel")
+
+
+def resolve_head(head: str, outputs: int) -> str:
+    """The head a model with ``outputs`` logits has: ``auto`` is ``sigmoid`` for one output, else ``softmax``.
+    Raises ``ValueError`` (naming ``head``) for a head that cannot read that many outputs."""
+    if head not in HEADS:
+        raise ValueError(f"`head` must be one of {HEADS}, got {head!r}.")
+    if head == "auto":
+        return "sigmoid" if outputs == 1 else "softmax"
+    if head == "sigmoid" and outputs != 1:
+        raise ValueError(f"`head`='sigmoid' is a binary head with one logit; the model has {outputs} outputs. Use "
+                         "'multilabel' for one sigmoid per class, or 'softmax'.")  # fmt: skip
+    if head == "softmax" and outputs == 1:
+        raise ValueError("`head`='softmax' needs at least two outputs: a softmax over one logit is always 1. Use "
+                         "'sigmoid' (or 'auto') for a single-logit binary classifier.")  # fmt: skip
+    return head
+
+
+def head_outputs(logits: torch.Tensor, head: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and predicted classes of a classification head.
+
+    - ``softmax``: softmax probabilities; the predicted class is the most probable.
+    - ``sigmoid`` (one logit, binary): probabilities of classes 0 and 1, ``(1 - sigmoid, sigmoid)``; the predicted
+      class is ``logit > 0``.
+    - ``multilabel``: an independent sigmoid per class (they need not sum to 1); the "predicted" class is the most
+      probable one.
+    - ``auto``: ``sigmoid`` for one output, else ``softmax``.
+
+    Shape:
+        logits: (..., K). Returns probabilities (..., K) ((..., 2) for ``sigmoid``) and predictions (...).
+    """
+    head = resolve_head(head, logits.shape[-1])
+    logits = logits.float()
+    if head == "sigmoid":
+        p = logits.sigmoid()
+        return torch.cat([1 - p, p], dim=-1), (logits.squeeze(-1) > 0).long()
+    probs = logits.sigmoid() if head == "multilabel" else logits.softmax(dim=-1)
+    return probs, logits.argmax(dim=-1)
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:
-    # A clone outside inference mode: the model's in-place ops must not touch the caller's tensor.
+    # A clone outside inference mode: the model's in-place ops must not touch the caller's tensor. The model gets a
+    # further `.clone()` of this leaf, so a model that edits its input in place (`x.sub_(0.5)`, `x[:, 0] = ...`)
+    # works, and gradients still reach the leaf.
     return x.detach().clone().requires_grad_(True)
 
 
@@ -169,7 +291,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, b
     with gradient_context(model):
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
-            scores = target_scores(model(xb), target[start : start + batch_size])
+            scores = target_scores(model(xb.clone()), target[start : start + batch_size])
             (g,) = torch.autograd.grad(scores.sum(), xb)
             grads.append(g.detach())
     return torch.cat(grads)
@@ -223,7 +345,7 @@ def smoothgrad(
                 eps = torch.randn((len(idx), *x.shape[1:]), generator=generator, device="cpu").to(x.device, x.dtype)
                 eps = eps * sigma[image].view(-1, 1, 1, 1)
             xb = _fresh(x[image] + eps)
-            scores = target_scores(model(xb), target[image])
+            scores = target_scores(model(xb.clone()), target[image])
             (g,) = torch.autograd.grad(scores.sum(), xb)
             total.index_add_(0, image, g.detach().abs().float())
     mean = total / n
@@ -273,7 +395,7 @@ def grad_cam(
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
             with capture([layer], keep="last") as captured:
-                scores = target_scores(model(xb), target[start : start + batch_size])
+                scores = target_scores(model(xb.clone()), target[start : start + batch_size])
             if not captured[0]:
                 raise RuntimeError("the Grad-CAM layer was not called in the forward pass.")
             acts = captured[0][-1]
@@ -317,7 +439,7 @@ def fullgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_s
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
             with capture(layers) as captured:
-                scores = target_scores(model(xb), target[start : start + batch_size])
+                scores = target_scores(model(xb.clone()), target[start : start + batch_size])
             sites = [(layer, t) for layer, outs in zip(layers, captured) for t in outs if t.ndim == 4]
             grads = torch.autograd.grad(scores.sum(), [xb] + [t for _, t in sites], allow_unused=True)
             saliency = _minmax(grads[0] * xb.detach()).sum(dim=1)
