@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lightning_viz import _lazy_attributes
 
-_SUBMODULES = ("activations", "embedding", "exemplars", "featurevis", "filters", "occlusion", "saliency")
+_SUBMODULES = ("activations", "attention", "embedding", "exemplars", "featurevis", "filters", "occlusion", "saliency")
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -17,9 +17,18 @@ _EXPORTS = {
     "filter_statistics": "filters",
     "noise_score": "filters",
     "ChannelStats": "activations",
+    "attention_maps": "attention",
+    "attention_modules": "attention",
+    "attention_rollout": "attention",
+    "attention_weights": "attention",
+    "gradient_rollout": "attention",
     "knn_accuracy": "embedding",
     "nearest_neighbours": "embedding",
+    "class_scores": "saliency",
     "deconvnet": "saliency",
+    "FoldingError": "saliency",
+    "head_outputs": "saliency",
+    "resolve_head": "saliency",
     "fullgrad": "saliency",
     "grad_cam": "saliency",
     "gradient": "saliency",
