@@ -133,7 +133,8 @@ def test_charts_have_axes_units_and_users_metrics_first(tmp_path):
     mine, ours = page.index('id="scalars"'), page.index('id="monitor-scalars"')
     assert mine < page.index("val/accuracy:") < ours < page.index('title="activations/dead_fraction/model.relu3"')
     # ours: collapsed, one block per area, small multiples per group
-    assert re.search(r'<details class="area"><summary>filters \(2 charts\)</summary>\s*<h3>filters/noise_score</h3>', page)
+    block = r'<details class="area"><summary>filters \(2 charts\)</summary>\s*<h3>filters/noise_score</h3>'
+    assert re.search(block, page)
     assert "step · seconds" in page and "step · share" in page  # units where the name tells them
 
 
