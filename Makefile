@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv benchmark clean
+.PHONY: demo board test lint venv benchmark clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --logdir runs
+
+# TensorBoard on the demo's runs (127.0.0.1 only), keeping every logged epoch's images
+board: $(STAMP)
+	$(VENV)/bin/lightning-viz board runs/
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_viz tests examples benchmarks docs

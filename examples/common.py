@@ -66,11 +66,18 @@ def cifar10(root: str = "data") -> tuple[Dataset, Dataset]:  # pragma: no cover 
 
 
 def load(name: str, seed: int = 0) -> tuple[Dataset, Dataset, int, int]:
-    """(train, val, in_channels, num_classes) for ``photos``, ``digits`` or ``cifar10``."""
+    """(train, val, in_channels, num_classes) for ``photos``, ``digits`` or ``cifar10``.
+
+    Both data sets carry their class names as ``classes`` (as torchvision's do), so monitors show names, not numbers.
+    """
     if name == "photos":
-        return (*split(*photo_patches(seed=seed), seed=seed), 3, len(PHOTOS))
+        train, val = split(*photo_patches(seed=seed), seed=seed)
+        train.classes = val.classes = list(PHOTOS)
+        return train, val, 3, len(PHOTOS)
     if name == "digits":
-        return (*split(*digits(), seed=seed), 1, 10)
+        train, val = split(*digits(), seed=seed)
+        train.classes = val.classes = [str(d) for d in range(10)]
+        return train, val, 1, 10
     if name == "cifar10":
         return (*cifar10(), 3, 10)
     raise ValueError(f"unknown data set {name!r}; choose photos, digits or cifar10.")
@@ -104,9 +111,18 @@ class DemoCNN(nn.Module):
 class Classifier(pl.LightningModule):
     """Cross-entropy classification of any image model; logs train/val loss and accuracy per epoch."""
 
-    def __init__(self, model: nn.Module, lr: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        example_input: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        #: Lightning traces the model with this for TensorBoard's Graphs tab (``TensorBoardLogger(log_graph=True)``).
+        self.example_input_array = example_input
         self.lr = lr
         self.weight_decay = weight_decay
         self.momentum = momentum

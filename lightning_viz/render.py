@@ -824,3 +824,165 @@ def token_overlay(image: torch.Tensor, patch_map: torch.Tensor, scale: float | N
         scale = top if top > 0 else 1.0
     heat = F.interpolate((values / scale).clamp(0, 1)[None, None], size=tuple(image.shape[-2:]), mode="nearest")
     return overlay(image, heat[0, 0])
+
+
+# ---- legends and colour bars ----
+
+#: Width (pixels) at which TensorBoard shows an image by default. Its Images tab draws each image card 350 px wide
+#: (``tf-image-loader``: ``width: 350px`` unless "show actual image size" is on) and its Time Series tab lays cards
+#: out at least 335 px wide (``flex-basis: 318px`` plus padding; the card-width slider starts at 335); both scale a
+#: wider image down to fit. Labels drawn into an image are legible only if they stay legible at this width.
+CARD_WIDTH = 350
+#: Smallest text height (pixels, font size) a reader can still read once TensorBoard has scaled the image to the card.
+MIN_TEXT_PX = 11
+
+
+def legible_font_size(image_width: int, *, card_width: int = CARD_WIDTH, min_px: int = MIN_TEXT_PX) -> int:
+    """The font size for text drawn into an image ``image_width`` pixels wide so that it is still ``min_px`` tall
+    when TensorBoard scales the image down to its card (``card_width``)."""
+    return int(np.ceil(min_px * max(1.0, image_width / card_width)))
+
+
+def label_font(size: int = MIN_TEXT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A font ``size`` pixels tall (Pillow >= 10.1 ships a scalable default); PIL's 11 px bitmap font before that."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _text_width(text: str, font: Any) -> int:
+    left, _, right, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    return int(right - left)
+
+
+def colour_bar(
+    width: int,
+    colormap: str,
+    meaning: str,
+    *,
+    low: str = "0",
+    high: str = "1",
+    marks: Sequence[tuple[str, Sequence[float]]] = (),
+    font_size: int | None = None,
+) -> np.ndarray:
+    """A horizontal colour bar ``width`` pixels wide, its end values under its ends and its meaning written under it.
+
+    ``marks`` adds a swatch per special colour after the meaning (e.g. ``("dead", DEAD_COLOUR)``). Text is
+    :func:`legible_font_size` for ``width`` unless ``font_size`` is given.
+
+    Returns:
+        (H, width, 3) uint8, on white.
+    """
+    if width < 16:
+        raise ValueError(f"`width` must be at least 16 pixels, got {width}.")
+    size = font_size or legible_font_size(width)
+    font = label_font(size)
+    margin = max(4, size // 2)
+    bar_height = max(10, size)
+    values = torch.linspace(0, 1, width - 2 * margin).view(1, -1).expand(bar_height, -1)
+    bar = to_uint8(apply_colormap(values, colormap))
+    height = bar_height + 2 * (size + 6) + 4
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(bar), (margin, 2))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((margin - 1, 1, width - margin, bar_height + 2), outline=(96, 96, 96))
+    y = bar_height + 5
+    draw.text((margin, y), low, fill=(0, 0, 0), font=font)
+    draw.text((width - margin - _text_width(high, font), y), high, fill=(0, 0, 0), font=font)
+    y += size + 4
+    x = margin
+    draw.text((x, y), meaning, fill=(0, 0, 0), font=font)
+    x += _text_width(meaning, font) + size
+    for name, colour in marks:
+        fill = tuple(int(round(255 * float(c))) for c in colour)
+        draw.rectangle((x, y + 1, x + size - 1, y + size), fill=fill, outline=(96, 96, 96))
+        draw.text((x + size + 3, y), name, fill=(0, 0, 0), font=font)
+        x += size + 3 + _text_width(name, font) + size
+    return np.asarray(canvas)
+
+
+#: The colour scales our heat maps use, with what their ends mean (``colormap``, ``low``, ``high``, ``meaning``).
+COLOUR_SCALES: dict[str, tuple[str, str, str, str]] = {
+    "saliency": ("inferno", "0", "p99", "saliency, per-map 99th percentile"),
+    "occlusion": ("viridis", "0", "1", "probability 0-1"),
+    "activations": ("inferno", "0", "max", "activation, one scale for all channels"),
+    "firing": ("viridis", "0", "1", "firing rate 0-1"),
+}
+
+
+def with_colour_bar(
+    image: np.ndarray, scale: str, *, high: str | None = None, marks: Sequence[tuple[str, Sequence[float]]] = ()
+) -> np.ndarray:
+    """``image`` with the colour bar of one of :data:`COLOUR_SCALES` under it (``high`` overrides its top label,
+    e.g. the activation scale's value). The bar is as wide as the image, at most :data:`CARD_WIDTH` wider.
+
+    Shape:
+        image: (H, W, 3) uint8. Returns (H + bar height, W, 3) uint8.
+    """
+    if scale not in COLOUR_SCALES:
+        raise ValueError(f"`scale` must be one of {sorted(COLOUR_SCALES)}, got {scale!r}.")
+    colormap, low, top, meaning = COLOUR_SCALES[scale]
+    width = max(image.shape[1], 16)
+    bar = colour_bar(
+        width, colormap, meaning, low=low, high=high or top, marks=marks, font_size=legible_font_size(width)
+    )
+    return stack_rows([image, bar], gap=2)
+
+
+def class_key(classes: Sequence[int], names: Sequence[str], *, width: int = CARD_WIDTH) -> np.ndarray:
+    """A key for class-coloured maps (occlusion's top class): one swatch per class in :data:`CATEGORICAL` colours
+    with its name, wrapped into lines ``width`` pixels wide.
+
+    Args:
+        classes: the class indices shown (their colours are ``CATEGORICAL[index % 10]``).
+        names: one name per entry of ``classes`` (see :func:`lightning_viz._classes.class_name`).
+    Returns:
+        (H, width, 3) uint8.
+    """
+    if len(classes) != len(names):
+        raise ValueError(f"`classes` and `names` must have the same length, got {len(classes)} and {len(names)}.")
+    size = legible_font_size(width)
+    font = label_font(size)
+    line_height = size + 6
+    items = [(int(c), str(n)) for c, n in zip(classes, names)]
+    placed, x, y = [], 4, 3
+    for index, name in items:
+        item_width = size + 4 + _text_width(name, font) + size
+        if x > 4 and x + item_width > width:
+            x, y = 4, y + line_height
+        placed.append((x, y, index, name))
+        x += item_width
+    canvas = Image.new("RGB", (width, y + line_height + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, index, name in placed:
+        fill = tuple(int(round(255 * float(c))) for c in CATEGORICAL[index % len(CATEGORICAL)])
+        draw.rectangle((x, y + 1, x + size - 1, y + size), fill=fill, outline=(96, 96, 96))
+        draw.text((x + size + 4, y), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def numbered_grid(
+    tiles: torch.Tensor, labels: Sequence[str], *, ncol: int, pad: int = 1, upscale: int = 1, max_side: int = 1024
+) -> np.ndarray:
+    """A :func:`tile_grid` with a label (e.g. the channel number) in each tile's top-left corner, white on a dark
+    box, in a font legible at TensorBoard's card width once the grid is downsized to ``max_side``.
+
+    Shape:
+        tiles: (N, 3, h, w) float in [0, 1]; ``len(labels) == N``. Returns (H, W, 3) uint8.
+    """
+    if len(labels) != tiles.shape[0]:
+        raise ValueError(f"`labels` must have one entry per tile ({tiles.shape[0]}), got {len(labels)}.")
+    grid = tile_grid(tiles, ncol=ncol, pad=pad, upscale=upscale)
+    shrink = min(1.0, max_side / max(grid.shape[:2]))
+    size = legible_font_size(round(grid.shape[1] * shrink))
+    font = label_font(max(6, int(np.ceil(size / shrink))))
+    canvas = Image.fromarray(grid)
+    draw = ImageDraw.Draw(canvas)
+    th, tw = tiles.shape[-2] * upscale, tiles.shape[-1] * upscale
+    for i, label in enumerate(labels):
+        x, y = pad + (i % ncol) * (tw + pad), pad + (i // ncol) * (th + pad)
+        left, top, right, bottom = draw.textbbox((x + 2, y + 1), label, font=font)
+        draw.rectangle((x, y, min(right + 2, x + tw - 1), min(bottom + 2, y + th - 1)), fill=(0, 0, 0))
+        draw.text((x + 2, y + 1), label, fill=(255, 255, 255), font=font)
+    return downsize(np.asarray(canvas), max_side)

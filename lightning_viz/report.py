@@ -1,10 +1,12 @@
 """``lightning-viz report``: one self-contained HTML page per run, read from its event files or its folder.
 
 A run is a directory holding TensorBoard event files, or the files a :class:`~lightning_viz.FolderLogger` writes
-(``index.jsonl`` listing images/text by tag and step, ``scalars.jsonl``), or both. The page holds the diagnosis
-findings, the latest image of every image tag (filmstrips included) embedded as data, and a small chart of every
-scalar. Everything taken from the run (run names, tags, text) is HTML-escaped; nothing links outside the file, and a
-folder's index is never followed outside the folder.
+(``index.jsonl`` listing images/text by tag and step, ``scalars.jsonl``), or both. The page opens with a headline
+(final train/validation loss and accuracy, found by name; epochs; the verdict: the findings' first lines), then the
+findings, the latest image of every image tag in sections (filters, activations, saliency, embedding, exemplars,
+feature visualisation, then any other area; filmstrips first), charts with axes of the user's own metrics, and the
+monitors' many per-layer scalars in collapsed blocks, one per area. Everything taken from the run (run names, tags,
+text) is HTML-escaped; nothing links outside the file, and a folder's index is never followed outside the folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -260,34 +263,256 @@ def markdown_to_html(markdown: str) -> str:
     return "\n".join(out)
 
 
-def _sparkline(points: Sequence[tuple[int, float]], width: int = 220, height: int = 48) -> str:
-    finite = [(s, v) for s, v in points if v == v and abs(v) != float("inf")]
+#: Image sections in the order a reader wants them: what the network learned first, then how it sees, then what
+#: it groups together; any other area follows alphabetically.
+SECTIONS = (
+    ("filters", "Filters"),
+    ("activations", "Activations"),
+    ("saliency", "Saliency"),
+    ("embedding", "Embedding"),
+    ("exemplars", "Exemplars"),
+    ("featurevis", "Feature visualisation"),
+)
+#: Tag areas our monitors write; every other scalar is the user's own metric.
+OUR_AREAS = frozenset([area for area, _ in SECTIONS] + ["diagnosis", "lightning_viz"])
+_STAGES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+
+
+def _tokens(tag: str) -> list[str]:
+    return [t for t in re.split(r"[/_.\-]+", tag.lower()) if t]
+
+
+def find_metric(tags: Sequence[str], stage: str, metric: str) -> str | None:
+    """The user's tag for ``stage`` (``train``/``val``) and ``metric`` (``loss``/``acc``), found by name.
+
+    ``train_loss``, ``train/loss``, ``loss/train``, ``training_loss_epoch``, ``val_acc``, ``val/accuracy``,
+    ``validation_accuracy`` all match; a bare ``loss`` counts as the training loss. Per-epoch tags are preferred over
+    per-step ones (Lightning writes ``<name>_epoch`` and ``<name>_step`` when both are logged), then the shortest.
+    """
+    names = {"loss": {"loss"}, "acc": {"acc", "accuracy", "top1"}}[metric]
+    found = []
+    for tag in tags:
+        tokens = _tokens(tag)
+        if not tokens or tokens[0] in OUR_AREAS or not names & set(tokens):
+            continue
+        stages = {_STAGES[t] for t in tokens if t in _STAGES}
+        if stages == {stage} or (not stages and stage == "train" and metric == "loss" and tokens == ["loss"]):
+            found.append((tokens[-1] == "step", len(tag), tag))
+    return min(found)[2] if found else None
+
+
+def _last_finite(points: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    finite = [(s, v) for s, v in points if math.isfinite(v)]
+    return finite[-1] if finite else None
+
+
+def verdict(findings: str | None) -> list[str]:
+    """The findings' first lines: one per finding (its heading and summary), or the panel's own first line."""
+    if findings is None:
+        return []
+    lines = [line.strip() for line in findings.splitlines()]
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("#### "):
+            summary = next((x for x in lines[i + 1 :] if x and not x.startswith(("#", "- "))), "")
+            out.append(f"{line[5:]}: {summary}" if summary else line[5:])
+    if out:
+        return out
+    first = next((line.lstrip("#").strip() for line in lines if line), "")
+    return [first] if first else []
+
+
+def _headline(run: RunData) -> str:
+    scalars = dict(run.scalars)
+    rows = []
+    for label, stage, metric in (
+        ("train loss", "train", "loss"),
+        ("validation loss", "val", "loss"),
+        ("train accuracy", "train", "acc"),
+        ("validation accuracy", "val", "acc"),
+    ):
+        tag = find_metric(list(scalars), stage, metric)
+        last = _last_finite(scalars[tag]) if tag else None
+        if tag and last:
+            rows.append(
+                f"<tr><th>{label}</th><td><strong>{_fmt(last[1])}</strong></td>"
+                f'<td class="muted">{html.escape(tag)} at step {last[0]}</td></tr>'
+            )
+    epoch = _last_finite(scalars.get("epoch", []))
+    steps = [s for points in scalars.values() for s, _ in points]
+    if epoch is not None:
+        rows.append(f"<tr><th>epochs</th><td><strong>{int(epoch[1]) + 1}</strong></td><td></td></tr>")
+    if steps:
+        rows.append(f"<tr><th>steps</th><td><strong>{min(steps)}&ndash;{max(steps)}</strong></td><td></td></tr>")
+    if run.findings is None:
+        said = ["no diagnosis in this run"]
+    else:
+        said = verdict(run.findings) or ["no problems found"]
+    items = "".join(f"<li>{_inline(line.replace('**', ''))}</li>" for line in said)
+    return (
+        '<section class="headline" id="headline"><h2>Headline</h2>'
+        f'<table class="numbers">{"".join(rows) or "<tr><td>no loss or accuracy found</td></tr>"}</table>'
+        f'<div class="verdict"><strong>Verdict</strong><ul>{items}</ul></div></section>'
+    )
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}g}"
+
+
+def unit(tag: str) -> str:
+    """The unit of a scalar, where its name says it: ``seconds``, ``share`` (0-1), or ``""``."""
+    tokens = set(_tokens(tag))
+    if tokens & {"seconds", "secs", "s", "time"}:
+        return "seconds"
+    if tokens & {"fraction", "share", "sparsity", "acc", "accuracy"}:
+        return "share"
+    return ""
+
+
+def _tick_labels(lo: float, hi: float) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    return [lo, (lo + hi) / 2, hi]
+
+
+def _distinct(values: Sequence[float]) -> list[str]:
+    """Tick labels with as many significant digits as it takes to tell them apart (2.3056, 2.3125, 2.3194)."""
+    for digits in range(3, 10):
+        labels = [_fmt(v, digits) for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
+def chart(points: Sequence[tuple[int, float]], *, width: int = 300, height: int = 130, label: str = "") -> str:
+    """An SVG line chart with axes: value ticks on the left (min, middle, max), the step range below, the unit."""
+    finite = [(s, v) for s, v in points if math.isfinite(v)]
     if not finite:
-        return '<svg width="220" height="48"></svg>'
+        return f'<svg class="chart" width="{width}" height="{height}"><text x="40" y="20">no finite values</text></svg>'
+    left, right, top, bottom = 58, 8, 8, 30
     steps = [s for s, _ in finite]
     values = [v for _, v in finite]
-    s0, s1 = min(steps), max(steps)
-    v0, v1 = min(values), max(values)
-    sx = (width - 4) / (s1 - s0) if s1 > s0 else 0.0
-    sy = (height - 4) / (v1 - v0) if v1 > v0 else 0.0
-    coords = " ".join(
-        f"{2 + (s - s0) * sx:.1f},{height - 2 - ((v - v0) * sy if sy else (height - 4) / 2):.1f}" for s, v in finite
+    s0, s1, v0, v1 = min(steps), max(steps), min(values), max(values)
+    pw, ph = width - left - right, height - top - bottom
+
+    def x(step: float) -> float:
+        return left + ((step - s0) / (s1 - s0) * pw if s1 > s0 else pw / 2)
+
+    def y(value: float) -> float:
+        return top + ph - ((value - v0) / (v1 - v0) * ph if v1 > v0 else ph / 2)
+
+    parts = [
+        f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>',
+        f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>',
+    ]
+    ticks = _tick_labels(v0, v1)
+    for value, text in zip(ticks, _distinct(ticks)):
+        parts.append(f'<line class="grid" x1="{left}" y1="{y(value):.1f}" x2="{left + pw}" y2="{y(value):.1f}"/>')
+        parts.append(f'<text class="tick" x="{left - 4}" y="{y(value) + 4:.1f}" text-anchor="end">{text}</text>')
+    for step, anchor in ((s0, "start"), (s1, "end")) if s1 > s0 else ((s0, "middle"),):
+        parts.append(f'<text class="tick" x="{x(step):.1f}" y="{top + ph + 13}" text-anchor="{anchor}">{step}</text>')
+    caption = f"step{f' · {html.escape(label)}' if label else ''}"
+    parts.append(
+        f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{height - 3}" text-anchor="middle">{caption}</text>'
     )
+    if len(finite) == 1:
+        parts.append(f'<circle cx="{x(s0):.1f}" cy="{y(v0):.1f}" r="2.5" fill="#1f77b4"/>')
+    else:
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in finite)
+        parts.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{coords}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _scalar_card(tag: str, points: Sequence[tuple[int, float]], title: str, small: bool = False) -> str:
+    last = _last_finite(points)
+    shown = "no finite value" if last is None else _fmt(last[1])
+    size = {"width": 240, "height": 110} if small else {}
     return (
-        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{coords}"/></svg>'
+        f'<div class="scalar" title="{html.escape(tag, quote=True)}"><div>{html.escape(title)}: '
+        f"<strong>{shown}</strong></div>{chart(points, label=unit(tag), **size)}</div>"
     )
+
+
+def _area(tag: str) -> str:
+    return tag.split("/", 1)[0] if "/" in tag else ""
+
+
+def _section_order(area: str) -> tuple[int, str]:
+    known = [a for a, _ in SECTIONS]
+    return (known.index(area), "") if area in known else (len(known), area)
+
+
+def _images_html(images: Sequence[tuple[str, int, bytes]]) -> list[str]:
+    by_area: dict[str, list[tuple[str, int, bytes]]] = {}
+    for image in images:
+        by_area.setdefault(_area(image[0]) or "other", []).append(image)
+    titles = dict(SECTIONS)
+    parts = []
+    for area in sorted(by_area, key=_section_order):
+        # the filmstrips first: they show the evolution at a glance
+        ordered = sorted(by_area[area], key=lambda im: ("filmstrip" not in im[0], im[0]))
+        parts.append(f'<section class="images" id="images-{html.escape(area, quote=True)}">')
+        parts.append(f"<h2>{html.escape(titles.get(area, area))}</h2>")
+        for tag, step, png in ordered:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(
+                f'<figure><img alt="{html.escape(tag, quote=True)}" src="data:{_image_mime(png)};base64,{data}">'
+                f"<figcaption>{html.escape(tag)} (step {step})</figcaption></figure>"
+            )
+        parts.append("</section>")
+    return parts
+
+
+def _scalars_html(scalars: Sequence[tuple[str, list[tuple[int, float]]]]) -> list[str]:
+    """The user's metrics first (large charts), then the diagnosis, then ours: one collapsed block per area."""
+    mine = [(t, p) for t, p in scalars if _area(t).lower() not in OUR_AREAS and t != "epoch"]
+    ours: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
+    for tag, points in scalars:
+        if _area(tag).lower() in OUR_AREAS:
+            ours.setdefault(_area(tag), []).append((tag, points))
+    parts = ['<h2 id="scalars">Your metrics</h2><div class="scalars">']
+    parts.extend(_scalar_card(tag, points, tag) for tag, points in mine)
+    parts.append("</div>" if mine else "<p>No metrics of your own in this run.</p></div>")
+    areas = sorted(ours, key=lambda a: (a != "diagnosis", _section_order(a), a))
+    if areas:
+        parts.append('<h2 id="monitor-scalars">What the monitors measured</h2>')
+    for area in areas:
+        groups: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
+        for tag, points in ours[area]:
+            head, _, rest = tag.partition("/")
+            what, _, detail = rest.partition("/")
+            groups.setdefault(f"{head}/{what}" if detail else head, []).append((tag, points))
+        opened = " open" if area == "diagnosis" else ""
+        parts.append(f'<details class="area"{opened}><summary>{html.escape(area)} ({len(ours[area])} charts)</summary>')
+        for group, members in groups.items():
+            parts.append(f'<h3>{html.escape(group)}</h3><div class="scalars">')
+            for tag, points in members:
+                title = tag[len(group) + 1 :] if tag.startswith(group + "/") else tag
+                parts.append(_scalar_card(tag, points, title or tag, small=True))
+            parts.append("</div>")
+        parts.append("</details>")
+    return parts
 
 
 _STYLE = """
-body { font-family: sans-serif; margin: 24px; color: #222; }
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1400px; }
 h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+h3 { font-size: 14px; margin: 10px 6px 0; color: #444; }
+.headline { background: #f4f8fc; border: 1px solid #c9dced; padding: 4px 16px 12px; }
+.numbers th { text-align: left; padding-right: 16px; font-weight: normal; } .numbers td { padding-right: 16px; }
+.muted { color: #777; font-size: 12px; }
 .findings { background: #fafafa; border: 1px solid #ddd; padding: 8px 16px; }
 figure { display: inline-block; margin: 8px; vertical-align: top; }
 figcaption { font-size: 12px; color: #555; }
 img { image-rendering: pixelated; max-width: 100%; }
 .scalars { display: flex; flex-wrap: wrap; }
-.scalar { margin: 6px; font-size: 12px; width: 230px; }
+.scalar { margin: 6px; font-size: 12px; }
+svg.chart .axis { stroke: #555; } svg.chart .grid { stroke: #eee; }
+svg.chart text { font-size: 10px; fill: #444; } svg.chart .axis-label { fill: #777; }
+details.area { margin: 8px 0; } details.area > summary { cursor: pointer; font-weight: bold; }
 .problems { background: #fff4e5; border: 1px solid #f0b37e; padding: 8px 32px; }
 code { background: #eee; padding: 0 3px; }
 """
@@ -306,25 +531,15 @@ def render_html(run: RunData) -> str:
         parts.append('<h2 id="problems">What could not be read</h2><ul class="problems">')
         parts.extend(f"<li>{html.escape(problem)}</li>" for problem in run.problems)
         parts.append("</ul>")
+    parts.append(_headline(run))
     parts.append('<h2 id="findings">Findings</h2>')
     if run.findings is None:
         parts.append('<div class="findings"><p>No diagnosis in this run (add a DiagnosisMonitor).</p></div>')
     else:
         parts.append(f'<div class="findings">{markdown_to_html(run.findings)}</div>')
-    parts.append('<h2 id="images">Latest images</h2>')
-    for tag, step, png in run.images:
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(
-            f'<figure><img alt="{html.escape(tag, quote=True)}" src="data:{_image_mime(png)};base64,{data}">'
-            f"<figcaption>{html.escape(tag)} (step {step})</figcaption></figure>"
-        )
-    parts.append('<h2 id="scalars">Scalars</h2><div class="scalars">')
-    for tag, points in run.scalars:
-        last = points[-1][1] if points else float("nan")
-        parts.append(
-            f'<div class="scalar"><div>{html.escape(tag)}: <strong>{last:.4g}</strong></div>{_sparkline(points)}</div>'
-        )
-    parts.append("</div></body></html>")
+    parts.extend(_images_html(run.images))
+    parts.extend(_scalars_html(run.scalars))
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -353,6 +354,7 @@ class Sink:
             return cls(None, loggers, False, max_image_side=max_image_side)
         tensorboard = next((lg for lg in loggers if is_tensorboard_logger(lg)), None)
         experiment = tensorboard.experiment if tensorboard is not None else None
+        write_custom_scalars_layout(experiment)  # once per run: the losses and key curves on one page
         others = [backend_for(lg) for lg in loggers if _backend_kind(lg) not in (None, "tensorboard")]
         return cls(experiment, loggers, True, [b for b in others if b is not None], max_image_side=max_image_side)
 
@@ -528,3 +530,46 @@ def write_projector_step(
         f.write(text_format.MessageToString(config))
     os.replace(tmp, config_path)
     return os.path.join(path, "tensors.tsv")
+
+
+# ---- TensorBoard custom-scalars layout ----
+
+#: TensorBoard's Custom Scalars page: the losses, the diagnosis and each monitor's key curve on one page. Each chart
+#: lists regular expressions (TensorBoard matches them from the start of a tag) and draws every matching scalar.
+CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
+    "lightning_viz: training": {
+        "loss": ["Multiline", ["train_loss", "val_loss", ".*loss.*"]],
+        "accuracy": ["Multiline", ["train_acc", "val_acc", "(train|val|valid|validation)[_/].*acc.*"]],
+    },
+    "lightning_viz: diagnosis": {
+        "findings per kind (count)": ["Multiline", ["diagnosis/.*"]],
+    },
+    "lightning_viz: monitors": {
+        "filter noise score (lower is smoother)": ["Multiline", ["filters/noise_score/.*"]],
+        "dead fraction per layer (share 0-1)": ["Multiline", ["activations/dead_fraction/.*"]],
+        "k-NN accuracy of the embedding (share 0-1)": ["Multiline", ["embedding/knn_accuracy"]],
+        "seconds per monitor call": ["Multiline", ["lightning_viz/seconds/.*"]],
+    },
+}
+#: The tag under which TensorBoard's custom-scalars plugin finds its layout.
+CUSTOM_SCALARS_TAG = "custom_scalars__config__"
+
+_writers_with_layout: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def write_custom_scalars_layout(writer: Any, layout: Mapping[str, Mapping[str, list[Any]]] | None = None) -> bool:
+    """Give a TensorBoard ``SummaryWriter`` our custom-scalars layout, once per writer (that is, once per run).
+
+    Call it on global rank zero (e.g. from a monitor's ``setup`` when a TensorBoard logger exists); later calls for the
+    same writer do nothing. Returns whether it wrote the layout.
+    """
+    if writer is None or not hasattr(writer, "add_custom_scalars"):
+        return False
+    try:
+        if writer in _writers_with_layout:
+            return False
+        _writers_with_layout.add(writer)
+    except TypeError:  # a writer that cannot be weakly referenced: write it each time (the last layout wins)
+        pass
+    writer.add_custom_scalars({k: dict(v) for k, v in (layout or CUSTOM_SCALARS_LAYOUT).items()})
+    return True

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 from conftest import Events
 
 
+def test_demo_prints_a_board_command_that_works_in_a_fresh_shell(demo_logs):
+    tmp_path, stdout = demo_logs
+    lines = stdout.splitlines()
+    opened = lines.index(f"TensorBoard logs written to {tmp_path / 'photos' / 'version_0'}. Open them with:")
+    command = shlex.split(lines[opened + 2])
+    # an absolute path to the script (a fresh shell has no venv on its PATH) and to the log dir
+    assert os.path.isabs(command[0]) and os.access(command[0], os.X_OK), command
+    assert command[-2:] == ["board", str(tmp_path)]
+
+
+def test_demo_logs_the_graph_and_the_custom_scalars_layout(demo_logs):
+    tmp_path, _ = demo_logs
+    events = Events(str(tmp_path / "photos"))
+    assert events.tags["graph"]  # TensorBoardLogger(log_graph=True) with the module's example_input_array
+    assert "custom_scalars__config__" in events.tags["tensors"]
+
+
 def test_demo_writes_filter_images_and_scalars(demo_logs):
     tmp_path, stdout = demo_logs
-    assert f"lightning-viz board {tmp_path}/" in stdout
     events = Events(str(tmp_path / "photos"))
     assert events.image_steps("filters/model.conv1") == [0, 4, 8, 12]
     assert events.image_steps("filters/filmstrip/model.conv1") == [0, 4, 8, 12]
