@@ -173,6 +173,7 @@ class SaliencyMonitor(VizCallback):
 
     monitor_name = "saliency"
     default_every_n_epochs = 2
+    budget_knobs = {"smoothgrad_samples": 4, "max_probes": 2}
     needs_grad = True
 
     def __init__(
