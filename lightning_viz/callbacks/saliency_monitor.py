@@ -232,6 +232,7 @@ class SaliencyMonitor(VizCallback):
         self._occlusion_module: nn.Module | None = None
         self._no_relu = False
         self._filmstrips = render.Filmstrips(filmstrip_length)
+        self._copies: dict[tuple[str, ...], sal.InferenceCopy] = {}  # by `keep`: traced once, refreshed per call
 
     @override
     def _state_key_fields(self) -> dict[str, Any]:
@@ -312,7 +313,8 @@ class SaliencyMonitor(VizCallback):
         x = images.to(model_device(pl_module))
         methods = [_BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
-        fast = sal.inference_copy(pl_module, keep=keep) if any(m.runs_on_copy for m in methods) else pl_module
+        copies = self._copies.setdefault(tuple(keep), sal.InferenceCopy(keep=keep))
+        fast = copies(pl_module) if any(m.runs_on_copy for m in methods) else pl_module
         with torch.no_grad():
             probs = fast(x).float().softmax(dim=1)
         index, target = sal.rows_to_explain(probs.argmax(dim=1), labels)
@@ -338,6 +340,10 @@ class SaliencyMonitor(VizCallback):
             row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
             strip = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
             sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(strip, titles, small), step)
+
+    @override
+    def _release(self, pl_module: Any) -> None:
+        self._copies.clear()
 
     @override
     def _extra_state(self) -> dict[str, Any]:
