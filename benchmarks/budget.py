@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 
@@ -22,13 +21,17 @@ import lightning_viz
 from lightning_viz.functional import saliency as sal
 
 
-def _module(pl, make_model, lr: float):
+def lightning_module(pl, make_model, lr: float = 0.01, channels_last: bool = False):
+    """A LightningModule of ``pl`` (the Lightning namespace) around ``make_model()``: cross-entropy, SGD."""
+
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.model = make_model()
 
         def forward(self, x):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             return self.model(x)
 
         def training_step(self, batch, batch_idx):
@@ -45,6 +48,14 @@ def _module(pl, make_model, lr: float):
     return Module()
 
 
+def quiet_trainer(pl, logdir: str, epochs: int, callbacks: list, **kwargs):
+    """A Trainer of ``pl`` for timing: TensorBoard logger, no progress bar, summary, checkpoints or sanity check."""
+    options = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    options.update(enable_checkpointing=False, num_sanity_val_steps=0, **kwargs)
+    logger = pl.loggers.TensorBoardLogger(logdir, name="r", version=0)
+    return pl.Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, **options)
+
+
 def fit_seconds(make_model, train, val, epochs: int, suite: list, batch_size: int) -> tuple[float, list]:
     """Wall time of ``trainer.fit`` (setup, baseline, epochs, end of fit) and the suite's budget, if any."""
     import pytorch_lightning as pl
@@ -52,20 +63,11 @@ def fit_seconds(make_model, train, val, epochs: int, suite: list, batch_size: in
 
     with tempfile.TemporaryDirectory() as logdir:
         torch.manual_seed(0)
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            logger=pl.loggers.TensorBoardLogger(logdir, name="r", version=0),
-            callbacks=suite,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = quiet_trainer(pl, logdir, epochs, suite)
         gen = torch.Generator().manual_seed(0)
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
         started = time.perf_counter()
-        trainer.fit(_module(pl, make_model, 0.01), loader, DataLoader(val, batch_size=batch_size))
+        trainer.fit(lightning_module(pl, make_model), loader, DataLoader(val, batch_size=batch_size))
         return time.perf_counter() - started, [(type(cb).__name__, cb._seconds) for cb in suite]
 
 
@@ -111,14 +113,10 @@ def fixed_costs(repeats: int) -> None:
 
     from lightning_viz.sinks import Sink
 
+    from run import median_seconds
+
     def median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
+        return median_seconds(fn, repeats)
 
     model = resnet18(num_classes=10).eval()
     image = (np.random.default_rng(0).random((1024, 1024, 3)) * 255).astype(np.uint8)

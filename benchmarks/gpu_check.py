@@ -15,7 +15,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     print("gpu_check: no CUDA device here; nothing checked (skipped).")
@@ -23,6 +22,7 @@ if not torch.cuda.is_available():
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytorch_lightning as pl  # noqa: E402
+from budget import lightning_module, quiet_trainer  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from torchvision.models import resnet18  # noqa: E402
 
@@ -39,29 +39,6 @@ def check(ok: bool, what: str) -> None:
         FAILURES.append(what)
 
 
-class Module(pl.LightningModule):
-    def __init__(self, channels_last: bool = False) -> None:
-        super().__init__()
-        self.model = resnet18(num_classes=10)
-        self.channels_last = channels_last
-
-    def forward(self, x):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss, on_epoch=True, on_step=False)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
 def data(steps: int) -> tuple[DataLoader, DataLoader]:
     gen = torch.Generator().manual_seed(0)
     train = TensorDataset(torch.randn(steps * 128, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * 128,)))
@@ -74,21 +51,10 @@ def data(steps: int) -> tuple[DataLoader, DataLoader]:
 
 def fit(callbacks, logdir, *, epochs=2, steps=40, channels_last=False, **trainer_kwargs):
     pl.seed_everything(0, workers=True)
-    module = Module(channels_last)
+    module = lightning_module(pl, lambda: resnet18(num_classes=10), channels_last=channels_last)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="gpu",
-        devices=1,
-        logger=pl.loggers.TensorBoardLogger(logdir, name="r", version=0),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(pl, logdir, epochs, callbacks, accelerator="gpu", devices=1, **trainer_kwargs)
     train, val = data(steps)
     started = time.perf_counter()
     trainer.fit(module, train, val)
@@ -135,7 +101,8 @@ def overhead() -> None:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             _, plain = fit([], a, epochs=epochs, steps=steps)
             _, watched = fit(lightning_viz.default_suite(), b, epochs=epochs, steps=steps)
-        print(f"| resnet18 32x32, {epochs} x {steps} steps | {plain:.1f} | {watched:.1f} | {watched / plain - 1:+.1%} |")
+        row = f"resnet18 32x32, {epochs} x {steps} steps | {plain:.1f} | {watched:.1f} | {watched / plain - 1:+.1%}"
+        print(f"| {row} |")
 
 
 if __name__ == "__main__":
