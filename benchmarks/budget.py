@@ -109,11 +109,10 @@ def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: 
 def fixed_costs(repeats: int) -> None:
     """The CPU-side costs of one logged epoch that don't shrink with faster training."""
     import pytorch_lightning as pl
+    from run import median_seconds
     from torchvision.models import resnet18
 
     from lightning_viz.sinks import Sink
-
-    from run import median_seconds
 
     def median(fn) -> float:
         return median_seconds(fn, repeats)
