@@ -151,26 +151,8 @@ def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
     import os
 
     import pytorch_lightning as pl
+    from budget import lightning_module, quiet_trainer
     from torch.utils.data import DataLoader, TensorDataset
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = resnet18(num_classes=10)
-
-        def forward(self, x):
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            loss = F.cross_entropy(self(batch[0]), batch[1])
-            self.log("train_loss", loss, on_epoch=True, on_step=False)
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     class EpochClock(pl.Callback):
         """Placed last: times each training epoch including validation and every other callback's epoch-end work."""
@@ -195,18 +177,13 @@ def real_run(steps: int, epochs: int, projection: str = "umap") -> None:
         suite = [*suite, clocks[label]]
         with tempfile.TemporaryDirectory() as logdir:
             torch.manual_seed(0)
-            trainer = pl.Trainer(
-                max_epochs=epochs,
-                accelerator="cpu",
-                logger=pl.loggers.TensorBoardLogger(logdir, name="r", version=0),
-                callbacks=suite,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-                num_sanity_val_steps=0,
-            )
+            trainer = quiet_trainer(pl, logdir, epochs, suite)
             started = time.perf_counter()
-            trainer.fit(Module(), DataLoader(train, batch_size=128), DataLoader(val, batch_size=128))
+            trainer.fit(
+                lightning_module(pl, lambda: resnet18(num_classes=10)),
+                DataLoader(train, batch_size=128),
+                DataLoader(val, batch_size=128),
+            )
             seconds = time.perf_counter() - started
             size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(logdir, "r", "version_0", "events.*")))
             results[label] = (seconds, size)

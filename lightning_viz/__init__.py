@@ -56,13 +56,21 @@ _SUITE = {
     "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
+#: Default share of the run's training time the suite may spend: 5 %, baseline and end of fit included.
+DEFAULT_BUDGET = 0.05
 
 
-def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[VizCallback]:
+def default_suite(
+    every_n_epochs: int | None = None, *, budget: float | None = DEFAULT_BUDGET, **options: Any
+) -> list[VizCallback]:
     """Every monitor lightning_viz has, with sane defaults.
 
     Args:
-        every_n_epochs: if given, overrides every monitor's own default cadence.
+        every_n_epochs: if given, overrides every monitor's own default cadence (kept exactly; no budget schedule).
+        budget: the most the suite may cost, as a share of the run's training time (default 0.05: 5 %), baseline
+            and end of fit included. The monitors share one measured budget: cheap ones log often, expensive ones
+            rarely and scaled down, and each logs the trained network at the end of ``fit``. ``None``: each monitor
+            keeps its own fixed cadence. A monitor given its own ``every_n_epochs`` keeps it exactly.
         **options: per-monitor options as a dict under the monitor's key (``filters={"max_filters": 32}``), or ``False``
             to leave that monitor out (``filters=False``); or options shared by all monitors: ``on_error``, ``seed``,
             ``log_baseline``, ``max_overhead``.
@@ -79,6 +87,9 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
         )
     suite: list[VizCallback] = []
     from lightning_viz import callbacks
+    from lightning_viz._budget import Budget
+
+    shared_budget = Budget(budget) if budget is not None and every_n_epochs is None else None
 
     for key, name in _SUITE.items():
         cls = getattr(callbacks, name)
@@ -90,6 +101,8 @@ def default_suite(every_n_epochs: int | None = None, **options: Any) -> list[Viz
         kwargs = {**shared, **own}
         if every_n_epochs is not None:
             kwargs["every_n_epochs"] = every_n_epochs
+        if shared_budget is not None:
+            kwargs.setdefault("budget", shared_budget)
         suite.append(cls(**kwargs))
     return suite
 

@@ -236,6 +236,7 @@ class ActivationMonitor(VizCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_budget_epoch(trainer)
         if self._source == "train":
             self._finish(trainer, pl_module)
             return
@@ -254,6 +255,11 @@ class ActivationMonitor(VizCallback):
             self._source = "train"
 
     def _runs_after_train_epoch(self) -> bool:
+        return False
+
+    def _wants_last_word(self, trainer: Any) -> bool:
+        # The statistics come from an epoch's batches: the budget plans the last expected epoch for them; after an
+        # early stop there are no fresh ones to log.
         return False
 
     def _release(self, pl_module: Any) -> None:

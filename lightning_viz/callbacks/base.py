@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_viz import _validate as check
+from lightning_viz._budget import Budget, budget_for, expected_epochs
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated
 from lightning_viz.records import Record, RecordBus, bus_for
@@ -39,6 +42,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         seed: seed of the private ``torch.Generator`` used for any randomness of ours.
         max_overhead: warn once when one call costs more than this share of the training epoch's time.
         max_image_side: images are downsized to at most this many pixels per side (default: the monitor's own).
+        budget: a :class:`~lightning_viz._budget.Budget` shared with other monitors (as ``default_suite`` makes), or a
+            share of the training time (monitors built by hand with the same Trainer then share one budget). Without
+            an explicit ``every_n_epochs`` the budget decides when the monitor logs and how much work a call does
+            (``budget_knobs``), and the monitor logs the trained network once more at the end of ``fit``. With an
+            explicit ``every_n_epochs`` the cadence is kept exactly; the budget only counts the cost.
     """
 
     monitor_name: ClassVar[str] = "viz"
@@ -51,6 +59,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     publishes: ClassVar[tuple[type[Record], ...]] = ()
     #: Default of ``max_image_side`` for this monitor.
     default_max_image_side: ClassVar[int] = 2048
+    #: Attributes a budget may scale down for a cheaper call, each with its smallest value (expensive monitors only:
+    #: a monitor with knobs has no step-0 baseline under a budget, since nothing yet says the run can afford it).
+    budget_knobs: ClassVar[dict[str, int]] = {}
+    #: Whether the untrained baseline is cheap enough to run under a budget before anything is measured.
+    budget_baseline: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -61,8 +74,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         seed: int = 0,
         max_overhead: float = 0.1,
         max_image_side: int | None = None,
+        budget: Budget | float | None = None,
     ) -> None:
         check.positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        if not isinstance(budget, Budget) and budget is not None:
+            check.fraction("budget", budget)
         check.choice("on_error", on_error, get_args(OnError))
         check.boolean("log_baseline", log_baseline)
         check.integer("seed", seed)
@@ -70,6 +86,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         check.positive_int("max_image_side", max_image_side, allow_none=True)
         self.max_image_side = max_image_side if max_image_side is not None else self.default_max_image_side
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None else self.default_every_n_epochs
+        self.budget = budget
+        self._explicit_cadence = every_n_epochs is not None
+        self._budget: Budget | None = budget if isinstance(budget, Budget) else None
+        self._scale = 1.0
+        self._last_word_scale: float | None = None
         self.on_error = on_error
         self.log_baseline = log_baseline
         self.seed = seed
@@ -116,21 +137,70 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         for kind in self.publishes:
             self._bus.announce(kind, self.monitor_name)
         self._resolve(trainer, pl_module)
+        self._join_budget(trainer)
+
+    def _join_budget(self, trainer: Any) -> None:
+        if self.budget is None:
+            return
+        if self._budget is None or not isinstance(self.budget, Budget):
+            self._budget = budget_for(trainer, float(self.budget))
+        self._budget.start_fit(None, fresh=True)  # a resumed run restores the measured state after setup
+        if self._budget_managed:
+            knobs = {
+                k: (int(getattr(self, k)), min(low, int(getattr(self, k)))) for k, low in self.budget_knobs.items()
+            }
+            self._budget.join(self._budget_key, self.every_n_epochs, knobs)
+
+    @property
+    def _budget_managed(self) -> bool:
+        """Whether the budget decides this monitor's schedule (a budget, and no explicit ``every_n_epochs``)."""
+        return self._budget is not None and not self._explicit_cadence
+
+    @property
+    def _budget_key(self) -> str:
+        return self.state_key
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The baseline shows the untrained state; a resumed run (global_step > 0) already has it.
+        if self._budget is not None:
+            self._budget.expected_epochs = expected_epochs(trainer)
+        if self._budget_managed and (self.budget_knobs or not self.budget_baseline):
+            return  # an expensive monitor: before the first step nothing says the run can afford its baseline
         if self.log_baseline and trainer.global_step == 0 and self._last_step is None:
             self._run(trainer, pl_module, epochs_done=0)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started_at = time.perf_counter()
+        if self._budget is not None and not trainer.sanity_checking:
+            self._budget.epoch_start(trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_budget_epoch(trainer)
         if self._is_log_epoch(trainer) and self._runs_after_train_epoch():
             self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
+
+    def _close_budget_epoch(self, trainer: Any) -> None:
+        """Mark the end of the epoch's training time (subclasses overriding ``on_train_epoch_end`` call this)."""
+        if self._budget is not None:
+            self._budget.epoch_end(trainer.current_epoch)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The last word: a budgeted monitor that has not logged the final state logs it once, within the budget.
+        if self._budget_managed and self._budget is not None and self._wants_last_word(trainer):
+            self._budget.epoch_end(trainer.current_epoch)
+            self._last_word_scale = self._budget.last_word(self._budget_key, trainer.current_epoch)
+            try:
+                self._run(trainer, pl_module, epochs_done=trainer.current_epoch)
+            finally:
+                self._last_word_scale = None
+
+    def _wants_last_word(self, trainer: Any) -> bool:
+        step = int(trainer.global_step)
+        return self._active and step > 0 and (self._last_step is None or self._last_step < step)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -142,12 +212,15 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "disabled": dict(self._disabled), **self._extra_state()}
+        budget = {"budget": self._budget.state_dict()} if self._budget is not None else {}
+        return {"last_step": self._last_step, "disabled": dict(self._disabled), **budget, **self._extra_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self._disabled = dict(state_dict.get("disabled", {}))
+        if self._budget is not None and state_dict.get("budget"):
+            self._budget.load_state_dict(state_dict["budget"])
         self._load_extra_state(state_dict)
 
     # ------------------------------------------------------------------------------------------- for subclasses
@@ -172,7 +245,35 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _is_log_epoch(self, trainer: Any) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if trainer.sanity_checking:
+            return False
+        if self._budget_managed and self._budget is not None:
+            return self._budget_key in self._budget.plan(trainer.current_epoch)
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _call_scale(self, epochs_done: int) -> float:
+        """The scale of this call: the last word's, the epoch plan's, or 1 (full) for the baseline."""
+        if not self._budget_managed or self._budget is None:
+            return 1.0
+        if self._last_word_scale is not None:
+            return self._last_word_scale
+        if epochs_done == 0:
+            return 1.0
+        return self._budget.plans.get(epochs_done - 1, {}).get(self._budget_key, 1.0)
+
+    @contextlib.contextmanager
+    def _scaled(self, scale: float) -> Iterator[None]:
+        """Set the ``budget_knobs`` to their values at ``scale`` for one call, and back afterwards."""
+        member = self._budget.members.get(self._budget_key) if self._budget is not None else None
+        values = member.values(scale) if member is not None and scale < 1.0 else {}
+        saved = {key: getattr(self, key) for key in values}
+        try:
+            for key, value in values.items():
+                setattr(self, key, value)
+            yield
+        finally:
+            for key, value in saved.items():
+                setattr(self, key, value)
 
     def _generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:
         """A private generator, seeded from ``seed``: our randomness never draws from the global streams."""
@@ -219,15 +320,20 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if not getattr(trainer, "is_global_zero", True):
             self._last_step = step  # rank zero alone draws and writes; the others keep the same schedule
             return
-        started = time.perf_counter()
-        with isolated(pl_module, grad=self.needs_grad):
+        scale = self._call_scale(epochs_done)
+        clock = self._budget.clock if self._budget is not None else time.perf_counter
+        started = clock()
+        with isolated(pl_module, grad=self.needs_grad), self._scaled(scale):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)
-        seconds = time.perf_counter() - started
         self._last_step = step
-        self._seconds.append(seconds)
-        self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": seconds}, step)
+        self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": clock() - started}, step)
         self._sink.flush()
-        self._check_overhead(seconds)
+        seconds = clock() - started
+        self._seconds.append(seconds)
+        if self._budget is not None:
+            self._budget.charge(self._budget_key, seconds, scale, epochs_done)
+        if not self._budget_managed:
+            self._check_overhead(seconds)
 
     def _check_overhead(self, seconds: float) -> None:
         if self._epoch_started_at is None:

@@ -69,6 +69,7 @@ class EmbeddingMonitor(VizCallback):
     monitor_name = "embedding"
     publishes = (EmbeddingQuality,)
     default_every_n_epochs = 3
+    budget_baseline = False  # reads `subset_size` samples: not before the budget knows what the run can afford
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class ExemplarMonitor(VizCallback):
     monitor_name = "exemplars"
     publishes = (ExemplarStats,)
     default_every_n_epochs = 5
+    budget_knobs = {"max_samples": 256}
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class FeatureVisMonitor(VizCallback):
     monitor_name = "featurevis"
     publishes = (FeatureVisStats,)
     default_every_n_epochs = 10
+    budget_knobs = {"steps": 16}
     needs_grad = True
 
     def __init__(

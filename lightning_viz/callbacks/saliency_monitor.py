@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +15,7 @@ from lightning_viz import render
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
+from lightning_viz._saliency_table import Column, Inputs, Method
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
@@ -24,41 +24,6 @@ from lightning_viz.probes import ProbeSet
 
 if TYPE_CHECKING:  # annotations only
     import lightning.pytorch as pl
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What a method explains: each row's image ``xr`` and ``target`` class, the probes ``x`` and each row's probe
-    ``index``; on the ``model`` itself or its frozen folded copy ``fast`` (the model when no method needs one)."""
-
-    model: nn.Module
-    fast: nn.Module
-    xr: torch.Tensor
-    target: torch.Tensor
-    x: torch.Tensor
-    index: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column of the grid: its key in its method's result, its title, and how maps become tiles: ``draw(maps)``,
-    or ``draw(maps, display_images)`` when drawn ``on_image``."""
-
-    key: str
-    title: str
-    draw: Callable[..., torch.Tensor]
-    on_image: bool = True
-
-
-@dataclass(frozen=True)
-class Method:
-    """A saliency method: ``compute(monitor, inputs)`` returns maps by column key; ``runs_on_copy``: it may run on
-    the frozen folded copy of the model (the monitor then builds one)."""
-
-    name: str
-    runs_on_copy: bool
-    compute: Callable[[SaliencyMonitor, Inputs], dict[str, torch.Tensor]]
-    columns: tuple[Column, ...]
 
 
 def _gradient(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
@@ -170,6 +135,7 @@ class SaliencyMonitor(VizCallback):
 
     monitor_name = "saliency"
     default_every_n_epochs = 2
+    budget_knobs = {"smoothgrad_samples": 4, "max_probes": 2}
     needs_grad = True
 
     def __init__(
@@ -230,6 +196,7 @@ class SaliencyMonitor(VizCallback):
         self._occlusion_module: nn.Module | None = None
         self._no_relu = False
         self._filmstrips = render.Filmstrips(filmstrip_length)
+        self._copies: dict[tuple[str, ...], sal.InferenceCopy] = {}  # by `keep`: traced once, refreshed per call
 
     @override
     def _state_key_fields(self) -> dict[str, Any]:
@@ -311,8 +278,8 @@ class SaliencyMonitor(VizCallback):
         x = images.to(model_device(pl_module))
         methods = [_BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
-        on_copy = any(m.runs_on_copy for m in methods)  # the copy is checked against the model on the probes
-        fast = sal.inference_copy(pl_module, keep=keep, example=x) if on_copy else pl_module
+        copies = self._copies.setdefault(tuple(keep), sal.InferenceCopy(keep=keep))
+        fast = copies(pl_module, example=x) if any(m.runs_on_copy for m in methods) else pl_module  # checked on x
         with torch.no_grad():
             probs, predicted = sal.head_outputs(fast(x.clone()), self.head)
         index, target = sal.rows_to_explain(predicted, labels)
@@ -338,6 +305,10 @@ class SaliencyMonitor(VizCallback):
             row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
             strip = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
             sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(titles, small, [strip]), step)
+
+    @override
+    def _release(self, pl_module: Any) -> None:
+        self._copies.clear()
 
     @override
     def _extra_state(self) -> dict[str, Any]:

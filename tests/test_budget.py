@@ -1,0 +1,189 @@
+"""The suite's budget: a measured, deterministic schedule within a share of training, and the last word at the end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
+
+import lightning_viz
+from lightning_viz import VizCallback
+from lightning_viz._budget import Budget
+from lightning_viz.functional import saliency as sal
+
+STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sleepy(VizCallback):
+    """A monitor whose call costs `seconds * work / 8` on the fake clock; `work` is a budget knob (8 down to 2)."""
+
+    budget_knobs = {"work": 2}
+
+    def __init__(self, name: str, seconds: float, clock: FakeClock, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.monitor_name, self.seconds, self.clock, self.work = name, seconds, clock, 8
+        self.calls: list[tuple[int, int]] = []
+
+    def _state_key_fields(self):
+        return {"name": self.monitor_name}
+
+    def _log(self, trainer, pl_module, step, epochs_done):
+        self.calls.append((step, self.work))
+        self.clock.now += self.seconds * self.work / 8
+        self._sink.scalars({f"test/{self.monitor_name}": float(self.work)}, step)
+
+
+class Cheap(Sleepy):
+    budget_knobs = {}
+
+
+def _tick(pl_ns, clock: FakeClock, seconds: float = 1.0):
+    class Tick(pl_ns.Callback):  # one training step costs `seconds` on the fake clock
+        def on_train_batch_end(self, *args, **kwargs):
+            clock.now += seconds
+
+    return Tick()
+
+
+def _fit(pl_ns, tmp_path, callbacks, *, ckpt_path=None, **overrides):
+    train, val = loaders()
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl_ns.Trainer(callbacks=callbacks, logger=logger, **trainer_kwargs(tmp_path, **overrides))
+    trainer.fit(make_module(pl_ns), train, val, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _suite(clock, share=0.125, **kwargs):
+    # costs and steps are binary fractions: the fake clock's sums are exact, so runs compare exactly
+    budget = Budget(share, clock=clock)
+    cheap = Cheap("cheap", 0.0625, clock, budget=budget)
+    costly = Sleepy("costly", 1.5, clock, budget=budget, **kwargs)
+    return budget, cheap, costly
+
+
+def _steps(monitor):
+    return [step for step, _ in monitor.calls]
+
+
+def test_schedule_is_deterministic_within_budget_and_ends_with_the_trained_network(tmp_path, pl_ns):
+    runs = []
+    for i in range(2):
+        clock = FakeClock()
+        budget, cheap, costly = _suite(clock)
+        _fit(pl_ns, tmp_path / str(i), [_tick(pl_ns, clock), cheap, costly], max_epochs=6)
+        runs.append((cheap.calls, costly.calls))
+        final = 6 * STEPS_PER_EPOCH
+        # the budget is a ceiling: 24 s of training, 12.5 % of it
+        assert budget.train_seconds == 24.0
+        assert budget.spent_total <= 0.125 * budget.train_seconds
+        # the cheap monitor has its baseline and logs often; the expensive one has no baseline, logs rarely and
+        # scaled down, and both show the trained network at the end
+        assert _steps(cheap)[0] == 0 and len(cheap.calls) >= 5
+        assert 0 not in _steps(costly) and 1 <= len(costly.calls) < len(cheap.calls)
+        assert _steps(cheap)[-1] == _steps(costly)[-1] == final
+        assert all(work < 8 for _, work in costly.calls)
+        for monitor in (cheap, costly):
+            logged = [s for s, _ in Events(str(tmp_path / str(i) / "run")).scalars(f"test/{monitor.monitor_name}")]
+            assert logged == sorted(set(logged)) == _steps(monitor)
+    assert runs[0] == runs[1]
+
+
+def test_explicit_every_n_epochs_is_honoured_exactly(tmp_path, pl_ns):
+    clock = FakeClock()
+    _, cheap, costly = _suite(clock, every_n_epochs=2)
+    _fit(pl_ns, tmp_path, [_tick(pl_ns, clock), cheap, costly], max_epochs=5)
+    assert _steps(costly) == [0, 8, 16]  # baseline, epochs 2 and 4; no budget schedule, no extra last word
+    assert all(work == 8 for _, work in costly.calls)
+
+
+@pytest.mark.parametrize("ending", ["early_stop", "max_steps"])
+def test_last_word_once_at_the_final_step(tmp_path, pl_ns, ending):
+    clock = FakeClock()
+    _, cheap, costly = _suite(clock)
+    callbacks = [_tick(pl_ns, clock), cheap, costly]
+    if ending == "early_stop":
+        callbacks.append(pl_ns.callbacks.EarlyStopping("val_loss", patience=0, divergence_threshold=-1.0))
+        final = 1 * STEPS_PER_EPOCH  # the first check stops the fit
+        trainer = _fit(pl_ns, tmp_path, callbacks, max_epochs=6)
+    else:
+        final = 10  # in the middle of the third epoch
+        trainer = _fit(pl_ns, tmp_path, callbacks, max_epochs=-1, max_steps=final)
+    assert trainer.global_step == final
+    for monitor in (cheap, costly):
+        assert _steps(monitor)[-1] == final
+        assert len(_steps(monitor)) == len(set(_steps(monitor)))
+
+
+def test_resumed_run_continues_the_same_schedule(tmp_path, pl_ns):
+    clock = FakeClock()
+    _, cheap, costly = _suite(clock)
+    _fit(pl_ns, tmp_path / "whole", [_tick(pl_ns, clock), cheap, costly], max_epochs=8)
+    whole = (cheap.calls, costly.calls)
+
+    ckpt = str(tmp_path / "half.ckpt")
+
+    class StopAfterThree(pl_ns.Callback):  # a crash after epoch 3's checkpoint
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                trainer.save_checkpoint(ckpt)
+                trainer.should_stop = True
+
+    clock = FakeClock()
+    _, cheap, costly = _suite(clock)
+    _fit(pl_ns, tmp_path / "first", [_tick(pl_ns, clock), cheap, costly, StopAfterThree()], max_epochs=8)
+    assert [c for c in cheap.calls if c[0] <= 12] == [c for c in whole[0] if c[0] <= 12]
+
+    clock = FakeClock()
+    _, cheap, costly = _suite(clock)
+    _fit(pl_ns, tmp_path / "second", [_tick(pl_ns, clock), cheap, costly], max_epochs=8, ckpt_path=ckpt)
+    assert cheap.calls == [c for c in whole[0] if c[0] > 12]
+    assert costly.calls == [c for c in whole[1] if c[0] > 12]
+
+
+def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(tmp_path, pl_ns):
+    suite = lightning_viz.default_suite(featurevis={"steps": 4}, embedding={"projection": "pca"})
+    assert all(cb._budget is suite[0]._budget is not None for cb in suite)
+    assert not any(cb._budget_managed for cb in lightning_viz.default_suite(every_n_epochs=1))
+    with pytest.raises(ValueError, match="`budget`"):
+        lightning_viz.default_suite(budget=0.0)
+    _fit(pl_ns, tmp_path, suite, max_epochs=6)
+    events = Events(str(tmp_path / "run"))
+    final = 6 * STEPS_PER_EPOCH
+    for cb in suite:
+        if cb.monitor_name == "diagnosis":
+            continue  # text, no images
+        tags = [t for t in events.tags["images"] if t.split("/")[0] in (cb.monitor_name, "activation", "exemplar")]
+        assert tags, cb.monitor_name
+        assert any(final in events.image_steps(t) for t in tags), (cb.monitor_name, tags)
+    spent = suite[0]._budget.spent_total
+    assert spent > 0
+
+
+def test_cached_inference_copy_equals_a_fresh_one_after_the_weights_change():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    cache = sal.InferenceCopy()
+    x = torch.randn(3, 3, 16, 16)
+    first = cache(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.bn1.running_mean.add_(0.3)
+    again = cache(model)
+    assert again is first  # refreshed, not rebuilt
+    fresh = sal.inference_copy(copy.deepcopy(model))
+    target = torch.tensor([0, 1, 2])
+    assert torch.equal(again(x), fresh(x))
+    assert torch.equal(sal.gradient(again, x, target), sal.gradient(fresh, x, target))
+    model.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)  # another structure: rebuilt
+    assert cache(model.eval()) is not first
