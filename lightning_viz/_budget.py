@@ -33,6 +33,10 @@ __all__ = ["Budget", "budget_for"]
 
 #: Scales tried, largest first; 0 means every knob at its smallest value.
 SCALES = (1.0, 0.5, 0.25, 0.0)
+#: A monitor without knobs whose call costs at most this share of one training epoch runs at its own cadence whatever
+#: the expensive ones spent (it is still charged): the filters and activation statistics of every epoch are the
+#: evidence a budget must not starve.
+CHEAP_SHARE = 0.01
 
 
 class Member:
@@ -152,10 +156,16 @@ class Budget:
         done = epoch + 1
         last = self.expected_epochs is not None and done >= self.expected_epochs
         room = self.share * self.trained(epoch) - self.spent_total
+        per_epoch = self.trained(epoch) / done
         chosen: dict[str, float] = {}
         for name, member in self.members.items():
             due = done - self.last_epoch.get(name, 0) >= member.cadence
             if not (due or last):
+                continue
+            cost = self.estimate(name, 1.0)
+            if not member.knobs and cost is not None and cost <= CHEAP_SHARE * per_epoch:
+                chosen[name] = 1.0
+                room -= cost
                 continue
             reserve = 0.0 if last else self._last_word_reserve({name})
             scale = self._scale_within(name, room - reserve)

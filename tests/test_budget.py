@@ -187,3 +187,26 @@ def test_cached_inference_copy_equals_a_fresh_one_after_the_weights_change():
     assert torch.equal(sal.gradient(again, x, target), sal.gradient(fresh, x, target))
     model.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)  # another structure: rebuilt
     assert cache(model.eval()) is not first
+
+
+def test_cheap_monitors_keep_their_cadence_when_expensive_ones_spent_the_budget():
+    """The filters and activation statistics of every epoch are not starved by an expensive monitor's overrun."""
+    from lightning_viz._budget import Budget
+
+    now = [0.0]
+    budget = Budget(0.05, clock=lambda: now[0])
+    budget.join("filters", 1, {})
+    budget.join("featurevis", 1, {"steps": (64, 16)})
+    for epoch in range(4):
+        budget.epoch_start(epoch)
+        now[0] += 10.0  # a 10 s training epoch
+        budget.epoch_end(epoch)
+        plan = budget.plan(epoch)
+        if "filters" in plan:
+            budget.charge("filters", 0.05, epoch=epoch + 1)  # 0.5 % of an epoch: cheap
+        if "featurevis" in plan:
+            budget.charge("featurevis", 8.0, scale=plan["featurevis"], epoch=epoch + 1)  # far over budget
+    assert all("filters" in budget.plans[e] for e in range(4))
+    assert sum("featurevis" in budget.plans[e] for e in range(4)) <= 2
+    # a monitor without knobs that is *not* cheap is budgeted like the others
+    assert budget.estimate("filters", 1.0) == 0.05
