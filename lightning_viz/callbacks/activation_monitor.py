@@ -11,8 +11,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._compat import is_overridden
-from lightning_viz._data import resolve_probes
+from lightning_viz._data import resolve_probes, validation_expected
 from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device
 from lightning_viz.callbacks.base import VizCallback
@@ -161,7 +160,7 @@ class ActivationMonitor(VizCallback):
 
     @staticmethod
     def _validation_expected(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        return is_overridden("validation_step", pl_module) and getattr(trainer, "limit_val_batches", 1.0) != 0
+        return validation_expected(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------- collection
     def _record(self, name: str, index: int, output: Any) -> None:
@@ -235,9 +234,10 @@ class ActivationMonitor(VizCallback):
         if self._source == "train":
             self._finish(trainer, pl_module)
             return
-        val_every = getattr(trainer, "check_val_every_n_epoch", 1) or 1
+        val_every = getattr(trainer, "check_val_every_n_epoch", 1)
         if (
             self._active
+            and val_every is not None  # validation every n steps (`val_check_interval`): an epoch may have none
             and self._is_log_epoch(trainer)
             and (trainer.current_epoch + 1) % val_every == 0
             and self._collected_epoch != trainer.current_epoch
