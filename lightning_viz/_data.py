@@ -10,6 +10,7 @@ once and saved in the callback's state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_viz._compat import is_overridden, rank_zero_warn
+from lightning_viz._compat import global_rank, is_overridden, rank_zero_warn
 from lightning_viz.probes import _split_sample
 
 
@@ -31,8 +32,13 @@ def first_loader(loaders: Any) -> Any:
 
 
 def validation_expected(trainer: Any, pl_module: Any) -> bool:
-    """Whether the fit will run validation at all (a ``validation_step`` and validation batches to run)."""
-    return is_overridden("validation_step", pl_module) and getattr(trainer, "limit_val_batches", 1.0) != 0
+    """Whether the fit will run validation at all: a ``validation_step``, validation data, batches to run."""
+    if not is_overridden("validation_step", pl_module) or getattr(trainer, "limit_val_batches", 1.0) == 0:
+        return False
+    try:  # Lightning loads the loaders lazily; whether a source of them was given is known from the start
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:
+        return True
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -167,12 +173,16 @@ _TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _INITIAL: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def tell_once(trainer: Any, key: str, message: str) -> None:
-    """Warn ``message`` once per Trainer, however many monitors have the same thing to say."""
+def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> None:
+    """Say ``message`` once per Trainer, however many monitors have it to say: a warning, or (``warn=False``, for
+    what is shown anyway, only later) an info line in the ``lightning_viz`` log."""
     told = _TOLD.setdefault(trainer, set())
     if key not in told:
         told.add(key)
-        rank_zero_warn(message)
+        if warn:
+            rank_zero_warn(message)
+        elif global_rank() == 0:
+            logging.getLogger("lightning_viz").info(message)
 
 
 def keep_initial_weights(trainer: Any, model: nn.Module) -> None:

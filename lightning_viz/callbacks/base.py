@@ -301,6 +301,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             "a sanity check's batches, or a whole validation pass for the embedding and exemplars), and the monitors "
             f"never read your dataset themselves: the step-0 view is computed after the first {where}, from the "
             "initial weights kept for that purpose.",
+            warn=False,  # it is shown, only later
         )
 
     def _run_deferred_baseline(self, trainer: Any, pl_module: nn.Module) -> None:
