@@ -85,7 +85,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._seconds: list[float] = []
         self._samples = _data.SampleBank(0, seed)
         self._take_training_batches = False
-        self._deferred = False
+        self._deferred: bool | str = False  # True: the step-0 view waits for data; "running": it is being made
 
     # ----------------------------------------------------------------------------------------------- Lightning API
     @property
@@ -219,10 +219,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             )
             return False
 
-    def _run(self, trainer: Any, pl_module: nn.Module, epochs_done: int, step: int | None = None) -> None:
+    def _run(self, trainer: Any, pl_module: nn.Module, epochs_done: int) -> None:
         if not self._active or self._sink is None or trainer.sanity_checking or not self._ready_to_log():
             return
-        step = int(trainer.global_step) if step is None else step
+        step = 0 if self._deferred == "running" else int(trainer.global_step)
         if self._last_step is not None and step <= self._last_step:
             return  # a step is never written twice for a tag
         if not getattr(trainer, "is_global_zero", True):
@@ -305,10 +305,14 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         )
 
     def _run_deferred_baseline(self, trainer: Any, pl_module: nn.Module) -> None:
-        if self._deferred and self._has_data() and _data.has_initial_weights(trainer) and self._last_step is None:
-            self._deferred = False
-            with _data.initial_weights(trainer, pl_module):
-                self._run(trainer, pl_module, epochs_done=0, step=0)
+        ready = self._deferred is True and self._has_data() and _data.has_initial_weights(trainer)
+        if ready and self._last_step is None:
+            self._deferred = "running"
+            try:
+                with _data.initial_weights(trainer, pl_module):
+                    self._run(trainer, pl_module, epochs_done=0)
+            finally:
+                self._deferred = False
 
     @override
     def on_validation_batch_end(
