@@ -248,6 +248,7 @@ class ActivationMonitor(VizCallback):
                 f"loader?); from now on the statistics use up to `max_batches`={self.max_batches} training batches.",
             )
             self._source = "train"
+            self._take_training_batches = True  # the probe too comes from the training batches now
 
     def _runs_after_train_epoch(self) -> bool:
         return False
