@@ -1,14 +1,26 @@
-"""Reading the Trainer's data without touching its loaders' samplers (so no RNG draw leaves training's stream)."""
+"""Data is taken, not drawn: samples kept from the batches the Trainer already produced (DESIGN rule 12).
+
+A monitor never indexes a user's dataset nor iterates a loader: a dataset may own an RNG (augmentation), a loader
+may share a ``torch.Generator`` with the training loader, and either read would change training. Instead each
+monitor keeps a :class:`SampleBank`, a bounded, seeded reservoir fed from the sanity-check, validation (first
+loader) or - when no validation runs - training batches, on CPU. What must stay fixed (probes) is chosen from it
+once and saved in the callback's state.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch import nn
 
-from lightning_viz.probes import _as_label, _split_sample
+from lightning_viz._compat import global_rank, is_overridden, rank_zero_warn
+from lightning_viz.probes import _split_sample
 
 
 def first_loader(loaders: Any) -> Any:
@@ -19,43 +31,188 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
-def trainer_dataset(trainer: Any, prefer: str = "val") -> Dataset | None:
-    """The indexable dataset behind the Trainer's validation (or training) loader, or ``None``."""
-    order = ("val_dataloaders", "train_dataloader") if prefer == "val" else ("train_dataloader", "val_dataloaders")
-    for attr in order:
-        loader = first_loader(getattr(trainer, attr, None))
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-            return dataset
-    return None
-
-
-def read_batches(
-    dataset: Dataset, indices: Sequence[int], batch_size: int
-) -> Iterator[tuple[torch.Tensor, list[int | None]]]:
-    """Images and labels of ``dataset[indices]``, ``batch_size`` at a time."""
-    for start in range(0, len(indices), batch_size):
-        images, labels = [], []
-        for i in indices[start : start + batch_size]:
-            image, label = _split_sample(dataset[int(i)])
-            images.append(torch.as_tensor(image))
-            labels.append(_as_label(label))
-        yield torch.stack(images), labels
-
-
-def _has_batches(loader: Any) -> bool:
-    if loader is None:
+def validation_expected(trainer: Any, pl_module: Any) -> bool:
+    """Whether the fit will run validation at all: a ``validation_step``, validation data, batches to run."""
+    if not is_overridden("validation_step", pl_module) or getattr(trainer, "limit_val_batches", 1.0) == 0:
         return False
-    try:
-        return len(loader) > 0
-    except TypeError:  # an iterable-style loader has no length: it may still have batches
+    try:  # Lightning loads the loaders lazily; whether a source of them was given is known from the start
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:
         return True
 
 
-def resolve_probes(probes: Any, trainer: Any, sources: Sequence[str] = ("val_dataloaders", "train_dataloader")) -> None:
-    """Choose an automatic ProbeSet from the first of the Trainer's ``sources`` loaders that has batches."""
-    if probes.is_resolved:
-        return
-    loaders = (first_loader(getattr(trainer, attr, None)) for attr in sources)
-    loader = next((lo for lo in loaders if _has_batches(lo)), None)
-    probes.resolve(getattr(loader, "dataset", None), loader)
+def split_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(images (N, C, H, W) float, labels (N,) long or None) of a batch, or (None, None) when it holds no images."""
+    try:
+        images, labels = _split_sample(batch)
+    except TypeError:
+        return None, None
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        return None, None
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.ndim != 1 or len(labels) != len(images):
+            labels = None
+    return images, labels
+
+
+@dataclass
+class _Pass:
+    """One pass's reservoir: the kept rows, each row's position in the pass, and how many samples the pass had."""
+
+    key: tuple[Any, ...]
+    images: list[torch.Tensor] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seen: int = 0
+    complete: bool = False
+
+
+class SampleBank:
+    """A bounded, seeded, uniform reservoir of the samples of one pass over the Trainer's data.
+
+    Feed it with :meth:`offer` (one call per batch; ``key`` names the pass the batch belongs to) and close a pass
+    that ran to its end with :meth:`end`. A pass that ran to its end is kept for the rest of the fit (samples stay
+    the same epoch after epoch); until then the latest pass (e.g. the sanity check's few batches) is used. Being a
+    reservoir over the whole pass, the samples represent the whole validation set even when it is sorted by class.
+    Randomness comes from a private generator; only the kept rows are copied to the CPU.
+
+    Args:
+        capacity: samples kept at most.
+        seed: seed of the private generator.
+        max_bytes: memory cap; the capacity shrinks to fit (see :attr:`capped`).
+    """
+
+    def __init__(self, capacity: int, seed: int, max_bytes: int = 256 * 2**20) -> None:
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+        self._kept: _Pass | None = None
+        self._pending: _Pass | None = None
+        #: the capacity asked for, when memory made it smaller (else None)
+        self.capped: int | None = None
+
+    def reset(self) -> None:
+        self._gen.manual_seed(self._seed)
+        self._kept = self._pending = None
+
+    @property
+    def frozen(self) -> bool:
+        """A whole pass is kept: nothing more is taken."""
+        return self._kept is not None and self._kept.complete
+
+    def offer(self, key: tuple[Any, ...], batch: Any) -> None:
+        if self.frozen or self.capacity <= 0:
+            return
+        if self._pending is None or self._pending.key != key:
+            self._commit()
+            self._pending = _Pass(key)
+        images, labels = split_batch(batch)
+        if images is None:
+            return
+        part = self._pending
+        if not part.images and images[0].numel():
+            self._cap(images[0].numel() * images.element_size())
+        for row in range(len(images)):
+            slot = len(part.images) if len(part.images) < self.capacity else None
+            if slot is None:
+                j = int(torch.randint(0, part.seen + 1, (1,), generator=self._gen))
+                slot = j if j < self.capacity else None
+            if slot is not None:
+                image = images[row].detach().to("cpu", copy=True)
+                label = int(labels[row]) if labels is not None else None
+                if slot == len(part.images):
+                    part.images.append(image)
+                    part.labels.append(label)
+                    part.positions.append(part.seen)
+                else:
+                    part.images[slot], part.labels[slot], part.positions[slot] = image, label, part.seen
+            part.seen += 1
+
+    def _cap(self, sample_bytes: int) -> None:
+        fits = max(2, self.max_bytes // max(1, sample_bytes))
+        if fits < self.capacity:
+            self.capped, self.capacity = self.capacity, fits
+
+    def end(self, key: tuple[Any, ...]) -> None:
+        """The pass ``key`` ran to its end (a validation epoch, a training epoch)."""
+        if self._pending is not None and self._pending.key == key:
+            self._pending.complete = True
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._pending is not None and self._pending.images and not self.frozen:
+            self._kept = self._pending
+        self._pending = None
+
+    def _current(self, complete: bool = False) -> _Pass | None:
+        for part in (self._kept, self._pending):
+            if part is not None and part.images and (part.complete or not complete):
+                return part
+        return None
+
+    def has_samples(self, complete: bool = False) -> bool:
+        return self._current(complete) is not None
+
+    def samples(self, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[int], int]:
+        """(images (N, C, H, W), labels (N,) or None, positions in the pass (ascending), samples in the pass)."""
+        part = self._current(complete)
+        if part is None:
+            raise ValueError("no batch has been seen yet")
+        order = sorted(range(len(part.images)), key=part.positions.__getitem__)
+        images = torch.stack([part.images[i] for i in order])
+        labels = [part.labels[i] for i in order]
+        known = all(lb is not None for lb in labels)
+        return images, torch.tensor(labels) if known else None, [part.positions[i] for i in order], part.seen
+
+
+# ---- one message per Trainer, and the untrained weights for a baseline that has to wait for data ----
+
+_TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_INITIAL: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> None:
+    """Say ``message`` once per Trainer, however many monitors have it to say: a warning, or (``warn=False``, for
+    what is shown anyway, only later) an info line in the ``lightning_viz`` log."""
+    told = _TOLD.setdefault(trainer, set())
+    if key not in told:
+        told.add(key)
+        if warn:
+            rank_zero_warn(message)
+        elif global_rank() == 0:
+            logging.getLogger("lightning_viz").info(message)
+
+
+def keep_initial_weights(trainer: Any, model: nn.Module) -> None:
+    """Keep a CPU copy of the model's parameters and buffers as they are now (once per Trainer)."""
+    if trainer not in _INITIAL:
+        _INITIAL[trainer] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def has_initial_weights(trainer: Any) -> bool:
+    return trainer in _INITIAL
+
+
+@contextlib.contextmanager
+def initial_weights(trainer: Any, model: nn.Module) -> Iterator[None]:
+    """Run the body with the kept initial weights in ``model``; the current ones are put back exactly on exit."""
+    initial = _INITIAL[trainer]
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items() if k in initial}
+    current = {k: v.detach().clone() for k, v in tensors.items()}
+    try:
+        with torch.no_grad():
+            for k, v in tensors.items():
+                v.data.copy_(initial[k])
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in tensors.items():
+                v.data.copy_(current[k])
+
+
+def resolve_probes(probes: Any, trainer: Any = None, sources: Any = None) -> None:
+    """Probes are chosen from the batches a monitor took (:meth:`VizCallback._take_probes`); this never reads data."""
+    if not probes.is_resolved:
+        raise ValueError("no probes yet: no batch of the Trainer has been seen (data is taken, never drawn).")

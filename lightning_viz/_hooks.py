@@ -243,29 +243,31 @@ class CallSiteRecorder:
 
 
 class ValidationCodeCapture:
-    """Codes (and logits) of chosen dataset indices, taken from the validation pass the Trainer runs anyway.
+    """Codes (and logits) of chosen samples, taken from the validation pass the Trainer runs anyway.
 
-    A forward hook on the code layer keeps its first call per batch (the model's own forward; our own passes come
-    later); :meth:`batch_end` books the batch's rows under a running count of samples, which is each row's dataset
-    index only where :meth:`can_capture` holds. With ``use_input`` the code is the layer's input and its output the
-    logits (the default code layer is the last ``nn.Linear``). The hook lives between :meth:`attach` and
-    :meth:`detach` (safe to call twice); :meth:`collect` hands the codes over once.
+    The samples are known by their position in an earlier validation pass (a :class:`~lightning_viz._data.SampleBank`
+    keeps them with their images). A forward hook on the code layer keeps its first call per batch (the model's own
+    forward; our own passes come later); :meth:`batch_end` books the rows at the wanted positions and checks that the
+    batch's image there *is* the kept image, and :meth:`collect` checks that the pass had as many samples as before.
+    Anything else (a shuffled, reloaded or resized loader) is reported, never mixed up. With ``use_input`` the code is
+    the layer's input and its output the logits. The hook lives between :meth:`attach` and :meth:`detach`.
     """
 
     def __init__(self, module: nn.Module, use_input: bool) -> None:
         self._module = module
         self._use_input = use_input
         self._handle: Any = None
-        self._wanted: set[int] = set()
+        self._wanted: dict[int, torch.Tensor] = {}
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._seen = 0
+        self._mismatch: int | None = None
         self._batch: list[tuple[Any, Any]] = []
         #: the epoch whose validation pass was captured last, or None
         self.epoch: int | None = None
 
     @staticmethod
     def can_capture(trainer: Any) -> bool:
-        """One process and a sequential validation loader (the usual, unshuffled one): a running count is an index."""
+        """One process and a sequential validation loader (the usual, unshuffled one): positions repeat."""
         from torch.utils.data import SequentialSampler
 
         from lightning_viz._data import first_loader
@@ -283,28 +285,35 @@ class ValidationCodeCapture:
     def attached(self) -> bool:
         return self._handle is not None
 
-    def attach(self, wanted: list[int]) -> None:
-        """Start a validation pass: forget earlier rows, keep the rows of the ``wanted`` dataset indices."""
+    def attach(self, positions: Sequence[int], images: torch.Tensor) -> None:
+        """Start a validation pass: keep the rows at ``positions``, whose images must equal ``images``."""
         self.detach()
-        self._wanted, self._rows, self._seen = set(wanted), {}, 0
+        self._wanted = {int(p): images[i] for i, p in enumerate(positions)}
+        self._rows, self._seen, self._mismatch = {}, 0, None
         self._handle = self._module.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not self._batch:  # the first call per batch: the model's own forward pass
             self._batch.append((inputs[0], output) if self._use_input else (output, None))
 
-    def batch_end(self) -> None:
+    def batch_end(self, batch: Any) -> None:
         """Book the batch just validated (call after each batch of the first validation loader)."""
+        from lightning_viz._data import split_batch
         from lightning_viz.functional.embedding import pooled_codes
 
         try:
-            if self._batch and isinstance(self._batch[0][0], torch.Tensor):
+            images, _ = split_batch(batch)
+            if self._batch and isinstance(self._batch[0][0], torch.Tensor) and images is not None:
                 code, logits = pooled_codes(self._batch[0][0]), self._batch[0][1]
                 usable = isinstance(logits, torch.Tensor) and logits.ndim == 2
-                for row in range(len(code)):
-                    if self._seen + row in self._wanted:
-                        out = logits[row].detach().float().cpu() if usable else None
-                        self._rows[self._seen + row] = (code[row].cpu(), out)
+                for row in range(min(len(code), len(images))):
+                    kept = self._wanted.get(self._seen + row)
+                    if kept is None:
+                        continue
+                    if kept.shape != images[row].shape or not torch.equal(images[row].cpu(), kept):
+                        self._mismatch = self._seen + row if self._mismatch is None else self._mismatch
+                    out = logits[row].detach().float().cpu() if usable else None
+                    self._rows[self._seen + row] = (code[row].cpu(), out)
                 self._seen += len(code)
         finally:
             self._batch = []
@@ -318,15 +327,20 @@ class ValidationCodeCapture:
                 self.epoch = epoch
         self._batch = []
 
-    def collect(self, indices: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(codes (N, D), logits (N, K) or None) of ``indices`` captured in ``epoch``; None if any is missing.
+    def collect(self, epoch: int, pass_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None] | None, str | None]:
+        """((codes (N, D), logits (N, K) or None) in position order, or None; why not, when the pass didn't match).
 
-        The captured rows are handed over once: a later call finds none.
+        ``pass_size`` is the number of samples of the pass the positions come from. The rows are handed over once.
         """
         rows, self._rows = self._rows, {}
-        if self.epoch != epoch or not all(i in rows for i in indices):
-            return None
-        picked = [rows[i] for i in indices]
+        if self.epoch != epoch:
+            return None, None
+        self.epoch = None
+        if self._seen != pass_size:
+            return None, f"the validation pass had {self._seen} samples, the one the subset was taken from {pass_size}"
+        if self._mismatch is not None or len(rows) != len(self._wanted):
+            return None, f"the validation sample at position {self._mismatch} is not the one kept there earlier"
+        picked = [rows[p] for p in sorted(self._wanted)]
         logits = [out for _, out in picked]
         codes = torch.stack([code for code, _ in picked])
-        return codes, torch.stack(logits) if all(out is not None for out in logits) else None  # type: ignore[arg-type]
+        return (codes, torch.stack(logits) if all(o is not None for o in logits) else None), None  # type: ignore[arg-type]

@@ -171,3 +171,9 @@ def renamed(owner: str, kwargs: dict[str, Any], renames: Mapping[str, str]) -> d
         )
         moved[new] = kwargs.pop(old)
     return moved
+
+
+def positive_ints(**values: Any) -> None:
+    """Each keyword's value is an int >= 1 (see :func:`positive_int`)."""
+    for name, value in values.items():
+        positive_int(name, value)

@@ -134,6 +134,29 @@ class ProbeSet:
         lab = None if any(lb is None for lb in labels) else torch.cat(labels)[:n]
         self._set(torch.cat(images)[:n].float(), lab)
 
+    def take(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Choose the probes (for :meth:`auto`) among samples already at hand (the batches the Trainer produced).
+
+        Seeded, deterministic, and covering as many classes as it can; reads nothing from any dataset or loader.
+        """
+        if self.images is not None:
+            return
+        if self._auto is None:
+            raise RuntimeError("ProbeSet has no images; build it with images, `from_dataset` or `auto`.")
+        if not len(images):
+            raise ValueError("cannot choose probes: no samples.")
+        n, seed = self._auto
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen: list[int] = []
+        seen: set[int] = set()
+        if labels is not None:
+            for i in order:
+                if int(labels[i]) not in seen and len(chosen) < n:
+                    seen.add(int(labels[i]))
+                    chosen.append(i)
+        chosen += [i for i in order if i not in chosen][: n - len(chosen)]
+        self._set(images[chosen].float(), labels[chosen] if labels is not None else None)
+
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.images, "labels": self.labels, "auto": list(self._auto) if self._auto else None}
 

@@ -174,7 +174,7 @@ def test_projector_files_for_every_step_also_after_resume(tmp_path, pl_ns):
         DataLoader(data, batch_size=32),
         ckpt_path=str(ckpt_dir / "last.ckpt"),
     )
-    assert second._indices == first._indices
+    assert second._indices == first._indices and len(first._indices) == 50  # the same subset after resuming
     embeddings = _read_projector(str(tmp_path / "run" / "version_0"))
     assert [name for name, *_ in embeddings] == [f"embedding:{s:08d}" for s in (0, 1, 2, 3, 4)]
     for _, shape, metadata, sprite_size, single in embeddings:
@@ -185,8 +185,7 @@ def test_projector_files_for_every_step_also_after_resume(tmp_path, pl_ns):
 
 def test_sprite_respects_the_projector_limit():
     monitor = EmbeddingMonitor(sprite_size=64)
-    monitor._indices = list(range(20000))
-    side = monitor._thumb_size()
+    side = monitor._thumb_size(20000)
     assert side * int(np.ceil(np.sqrt(20000))) <= 8192 and side >= 1
 
 
@@ -281,8 +280,9 @@ def test_codes_are_captured_from_the_trainers_validation_pass(tmp_path, pl_ns):
     monitor._features = counting
     _, events = _fit(pl_ns, tmp_path, monitor, data, max_epochs=2)
     probes = len(monitor.probes)
-    # the baseline (step 0) reads its 50 samples itself; after that only the probes of the neighbour strips
-    assert sum(n for n in passes if n != probes) == 50
+    # the subset is taken during the first validation pass: the step-0 view (initial weights) and that epoch's view
+    # compute the 50 codes of the kept images; after that only the probes of the neighbour strips
+    assert sum(n for n in passes if n != probes) == 100
     assert [s for s, _ in events.scalars("embedding/knn_accuracy")] == [0, 1, 2]
     assert all(v == 1.0 for _, v in events.scalars("embedding/knn_accuracy"))  # same codes, same quality (lr=0)
     assert not monitor._capture.attached

@@ -11,8 +11,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._compat import is_overridden
-from lightning_viz._data import resolve_probes
+from lightning_viz._data import resolve_probes, validation_expected
 from lightning_viz._hooks import CallSiteRecorder
 from lightning_viz._layers import layers_of_kind, model_device
 from lightning_viz.callbacks.base import VizCallback
@@ -89,20 +88,16 @@ class ActivationMonitor(VizCallback):
         )
         kwargs["log_baseline"] = False
         super().__init__(**kwargs)
-        for arg, value in (
-            ("layers", layers),
-            ("pre_activation_layers", pre_activation_layers),
-            ("map_layers", map_layers),
-        ):
-            check.layer_names(arg, value)
+        check.layer_names("layers", layers)
+        check.layer_names("pre_activation_layers", pre_activation_layers)
+        check.layer_names("map_layers", map_layers)
         check.boolean("count_dead", count_dead, allow_none=True)
-        for arg, value in (
-            ("max_batches", max_batches),
-            ("max_channels", max_channels),
-            ("filmstrip_length", filmstrip_length),
-            ("histogram_samples", histogram_samples),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            max_batches=max_batches,
+            max_channels=max_channels,
+            filmstrip_length=filmstrip_length,
+            histogram_samples=histogram_samples,
+        )
         check.probe_set("probes", probes)
         check.non_negative_int("map_probe", map_probe)
         self.layers = list(layers) if layers is not None else None
@@ -161,11 +156,7 @@ class ActivationMonitor(VizCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._source = "val" if self._validation_expected(trainer, pl_module) else "train"
-
-    @staticmethod
-    def _validation_expected(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        return is_overridden("validation_step", pl_module) and getattr(trainer, "limit_val_batches", 1.0) != 0
+        self._source = "val" if validation_expected(trainer, pl_module) else "train"
 
     # ------------------------------------------------------------------------------------------- collection
     def _record(self, name: str, index: int, output: Any) -> None:
@@ -240,9 +231,10 @@ class ActivationMonitor(VizCallback):
         if self._source == "train":
             self._finish(trainer, pl_module)
             return
-        val_every = getattr(trainer, "check_val_every_n_epoch", 1) or 1
+        val_every = getattr(trainer, "check_val_every_n_epoch", 1)
         if (
             self._active
+            and val_every is not None  # validation every n steps (`val_check_interval`): an epoch may have none
             and self._is_log_epoch(trainer)
             and (trainer.current_epoch + 1) % val_every == 0
             and self._collected_epoch != trainer.current_epoch
@@ -253,6 +245,7 @@ class ActivationMonitor(VizCallback):
                 f"loader?); from now on the statistics use up to `max_batches`={self.max_batches} training batches.",
             )
             self._source = "train"
+            self._take_training_batches = True  # the probe too comes from the training batches now
 
     def _runs_after_train_epoch(self) -> bool:
         return False
@@ -306,17 +299,8 @@ class ActivationMonitor(VizCallback):
         sink.scalars(scalars, step)
         sink.histogram(f"activations/firing_rate/{site}", rate, step)
         sink.histogram(f"activations/values/{site}", stats.samples(), step)
-        self._publish(
-            ActivationStats(
-                step=step,
-                epoch=epochs_done,
-                subject=site,
-                channels=channels,
-                sparsity=stats.sparsity(),
-                mean=stats.mean(),
-                **record,
-            )
-        )
+        sparsity, mean = stats.sparsity(), stats.mean()
+        self._publish(ActivationStats(step, epochs_done, site, channels, sparsity, mean, **record))
         return row
 
     def _probe_image(self, trainer: Any) -> torch.Tensor:
@@ -343,11 +327,7 @@ class ActivationMonitor(VizCallback):
             self._sink.scalars({f"activations/map_scale/{site}": scale}, step)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "history": self._history.state_dict(),
-            "probes": self.probes.state_dict(),
-            "source": self._source,
-        }
+        return {"history": self._history.state_dict(), "probes": self.probes.state_dict(), "source": self._source}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._history.load_state_dict(state.get("history", {}))

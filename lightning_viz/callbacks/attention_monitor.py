@@ -83,14 +83,13 @@ class AttentionMonitor(VizCallback):
         check.layer_names("layers", layers)
         self.methods = check.choices("methods", METHODS if methods is None else methods, METHODS)
         check.probe_set("probes", probes)
-        for arg, value in (
-            ("max_probes", max_probes),
-            ("max_head_layers", max_head_layers),
-            ("tile_size", tile_size),
-            ("filmstrip_probes", filmstrip_probes),
-            ("filmstrip_length", filmstrip_length),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            max_probes=max_probes,
+            max_head_layers=max_head_layers,
+            tile_size=tile_size,
+            filmstrip_probes=filmstrip_probes,
+            filmstrip_length=filmstrip_length,
+        )
         check.choice("head_fusion", head_fusion, get_args(A.HeadFusion))
         check.number("attention_scale", attention_scale, low=0.0, low_open=True)
         self.layers = list(layers) if layers is not None else None

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_viz import _data
 from lightning_viz import _validate as check
 from lightning_viz._budget import Budget, budget_for, expected_epochs
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
@@ -103,6 +104,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._last_step: int | None = None
         self._epoch_started_at: float | None = None
         self._seconds: list[float] = []
+        self._samples = _data.SampleBank(0, seed)
+        self._take_training_batches = False
+        self._deferred: bool | str = False  # True: the step-0 view waits for data; "running": it is being made
 
     # ----------------------------------------------------------------------------------------------- Lightning API
     @property
@@ -138,6 +142,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             self._bus.announce(kind, self.monitor_name)
         self._resolve(trainer, pl_module)
         self._join_budget(trainer)
+        self._start_taking(trainer, pl_module)
 
     def _join_budget(self, trainer: Any) -> None:
         if self.budget is None:
@@ -168,7 +173,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if self._budget_managed and (self.budget_knobs or not self.budget_baseline):
             return  # an expensive monitor: before the first step nothing says the run can afford its baseline
         if self.log_baseline and trainer.global_step == 0 and self._last_step is None:
-            self._run(trainer, pl_module, epochs_done=0)
+            if self._has_data():
+                self._run(trainer, pl_module, epochs_done=0)
+            else:
+                self._defer_baseline(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,6 +187,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_budget_epoch(trainer)
+        self._end_training_pass(trainer, pl_module)
         if self._is_log_epoch(trainer) and self._runs_after_train_epoch():
             self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
@@ -312,9 +321,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             return False
 
     def _run(self, trainer: Any, pl_module: nn.Module, epochs_done: int) -> None:
-        if not self._active or self._sink is None or trainer.sanity_checking:
+        if not self._active or self._sink is None or trainer.sanity_checking or not self._ready_to_log():
             return
-        step = int(trainer.global_step)
+        step = 0 if self._deferred == "running" else int(trainer.global_step)
         if self._last_step is not None and step <= self._last_step:
             return  # a step is never written twice for a tag
         if not getattr(trainer, "is_global_zero", True):
@@ -349,3 +358,100 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _cheaper_hint(self) -> str:
         return ""
+
+    # ------------------------------------------------------------ data taken from the Trainer's own batches
+    # DESIGN rule 12: a monitor never reads a user's dataset or loader. It keeps a SampleBank fed from the batches
+    # the Trainer produced (sanity check and validation, first loader; training batches when no validation runs).
+    # Subclasses that override these hooks call ``super()``.
+
+    def _bank_capacity(self) -> int:
+        """How many samples this monitor keeps from the Trainer's batches (0: it shows no samples)."""
+        probes = getattr(self, "probes", None)
+        return 20 * max(1, probes._auto[0]) if probes is not None and getattr(probes, "_auto", None) else 0
+
+    def _has_data(self) -> bool:
+        """Whether the samples this monitor needs exist (the step-0 baseline waits for them otherwise)."""
+        probes = getattr(self, "probes", None)
+        return probes is None or probes.is_resolved or self._samples.has_samples()
+
+    def _start_taking(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._samples = _data.SampleBank(self._bank_capacity(), self.seed)
+        self._take_training_batches = not _data.validation_expected(trainer, pl_module)
+        self._deferred = False
+
+    def _ready_to_log(self) -> bool:
+        """Take the probes once samples exist; ``False`` (log nothing yet) while this monitor has no data."""
+        if not self._has_data():
+            return False
+        probes = getattr(self, "probes", None)
+        if probes is not None and not probes.is_resolved:
+            images, labels, _, _ = self._samples.samples()
+            probes.take(images, labels)
+        if self._samples.capped is not None:
+            self._warn_once(
+                "bank capped",
+                f"{type(self).__name__}: {self._samples.capped} samples of this size would take more than "
+                f"{self._samples.max_bytes >> 20} MiB; keeping {self._samples.capacity}.",
+            )
+        return True
+
+    def _defer_baseline(self, trainer: Any, pl_module: nn.Module) -> None:
+        """No data before training: the step-0 baseline is computed with the initial weights once data exists."""
+        _data.keep_initial_weights(trainer, pl_module)
+        self._deferred = True
+        where = "training epoch" if self._take_training_batches else "validation pass"
+        _data.tell_once(
+            trainer,
+            "deferred baseline",
+            f"lightning_viz: {type(self).__name__} (and maybe others) has no samples yet for its step-0 view (it needs "
+            "a sanity check's batches, or a whole validation pass for the embedding and exemplars), and the monitors "
+            f"never read your dataset themselves: the step-0 view is computed after the first {where}, from the "
+            "initial weights kept for that purpose.",
+            warn=False,  # it is shown, only later
+        )
+
+    def _run_deferred_baseline(self, trainer: Any, pl_module: nn.Module) -> None:
+        ready = self._deferred is True and self._has_data() and _data.has_initial_weights(trainer)
+        if ready and self._last_step is None:
+            self._deferred = "running"
+            try:
+                with _data.initial_weights(trainer, pl_module):
+                    self._run(trainer, pl_module, epochs_done=0)
+            finally:
+                self._deferred = False
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if dataloader_idx == 0 and self._samples.capacity and getattr(trainer.state, "fn", "fit") == "fit":
+            self._samples.offer(self._pass_key(trainer), batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or getattr(trainer.state, "fn", "fit") != "fit":
+            return
+        self._samples.end(self._pass_key(trainer))
+        self._run_deferred_baseline(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._take_training_batches and self._samples.capacity:
+            self._samples.offer(("train", trainer.current_epoch), batch)
+
+    def _end_training_pass(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self._take_training_batches:
+            self._samples.end(("train", trainer.current_epoch))
+        self._run_deferred_baseline(trainer, pl_module)
+
+    @staticmethod
+    def _pass_key(trainer: Any) -> tuple[Any, ...]:
+        return ("sanity",) if trainer.sanity_checking else ("val", int(trainer.global_step), trainer.current_epoch)

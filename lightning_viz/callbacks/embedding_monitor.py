@@ -12,7 +12,6 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._hooks import ValidationCodeCapture, capture
 from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
@@ -31,11 +30,12 @@ _RENAMED = {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "k
 class EmbeddingMonitor(VizCallback):
     """Features of a fixed validation subset, logged as TensorBoard projector data, a 2-D map and quality scalars.
 
-    Each logged epoch, the features of the chosen layer are gathered for a fixed, seeded subset of the validation data
-    (``subset_size`` samples). With one process and an unshuffled validation loader they are captured by a forward
-    hook during the validation pass the Trainer runs anyway (a running count gives each sample's dataset index), so
-    no forward pass is added; otherwise (DDP, a shuffled or custom sampler, and the baseline before any validation)
-    the samples are read from the dataset by index and passed through the model in batches. Then:
+    Each logged epoch, the chosen layer's codes are gathered for a fixed subset of the validation data: a seeded
+    reservoir of ``subset_size`` samples over the first whole validation pass, kept on the CPU (the monitor never reads
+    the dataset; the step-0 view is computed from the initial weights after that pass). With one process and an
+    unshuffled loader the codes are captured in the Trainer's own validation pass, after checking that the pass has
+    as many samples as before and each kept position holds the kept image; otherwise (DDP, a shuffled, resized or
+    reloaded loader: the last two with a warning) the kept images go through the model. Then:
 
     - **Projector** (TensorBoard's "Projector" tab): one embedding per logged step, with metadata (true label,
       predicted label) and sprite thumbnails within the 8192x8192 sprite limit; every step is listed, also after a
@@ -95,14 +95,13 @@ class EmbeddingMonitor(VizCallback):
         check.layer_name("layer", layer)
         check.choice("reducer", reducer, get_args(Reducer))
         check.boolean("projector", projector)
-        for arg, value in (
-            ("sprite_size", sprite_size),
-            ("num_neighbours", num_neighbours),
-            ("knn_neighbours", knn_neighbours),
-            ("batch_size", batch_size),
-            ("filmstrip_length", filmstrip_length),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            sprite_size=sprite_size,
+            num_neighbours=num_neighbours,
+            knn_neighbours=knn_neighbours,
+            batch_size=batch_size,
+            filmstrip_length=filmstrip_length,
+        )
         check.at_least("subset_size", subset_size, 2)
         check.probe_set("probes", probes)
         self.layer = layer
@@ -118,7 +117,6 @@ class EmbeddingMonitor(VizCallback):
         self.class_names = check.class_names("class_names", class_names)
         self._module: nn.Module | None = None
         self._use_input = False
-        self._indices: list[int] | None = None
         self._reference: np.ndarray | None = None
         self._maps = render.Filmstrip(filmstrip_length)
         self._projections = ProjectionClient(reducer, seed=self.seed)
@@ -145,6 +143,17 @@ class EmbeddingMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `subset_size` "
 
+    def _bank_capacity(self) -> int:
+        return self.subset_size  # the probes are chosen among the subset
+
+    def _has_data(self) -> bool:
+        return self._samples.has_samples(complete=True)
+
+    @property
+    def _indices(self) -> list[int] | None:
+        """The subset: its samples' positions in the validation pass (dataset indices for an unshuffled loader)."""
+        return self._samples.samples(complete=True)[2] if self._has_data() else None
+
     # ------------------------------------------------------------------------------------------------ gather
     def _features(self, pl_module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(codes (N, D), logits-or-None) of a batch, codes from the hooked layer."""
@@ -159,44 +168,37 @@ class EmbeddingMonitor(VizCallback):
         logits = out.detach().float().cpu() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
         return E.pooled_codes(calls[-1]).cpu(), logits
 
-    def _subset(self, trainer: Any) -> Any:
-        dataset = trainer_dataset(trainer, "val")
-        if dataset is None:
-            raise ValueError("EmbeddingMonitor needs an indexable validation (or training) dataset.")
-        if self._indices is None:
-            if len(dataset) < self.subset_size:
-                self._warn_once(
-                    "subset",
-                    f"EmbeddingMonitor: `subset_size`={self.subset_size} but the data has {len(dataset)} samples; "
-                    "using all of them.",
-                )
-            self._indices = E.subset_indices(len(dataset), self.subset_size, self.seed)
-        return dataset
+    def _codes(self, pl_module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(codes, logits-or-None) of the kept subset, ``batch_size`` images per forward pass."""
+        size = self.batch_size
+        parts = [self._features(pl_module, images[i : i + size]) for i in range(0, len(images), size)]
+        logits = [out for _, out in parts]
+        return torch.cat([c for c, _ in parts]), torch.cat(logits) if all(o is not None for o in logits) else None  # type: ignore[arg-type]
 
-    def _gather(self, trainer: Any, pl_module: nn.Module, dataset: Any, thumbs: bool) -> tuple[Any, ...]:
-        """Codes (N, D), labels, predictions, thumbnails (or None) of the subset: captured in validation or computed."""
-        assert self._indices is not None and self._capture is not None
-        captured = self._capture.collect(self._indices, trainer.current_epoch)
-        codes, labels, tiles = [], [], []
-        for images, batch_labels in read_batches(dataset, self._indices, self.batch_size):
-            if captured is None:
-                codes.append(self._features(pl_module, images))
-            labels.extend(batch_labels)
-            if thumbs:
-                tiles.append(render.thumbnails(images, self._thumb_size(max(images.shape[-2:]))))
-        if captured is None:
-            logits = [out for _, out in codes]
-            known = all(o is not None for o in logits)
-            captured = torch.cat([c for c, _ in codes]), torch.cat(logits) if known else None
-        features, out = captured
-        predicted = out.argmax(1) if out is not None else None
-        return features, E.labels_or_none(labels), predicted, torch.cat(tiles) if tiles else None
+    def _gather(self, trainer: Any, pl_module: nn.Module) -> tuple[Any, ...]:
+        """Images, codes (N, D), labels, predictions of the subset: captured in validation, or computed."""
+        assert self._capture is not None
+        images, labels, _, pass_size = self._samples.samples(complete=True)
+        if len(images) < self.subset_size:
+            self._warn_once(
+                "subset",
+                f"EmbeddingMonitor: `subset_size`={self.subset_size} but the data has {len(images)} samples; "
+                "using all of them.",
+            )
+        captured, problem = self._capture.collect(trainer.current_epoch, pass_size)
+        if problem is not None:
+            self._warn_once(
+                "capture",
+                f"EmbeddingMonitor: the validation data changed since the subset was taken ({problem}); the codes "
+                "are computed from the kept images instead.",
+            )
+        features, out = captured if captured is not None else self._codes(pl_module, images)
+        return images, features, labels, out.argmax(1) if out is not None else None
 
-    def _thumb_size(self, image_side: int | None = None) -> int:
+    def _thumb_size(self, count: int, image_side: int | None = None) -> int:
         """Thumbnail side: ``sprite_size``, never larger than the images, and within the projector's sprite limit."""
-        assert self._indices is not None
         wanted = min(self.sprite_size, image_side or self.sprite_size)
-        return render.sprite_tile_side(len(self._indices), wanted)
+        return render.sprite_tile_side(count, wanted)
 
     def _names(self, classes: torch.Tensor | None) -> list[str] | None:
         names = self.class_names or []
@@ -206,9 +208,9 @@ class EmbeddingMonitor(VizCallback):
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         sink = self._sink
         assert sink is not None
-        dataset = self._subset(trainer)
         projector = self.projector and sink.writes_images
-        features, labels, predicted, thumbs = self._gather(trainer, pl_module, dataset, thumbs=projector)
+        images, features, labels, predicted = self._gather(trainer, pl_module)
+        thumbs = render.thumbnails(images, self._thumb_size(len(images), max(images.shape[-2:]))) if projector else None
         if labels is None:
             self._warn_once(
                 "labels", "EmbeddingMonitor: the data has no labels: the map is uncoloured and k-NN quality skipped."
@@ -223,20 +225,18 @@ class EmbeddingMonitor(VizCallback):
         if sink.writes_tables:  # W&B, MLflow, folder: the codes as a table (TensorBoard has the projector)
             self._guard("table", sink.embedding_table, "embedding/table", features.numpy(), *names, step)
         if sink.writes_images:
-            self._guard("neighbours", self._log_neighbours, pl_module, features, dataset, labels, step)
+            self._guard("neighbours", self._log_neighbours, pl_module, features, images, labels, step)
         submitted = sink.writes_images and self._guard("map", self._submit, features, labels, step, epochs_done, tsv)
         if tsv is not None and submitted is not True:  # no child to write the projector's tensor file
             write_tensor_tsv(tsv, features.numpy())
 
-    def _log_neighbours(self, model: nn.Module, features: torch.Tensor, dataset: Any, labels: Any, step: int) -> None:
-        assert self._sink is not None and self._indices is not None
-        if not self.probes.is_resolved:
-            self.probes.resolve(dataset)
+    def _log_neighbours(self, model: nn.Module, features: torch.Tensor, images: Any, labels: Any, step: int) -> None:
+        assert self._sink is not None and self.probes.images is not None
         probe_images = self.probes.images
         idx, _ = E.nearest_neighbours(self._features(model, probe_images)[0], features, self.num_neighbours)
         neighbours, same = [], []
         for p, near in enumerate(idx):
-            neighbours.append(next(read_batches(dataset, [self._indices[int(j)] for j in near], len(near)))[0])
+            neighbours.append(images[near])
             probe_label = self.probes.labels[p] if self.probes.labels is not None else None
             same.append(labels[near] == probe_label if labels is not None and probe_label is not None else None)
         self._sink.image("embedding/neighbours", render.neighbour_strips(probe_images, neighbours, same), step)
@@ -285,9 +285,10 @@ class EmbeddingMonitor(VizCallback):
             and getattr(trainer, "is_global_zero", True)
             and ValidationCodeCapture.can_capture(trainer)
             and "embedding" not in self._disabled
+            and self._samples.has_samples(complete=True)
         ):
-            self._subset(trainer)
-            self._capture.attach(self._indices or [])
+            images, _, positions, _ = self._samples.samples(complete=True)
+            self._capture.attach(positions, images)
 
     @override
     def on_validation_batch_end(
@@ -300,17 +301,20 @@ class EmbeddingMonitor(VizCallback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._capture is not None and self._capture.attached and dataloader_idx == 0:
-            self._capture.batch_end()
+            self._capture.batch_end(batch)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._capture is not None:
             self._capture.detach(epoch=trainer.current_epoch)
+        super().on_validation_epoch_end(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._log_maps()
 
     @override
@@ -336,15 +340,10 @@ class EmbeddingMonitor(VizCallback):
         super().on_exception(trainer, pl_module, exception)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "indices": list(self._indices) if self._indices is not None else None,
-            "reference": torch.from_numpy(self._reference) if self._reference is not None else None,
-            "maps": self._maps.state_dict(),
-            "probes": self.probes.state_dict(),
-        }
+        reference = torch.from_numpy(self._reference) if self._reference is not None else None
+        return {"reference": reference, "maps": self._maps.state_dict(), "probes": self.probes.state_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._indices = state.get("indices")
         self._reference = state["reference"].numpy() if state.get("reference") is not None else None
         self._maps.load_state_dict(state.get("maps", []))
         if state.get("probes"):

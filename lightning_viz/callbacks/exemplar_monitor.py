@@ -11,7 +11,6 @@ from torch import nn
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._hooks import capture
 from lightning_viz._layers import check_channel_range, evenly_spaced, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
@@ -24,22 +23,25 @@ ProjectionRule = Literal["guided", "deconvnet"]
 class ExemplarMonitor(VizCallback):
     """Top-k dataset images per channel, the receptive-field crop under the strongest unit, and its projection.
 
-    Every ``every_n_epochs`` (default 5: it reads up to ``max_samples`` images), the monitor streams over the
-    validation dataset (read by index in batches; the training set when there is no validation data), keeping per
-    channel only the ``top_k`` highest spatial-maximum activations, their sample indices and locations - memory is
-    O(channels x k). It then re-reads those images and draws, per layer (tag ``exemplars/<layer>``), one row per
+    Every ``every_n_epochs`` (default 5), the monitor streams over up to ``max_samples`` validation samples (a seeded
+    reservoir over the first whole validation pass, kept on the CPU: it represents the whole set even when the set is
+    sorted by class; the first training epoch's batches when there is no validation), keeping per channel only the
+    ``top_k`` highest spatial-maximum activations, their positions in the pass and locations. The monitor never reads
+    the dataset itself; the step-0 view is computed from the initial weights once the pass ran. It then draws, per
+    layer (tag ``exemplars/<layer>``), one row per
     channel with, for each exemplar: the image with the unit's receptive field outlined, the crop under the receptive
     field, and the guided-backprop (or deconvnet) projection of that single activation, cropped the same way (Zeiler &
     Fergus; Springenberg et al.). Receptive fields are computed on the model (exact, see
     :func:`lightning_viz.functional.exemplars.receptive_field_boxes`). A text panel ``exemplars/indices/<layer>``
-    lists each channel's exemplar indices and scores.
+    lists each channel's exemplars (their positions in the validation pass: dataset indices for an unshuffled loader)
+    and scores.
 
     Args:
         layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output); default the last
             ``Conv2d``.
         channels: channel indices (the same for every layer); default up to ``max_channels`` evenly spaced ones.
         top_k: exemplars per channel (was ``k``).
-        max_samples: at most this many dataset samples are scanned per call.
+        max_samples: at most this many samples are kept and scanned per call.
         projection_rule: ``"guided"`` (guided backprop) or ``"deconvnet"``: the ReLU rule of the single-unit
             projection (was ``projection``).
         show_full: also show the whole image with the receptive field outlined (off by default: it adds half
@@ -73,14 +75,9 @@ class ExemplarMonitor(VizCallback):
         super().__init__(**kwargs)
         check.layer_names("layers", layers)
         check.indices("channels", channels)
-        for arg, value in (
-            ("top_k", top_k),
-            ("max_channels", max_channels),
-            ("max_samples", max_samples),
-            ("tile_size", tile_size),
-            ("batch_size", batch_size),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            top_k=top_k, max_channels=max_channels, max_samples=max_samples, tile_size=tile_size, batch_size=batch_size
+        )
         check.choice("projection_rule", projection_rule, get_args(ProjectionRule))
         check.boolean("show_full", show_full)
         self.layers = list(layers) if layers is not None else None
@@ -116,28 +113,30 @@ class ExemplarMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `max_samples` "
 
+    def _bank_capacity(self) -> int:
+        return self.max_samples
+
+    def _has_data(self) -> bool:
+        return self._samples.has_samples(complete=True)
+
     def _channels_for(self, name: str, count: int) -> list[int]:
         check_channel_range("channels", self.channels, count, _which_has(name, count))
         return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        dataset = trainer_dataset(trainer, "val")
-        if dataset is None:
-            raise ValueError("ExemplarMonitor needs an indexable validation (or training) dataset.")
-        indices = list(range(min(len(dataset), self.max_samples)))
-        if not indices:
-            raise ValueError("ExemplarMonitor: the validation (or training) dataset is empty.")
-        scan = self._scan(pl_module, dataset, indices)
+        kept, _, indices, _ = self._samples.samples(complete=True)
+        scan = self._scan(pl_module, kept, indices)
         for name in self._modules:
-            self._guard(f"layer {name}", self._log_layer, pl_module, dataset, indices, name, scan, step, epochs_done)
+            self._guard(f"layer {name}", self._log_layer, pl_module, kept, indices, name, scan, step, epochs_done)
 
-    def _scan(self, pl_module: nn.Module, dataset: Any, indices: list[int]) -> _Scan:
-        """One pass over ``indices``: per layer, the top-k of each chosen channel's spatial maximum."""
+    def _scan(self, pl_module: nn.Module, kept: torch.Tensor, indices: list[int]) -> _Scan:
+        """One pass over the kept images: per layer, the top-k of each chosen channel's spatial maximum."""
         device = model_device(pl_module)
         scan = _Scan()
         names = list(self._modules)
         starts = range(0, len(indices), self.batch_size)
-        for batch_start, (images, _) in zip(starts, read_batches(dataset, indices, self.batch_size)):
+        for batch_start in starts:
+            images = kept[batch_start : batch_start + self.batch_size]
             scan.image_shape = tuple(images.shape[1:])
             with capture([self._modules[n] for n in names], keep="last") as captured:
                 pl_module(images.to(device))
@@ -156,12 +155,19 @@ class ExemplarMonitor(VizCallback):
         return scan
 
     def _log_layer(
-        self, pl_module: nn.Module, dataset: Any, indices: list[int], name: str, scan: _Scan, step: int, epoch: int
+        self,
+        pl_module: nn.Module,
+        kept: torch.Tensor,
+        indices: list[int],
+        name: str,
+        scan: _Scan,
+        step: int,
+        epoch: int,
     ) -> None:
         sink = self._sink
         assert sink is not None
         channels, top = scan.channels[name], scan.tops[name]
-        images, boxes, projections = self._explain(pl_module, dataset, indices, name, channels, top, scan.image_shape)
+        images, boxes, projections = self._explain(pl_module, kept, indices, name, channels, top, scan.image_shape)
         found = torch.isfinite(top.scores)
         grid = render.exemplar_rows(
             images, boxes, projections, found, channels, self.tile_size, show_full=self.show_full
@@ -184,7 +190,7 @@ class ExemplarMonitor(VizCallback):
     def _explain(
         self,
         pl_module: nn.Module,
-        dataset: Any,
+        kept: torch.Tensor,
         indices: list[int],
         name: str,
         channels: list[int],
@@ -195,8 +201,7 @@ class ExemplarMonitor(VizCallback):
         module = self._modules[name]
         k = top.ids.shape[1]
         flat_ids = top.ids.flatten()
-        images, _ = next(read_batches(dataset, [indices[int(i)] for i in flat_ids], len(flat_ids)))
-        images = images.float()
+        images = kept[flat_ids].float()
         channel_of = torch.tensor(channels).repeat_interleave(k)
         positions = top.locations.reshape(-1, 2)
         boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)

@@ -10,7 +10,6 @@ from torch import nn
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._data import read_batches, trainer_dataset
 from lightning_viz._hooks import capture
 from lightning_viz._layers import check_channel_range, evenly_spaced, layers_of_kind, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
@@ -44,7 +43,8 @@ class FeatureVisMonitor(VizCallback):
         images_per_channel: number of starting noises per channel, one grid row each (was ``seeds``).
         l2, tv: L2 and total-variation penalty weights.
         input_mean, input_std: per-channel statistics of the model's input; default estimated once from up to 256
-            validation images (and kept in the checkpoint).
+            validation samples taken from the Trainer's own batches (never read from the dataset; kept in the
+            checkpoint). Without a sanity check the step-0 images wait for them (computed from the initial weights).
         **kwargs: ``every_n_epochs`` (default 10), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
 
@@ -87,14 +87,13 @@ class FeatureVisMonitor(VizCallback):
         check.choice("objective", objective, get_args(Objective))
         check.choice("parameterization", parameterization, get_args(Parameterization))
         check.indices("channels", channels)
-        for arg, value in (
-            ("max_channels", max_channels),
-            ("steps", steps),
-            ("images_per_channel", images_per_channel),
-            ("filmstrip_length", filmstrip_length),
-            ("tile_size", tile_size),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            max_channels=max_channels,
+            steps=steps,
+            images_per_channel=images_per_channel,
+            filmstrip_length=filmstrip_length,
+            tile_size=tile_size,
+        )
         if image_size is not None:
             check.at_least("image_size", image_size, FV.Transforms().min_size())
         check.number("lr", lr, low=0.0, low_open=True)
@@ -144,20 +143,22 @@ class FeatureVisMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `steps` / `max_channels` "
 
+    def _bank_capacity(self) -> int:
+        known = self.input_mean is not None and self.input_std is not None
+        return 0 if (known and self.image_size is not None) or self._stats is not None else 256
+
+    def _has_data(self) -> bool:
+        return self._bank_capacity() == 0 or self._samples.has_samples()
+
     def _input_stats(self, trainer: Any) -> tuple[list[float], list[float]]:
+        if self._stats is None and self._samples.has_samples():
+            images = self._samples.samples()[0].float()
+            self._image_size = int(max(images.shape[-2:]))
+            dims = (0, 2, 3)
+            self._stats = (images.mean(dims).tolist(), images.std(dims).clamp_min(1e-6).tolist())
         if self.input_mean is not None and self.input_std is not None:
             return self.input_mean, self.input_std
-        if self._stats is None:
-            dataset = trainer_dataset(trainer, "val")
-            if dataset is None:
-                self._stats = ([0.0] * self._in_channels, [1.0] * self._in_channels)
-            else:
-                images, _ = next(read_batches(dataset, list(range(min(256, len(dataset)))), 256))
-                images = images.float()
-                self._image_size = int(max(images.shape[-2:]))
-                dims = (0, 2, 3)
-                self._stats = (images.mean(dims).tolist(), images.std(dims).clamp_min(1e-6).tolist())
-        return self._stats
+        return self._stats or ([0.0] * self._in_channels, [1.0] * self._in_channels)
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         mean, std = self._input_stats(trainer)

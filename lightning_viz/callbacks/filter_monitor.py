@@ -72,14 +72,13 @@ class FilterMonitor(VizCallback):
         )
         super().__init__(**kwargs)
         check.layer_names("layers", layers)
-        for name, value in (
-            ("max_filters", max_filters),
-            ("max_input_channels", max_input_channels),
-            ("filmstrip_length", filmstrip_length),
-            ("filmstrip_filters", filmstrip_filters),
-            ("min_tile_pixels", min_tile_pixels),
-        ):
-            check.positive_int(name, value)
+        check.positive_ints(
+            max_filters=max_filters,
+            max_input_channels=max_input_channels,
+            filmstrip_length=filmstrip_length,
+            filmstrip_filters=filmstrip_filters,
+            min_tile_pixels=min_tile_pixels,
+        )
         if scale != "running_max":
             bad = f"`scale` must be 'running_max' or a positive finite number, got {scale!r}."
             if isinstance(scale, bool) or not isinstance(scale, (str, int, float)):

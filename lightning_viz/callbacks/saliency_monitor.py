@@ -161,17 +161,16 @@ class SaliencyMonitor(VizCallback):
         super().__init__(**kwargs)
         methods = check.choices("methods", METHODS if methods is None else methods, METHODS)
         check.probe_set("probes", probes)
-        for arg, value in (
-            ("smoothgrad_samples", smoothgrad_samples),
-            ("occlusion_window", occlusion_window),
-            ("occlusion_stride", occlusion_stride),
-            ("batch_size", batch_size),
-            ("max_probes", max_probes),
-            ("tile_size", tile_size),
-            ("filmstrip_probes", filmstrip_probes),
-            ("filmstrip_length", filmstrip_length),
-        ):
-            check.positive_int(arg, value)
+        check.positive_ints(
+            smoothgrad_samples=smoothgrad_samples,
+            occlusion_window=occlusion_window,
+            occlusion_stride=occlusion_stride,
+            batch_size=batch_size,
+            max_probes=max_probes,
+            tile_size=tile_size,
+            filmstrip_probes=filmstrip_probes,
+            filmstrip_length=filmstrip_length,
+        )
         check.number("noise_level", noise_level, low=0.0)
         check.number("occlusion_baseline", occlusion_baseline)
         check.choice("head", head, sal.HEADS)
