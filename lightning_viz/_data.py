@@ -87,14 +87,21 @@ class SampleBank:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
+        # made on first use: a callback holding a generator's state tensor cannot be handed to processes that
+        # `ddp_spawn` starts (torch shares the tensor as a file descriptor, which fails at spawn)
+        self._gen: torch.Generator | None = None
         self._kept: _Pass | None = None
         self._pending: _Pass | None = None
         #: the capacity asked for, when memory made it smaller (else None)
         self.capped: int | None = None
 
+    def _generator(self) -> torch.Generator:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self._seed)
+        return self._gen
+
     def reset(self) -> None:
-        self._gen.manual_seed(self._seed)
+        self._gen = None
         self._kept = self._pending = None
 
     @property
@@ -117,7 +124,7 @@ class SampleBank:
         for row in range(len(images)):
             slot = len(part.images) if len(part.images) < self.capacity else None
             if slot is None:
-                j = int(torch.randint(0, part.seen + 1, (1,), generator=self._gen))
+                j = int(torch.randint(0, part.seen + 1, (1,), generator=self._generator()))
                 slot = j if j < self.capacity else None
             if slot is not None:
                 image = images[row].detach().to("cpu", copy=True)
