@@ -213,6 +213,14 @@ def test_each_scenario_produces_its_finding(scenario_runs, name, expected):
     assert {f.kind for f in findings[name]} == expected
 
 
+@pytest.mark.parametrize("name, seed, expected", [("healthy", 2, set()), ("overfit", 1, {"overfitting"})])
+def test_scenarios_hold_for_other_seeds(tmp_path, name, seed, expected):
+    # the two cases the issue reported; benchmarks/diagnosis.py --scenarios runs all four for seeds 0-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert {f.kind for f in scenarios.run(name, str(tmp_path), seed=seed)} == expected
+
+
 def test_findings_are_written_as_text_and_scalars(scenario_runs):
     logdir, _ = scenario_runs
     events = Events(str(logdir / "overfit"))

@@ -102,7 +102,9 @@ class DiagnosisMonitor(VizCallback):
         self._initial_loss: float | None = None
         self._initial_norm: float | None = None
         self._nonfinite: int | None = None
-        self._batch_sum, self._batch_sq, self._batch_count, self._batch_bad = 0.0, 0.0, 0, False
+        self._batch_sum: Any = 0.0  # a tensor on the loss's device once a batch ended
+        self._batch_sq: Any = 0.0
+        self._batch_count = 0
         self._sem = 0.0
         self._tags: dict[str, str | None] = {"val": None, "acc": None}
         self._active_keys: dict[str, int] = {}
@@ -141,27 +143,25 @@ class DiagnosisMonitor(VizCallback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
-        value = float(loss.detach())
+        # summed on the loss's device: no synchronisation per step; read once per epoch
+        value = loss.detach().float().reshape(())
         if self._initial_loss is None and not self._history["train_loss"] and self._batch_count == 0:
-            self._initial_loss = value  # computed before the first update: the loss at initialisation
-        if math.isfinite(value):
-            self._batch_sum += value
-            self._batch_sq += value * value
-            self._batch_count += 1
-        else:
-            self._batch_bad = True
+            self._initial_loss = float(value)  # computed before the first update: the loss at initialisation
+        self._batch_sum = self._batch_sum + value
+        self._batch_sq = self._batch_sq + value * value
+        self._batch_count += 1
 
     def _close_epoch(self, trainer: Any, pl_module: nn.Module, epoch: int) -> None:
         """The epoch's mean training loss (from the batches' outputs, else the logged metric) and the weights."""
-        if self._batch_count or self._batch_bad:
-            mean = self._batch_sum / self._batch_count if self._batch_count and not self._batch_bad else math.nan
+        n = self._batch_count
+        if n:
+            mean = float(self._batch_sum) / n
+            if n > 1 and math.isfinite(mean):
+                self._sem = math.sqrt(max(float(self._batch_sq) / n - mean * mean, 0.0) / (n - 1))
         else:
             key = D.find_metric(trainer.callback_metrics, self.train_loss, {"train", "training"}, _LOSS)
             mean = float(trainer.callback_metrics[key]) if key else None
-        n = self._batch_count
-        if n > 1 and mean is not None and math.isfinite(mean):
-            self._sem = math.sqrt(max(self._batch_sq / n - mean * mean, 0.0) / (n - 1))
-        self._batch_sum, self._batch_sq, self._batch_count, self._batch_bad = 0.0, 0.0, 0, False
+        self._batch_sum, self._batch_sq, self._batch_count = 0.0, 0.0, 0
         norm = D.weight_norm(pl_module)
         if mean is not None:
             history = self._history["train_loss"]
@@ -205,7 +205,7 @@ class DiagnosisMonitor(VizCallback):
         if not self._active:
             return
         done = max((e for e, _ in self._history["train_loss"]), default=int(trainer.current_epoch))
-        if self._batch_count or self._batch_bad:  # a fit stopped inside an epoch (max_steps)
+        if self._batch_count:  # a fit stopped inside an epoch (max_steps)
             done += 1
             self._close_epoch(trainer, pl_module, done)
         self._pending, self._final = None, True
