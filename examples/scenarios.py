@@ -30,14 +30,14 @@ import lightning_viz  # noqa: E402
 SCENARIOS = ("healthy", "high-lr", "overfit", "undertrained")
 
 
+def _two_conv_blocks() -> list[nn.Module]:
+    return [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()]
+
+
 def plain_cnn(num_classes: int = 10) -> nn.Module:
     """No BatchNorm: nothing protects its ReLUs from a learning rate that is far too high."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
+        *_two_conv_blocks(),
         nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1),
         nn.ReLU(),
@@ -57,11 +57,7 @@ class AdamClassifier(common.Classifier):
 def wide_cnn(num_classes: int = 10) -> nn.Module:
     """No BatchNorm, a wide fully-connected head on the flattened maps: it memorises a tiny training set."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
+        *_two_conv_blocks(),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 128),

@@ -177,15 +177,15 @@ def divergence(ev: Evidence) -> Finding | None:
             f"initial value {reference:.3g}"
         )
     norms = [(e, v) for e, v in ev.weight_norm if math.isfinite(v)]
-    # exploding: far above the initial norm and still growing fast (by half again in each of the last two epochs);
-    # a norm that jumped once and then stays is a large learning rate's new scale, not a divergence
-    if ev.initial_norm and len(norms) >= 3 and norms[-1][1] > ev.explode_factor * ev.initial_norm:
-        (_, a), (_, b), (e, c) = norms[-3:]
-        if b > 1.5 * a and c > 1.5 * b:
-            since = min(since, e - 1) if since is not None else e - 1
+    # exploding: far above the initial norm and growing by half again in each of the last three epochs; a norm that
+    # jumps early and then stays is a large learning rate's new scale (or dead units'), not a divergence
+    if ev.initial_norm and len(norms) >= 4 and norms[-1][1] > ev.explode_factor * ev.initial_norm:
+        last = [v for _, v in norms[-4:]]
+        if all(b > 1.5 * a for a, b in zip(last, last[1:])):
+            since = min(since, norms[-3][0]) if since is not None else norms[-3][0]
             evidence.append(
-                f"the weights' total norm is {c / ev.initial_norm:.1f} times its initial value and still growing "
-                f"({a:.3g} -> {b:.3g} -> {c:.3g} over the last epochs)"
+                f"the weights' total norm is {last[-1] / ev.initial_norm:.1f} times its initial value and still "
+                f"growing ({' -> '.join(f'{v:.3g}' for v in last)} over the last epochs)"
             )
     if since is None:
         return None
@@ -376,7 +376,8 @@ def not_learning(ev: Evidence) -> Finding | None:
 
 
 def undertraining(ev: Evidence) -> Finding | None:
-    """At the end of fit, the loss still falls per epoch by at least a tenth of all the progress made so far."""
+    """At the end of fit, the loss still falls per epoch by at least a tenth of all the progress made so far (by more
+    than 3 standard errors of the epoch mean), and the validation loss, where there is one, is still at its best."""
     curve = _loss_curve(ev)
     if not ev.final or len(curve) < 2:
         return None
@@ -384,6 +385,9 @@ def undertraining(ev: Evidence) -> Finding | None:
     drop = -slope_per_epoch(curve[-3:])
     if progress <= 0 or drop <= 3 * ev.train_loss_sem or drop < 0.1 * progress:
         return None
+    val = [v for _, v in ev.val_loss if math.isfinite(v)]
+    if len(val) >= 2 and val[-1] > min(val):
+        return None  # validation has stopped improving: more of the same training would not help it
     evidence = [
         f"training loss still falls by {drop:.3g} per epoch at the end ({curve[-2][1]:.4g} -> {curve[-1][1]:.4g}), "
         f"{drop / progress:.0%} of all it gained since the start ({curve[0][1]:.4g})",

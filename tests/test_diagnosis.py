@@ -83,6 +83,8 @@ def test_undertraining_is_an_end_of_fit_verdict_on_progress_per_epoch():
     assert finding is not None and "still falling" in finding.summary
     level = _curve([1.0, 0.4, 0.2, 0.15, 0.13, 0.125, 0.12])
     assert D.undertraining(_ev(train_loss=level, final=True)) is None
+    # validation stopped improving (EarlyStopping's reason to stop): not under-trained
+    assert D.undertraining(_ev(train_loss=falling, val_loss=_curve([0.09, 0.11, 0.1]), final=True)) is None
     # a drop within the epoch mean's own noise is not progress
     assert D.undertraining(_ev(train_loss=_curve([0.5, 0.48, 0.46]), final=True, train_loss_sem=0.05)) is None
 
@@ -113,7 +115,8 @@ def test_divergence_since_when_it_started_and_its_consequences():
     # a norm that jumped once and then stays put is a large learning rate's scale, not a divergence
     jump = _ev(weight_norm=_curve([60.0, 66.0, 66.5, 66.6]), initial_norm=5.0)
     assert D.divergence(jump) is None
-    growing = _ev(weight_norm=_curve([20.0, 40.0, 90.0]), initial_norm=5.0)
+    assert D.divergence(_ev(weight_norm=_curve([68.0, 526.0, 1072.0, 1078.0]), initial_norm=5.0)) is None
+    growing = _ev(weight_norm=_curve([20.0, 40.0, 90.0, 200.0]), initial_norm=5.0)
     assert D.divergence(growing).summary == "The weights are exploding."
     blown = _ev(train_loss=_curve([1e9, 2.0, 1.9]))
     assert D.divergence(blown).since_epoch == 1
