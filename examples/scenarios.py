@@ -2,7 +2,7 @@
 
     python examples/scenarios.py --scenario healthy       # no finding
     python examples/scenarios.py --scenario high-lr       # dead filters (learning rate far too high)
-    python examples/scenarios.py --scenario overfit       # over-fitting (tiny training set, no regularisation)
+    python examples/scenarios.py --scenario overfit       # over-fitting (40 training images, Adam, no regularisation)
     python examples/scenarios.py --scenario undertrained  # under-training (too few epochs, tiny learning rate)
 
 Data: scikit-learn's digits (offline). Logs go to ``--logdir`` (default ``runs/scenarios``), one run per scenario;
@@ -30,20 +30,39 @@ import lightning_viz  # noqa: E402
 SCENARIOS = ("healthy", "high-lr", "overfit", "undertrained")
 
 
+def _two_conv_blocks() -> list[nn.Module]:
+    return [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()]
+
+
 def plain_cnn(num_classes: int = 10) -> nn.Module:
     """No BatchNorm: nothing protects its ReLUs from a learning rate that is far too high."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
+        *_two_conv_blocks(),
         nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(64, num_classes),
+    )
+
+
+class AdamClassifier(common.Classifier):
+    """The same classifier trained with Adam (no weight decay): it fits a tiny training set fast."""
+
+    def configure_optimizers(self):  # noqa: D102
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def wide_cnn(num_classes: int = 10) -> nn.Module:
+    """No BatchNorm, a wide fully-connected head on the flattened maps: it memorises a tiny training set."""
+    return nn.Sequential(
+        *_two_conv_blocks(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
     )
 
 
@@ -54,7 +73,7 @@ def configure(name: str):
     if name == "high-lr":
         return plain_cnn(), 0.8, 0.0, 4, None
     if name == "overfit":
-        return common.DemoCNN(1, 10, width=32), 0.05, 0.0, 30, 40
+        return wide_cnn(), 3e-3, 0.0, 40, 40
     if name == "undertrained":
         return common.DemoCNN(1, 10), 0.001, 0.0, 2, None
     raise ValueError(f"unknown scenario {name!r}; choose from {list(SCENARIOS)}.")
@@ -85,7 +104,8 @@ def run(name: str, logdir: str = "runs/scenarios", suite: str = "fast", seed: in
         deterministic=True,
         log_every_n_steps=5,
     )
-    module = common.Classifier(model, lr=lr, weight_decay=weight_decay)
+    classifier = AdamClassifier if name == "overfit" else common.Classifier
+    module = classifier(model, lr=lr, weight_decay=weight_decay)
     trainer.fit(module, loader, val_loader)
     return diagnosis.findings
 

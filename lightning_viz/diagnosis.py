@@ -1,27 +1,55 @@
 """Rules that turn training statistics into findings in words. Pure functions over histories, no Trainer.
 
-Each rule looks at per-epoch histories and returns a :class:`Finding` (or ``None``): what is wrong, how bad, since
-which epoch, the numbers behind it, which TensorBoard tags show it, and the usual causes and remedies.
+The :class:`~lightning_viz.DiagnosisMonitor` gathers what it saw into an :class:`Evidence` object (per-epoch losses,
+dead-unit histories, the chance level, whether the fit is over) and applies :data:`RULES`: each rule is a function
+``Evidence -> Finding | None``, so a new rule is one more entry in that table. :func:`diagnose` then keeps one finding
+per cause: consequences of a root cause (dead units in a diverged network) are folded into the root cause's
+evidence, and remedies that would contradict another finding are dropped.
+
+The rules judge each signal against its own scale, not against fixed amounts:
+
+- **over-fitting**: a rise of the validation loss above its best that is large against the curve's own
+  epoch-to-epoch noise, sustained over epochs, together with a widening (and positive) train/validation gap;
+- **dead units**: the rise of a layer's dead fraction above its state at initialisation where that was seen, else
+  above what an initialisation can explain (a Linear layer's units are often a fifth to two fifths silent from
+  PyTorch's default initialisation; a conv channel that never fires at any position of any image is not how a
+  network starts);
+- **not learning / under-training**: the loss against its chance level (``ln(num_classes)`` for cross-entropy) and
+  its progress per epoch against the progress made so far;
+- **divergence**: NaN/Inf in the loss or the weights, or weights exploding, since the epoch it started.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+import re
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 from torch import nn
 
-FindingKind = Literal["dead_filters", "overfitting", "undertraining", "divergence"]
+FindingKind = Literal["divergence", "dead_filters", "not_learning", "undertraining", "overfitting"]
 Severity = Literal["info", "warning", "critical"]
 #: Severities from the mildest to the worst.
 SEVERITIES: tuple[Severity, ...] = get_args(Severity)
+#: Root causes first (the panel's order).
+CAUSE_ORDER: tuple[str, ...] = ("divergence", "dead_filters", "not_learning", "overfitting", "undertraining")
+#: Which findings a finding explains (see :func:`diagnose`): those are folded into its evidence.
+EXPLAINS: dict[str, frozenset[str]] = {
+    "divergence": frozenset({"dead_filters", "not_learning", "overfitting", "undertraining"}),
+    "dead_filters": frozenset({"not_learning", "undertraining"}),
+    "not_learning": frozenset({"overfitting", "undertraining"}),
+    "overfitting": frozenset({"undertraining"}),
+}
+
+Series = Sequence[tuple[int, float]]
 
 
 @dataclass
 class Finding:
-    kind: FindingKind
+    kind: str
     severity: Severity
     since_epoch: int
     summary: str
@@ -29,46 +57,211 @@ class Finding:
     tags: list[str] = field(default_factory=list)
     remedies: list[str] = field(default_factory=list)
     subject: str = ""  #: what it is about (a layer), so two findings of one kind stay apart
+    #: Rows of a Markdown table (the first row is the header), e.g. one row per affected layer.
+    table: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.subject}"
 
 
-def _finite(values: Sequence[float]) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
+@dataclass(frozen=True)
+class DeadHistory:
+    """One activation site's dead-unit history."""
+
+    #: ``"filters"`` (conv channels) or ``"units"`` (hidden units of a Linear layer, or unknown).
+    unit: str
+    #: (epoch, dead fraction, dead count, channels) per logged epoch, oldest first.
+    points: tuple[tuple[int, float, int, int], ...]
 
 
-def dead_filters(
-    site: str, fractions: Sequence[tuple[int, float]], counts: Mapping[int, int], *, threshold: float, critical: float
-) -> Finding | None:
-    """Dead channels in an activation site: the latest dead fraction at or above ``threshold``.
+@dataclass
+class Evidence:
+    """Everything the rules see: per-epoch histories and the facts of the run. Epochs are the time axis."""
 
-    Args:
-        fractions: (epoch, dead fraction) per logged epoch.
-        counts: epoch -> dead channel count.
+    #: Training epochs completed when judged.
+    epoch: int
+    #: Whether the fit is over (whatever ended it): end-of-run verdicts (under-training, not learning) apply.
+    final: bool = False
+    #: Mean training loss per epoch (from what ``training_step`` returned), oldest first.
+    train_loss: Series = ()
+    #: Standard error of the last epoch's mean training loss (batch-to-batch spread / sqrt(batches)).
+    train_loss_sem: float = 0.0
+    #: The loss of the first training batch, before any update (the loss at initialisation).
+    initial_loss: float | None = None
+    #: Validation loss per epoch in which validation ran.
+    val_loss: Series = ()
+    #: Validation accuracy per epoch in which validation ran (when the user logs one).
+    val_acc: Series = ()
+    #: Number of classes (the model's output width) and the chance-level loss (``ln(num_classes)``), when known.
+    num_classes: int | None = None
+    chance_loss: float | None = None
+    #: First epoch in which a training loss or a weight was NaN/Inf (``None``: never).
+    nonfinite_epoch: int | None = None
+    #: Total weight norm per epoch, and at the start of the fit.
+    weight_norm: Series = ()
+    initial_norm: float | None = None
+    #: Layers whose weights were constant (all units alike) at the start of the fit.
+    constant_init: tuple[str, ...] = ()
+    #: Dead-unit history per activation site.
+    dead: Mapping[str, DeadHistory] = field(default_factory=dict)
+    #: k-NN accuracy of the embedding per logged epoch.
+    knn: Series = ()
+    #: The real tags / metric names to point at.
+    train_tag: str = "diagnosis/train_loss"
+    val_tag: str | None = None
+    #: Whether an EarlyStopping callback watches the run.
+    early_stopping: bool = False
+    #: Knobs.
+    dead_threshold: float = 0.2
+    dead_critical: float = 0.5
+    overfit_patience: int = 3
+    overfit_min_rise: float = 0.05
+    explode_factor: float = 10.0
+
+
+Rule = Callable[[Evidence], "Finding | None"]
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+def finite(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def noise_level(values: Sequence[float]) -> float:
+    """Epoch-to-epoch noise of a curve: the robust spread of each point around its neighbours' midpoint.
+
+    For independent noise of standard deviation s, ``v[i] - (v[i-1] + v[i+1]) / 2`` has standard deviation
+    ``s * sqrt(1.5)``; the median absolute value / 0.6745 estimates it without being pulled by a few jumps. A smooth
+    trend contributes little, so this measures what the curve does from one epoch to the next beyond its trend.
     """
-    if not fractions or fractions[-1][1] < threshold:
+    v = finite(values)
+    if len(v) < 3:
+        return 0.0
+    deviations = [abs(v[i] - (v[i - 1] + v[i + 1]) / 2) for i in range(1, len(v) - 1)]
+    return statistics.median(deviations) / 0.6745 / math.sqrt(1.5)
+
+
+def slope_per_epoch(points: Series) -> float:
+    """Least-squares slope of ``(epoch, value)`` points, per epoch (0 with fewer than two)."""
+    pts = [(float(e), float(v)) for e, v in points if math.isfinite(v)]
+    if len(pts) < 2:
+        return 0.0
+    me = sum(e for e, _ in pts) / len(pts)
+    mv = sum(v for _, v in pts) / len(pts)
+    den = sum((e - me) ** 2 for e, _ in pts)
+    return sum((e - me) * (v - mv) for e, v in pts) / den if den > 0 else 0.0
+
+
+def _loss_curve(ev: Evidence) -> list[tuple[int, float]]:
+    """The training loss per epoch, with the loss at initialisation as epoch 0."""
+    curve = [(e, v) for e, v in ev.train_loss if math.isfinite(v)]
+    if ev.initial_loss is not None and math.isfinite(ev.initial_loss):
+        curve.insert(0, (0, ev.initial_loss))
+    return curve
+
+
+# ------------------------------------------------------------------------------------------------------ rules
+def divergence(ev: Evidence) -> Finding | None:
+    """NaN/Inf in the loss or the weights, or weights that grew ``explode_factor`` times their initial norm."""
+    evidence, since = [], None
+    if ev.nonfinite_epoch is not None:
+        since = ev.nonfinite_epoch
+        evidence.append(f"the training loss or the weights became NaN/Inf in epoch {ev.nonfinite_epoch}")
+    reference = max(finite([ev.initial_loss, ev.chance_loss]) or [math.inf])
+    blown = [(e, v) for e, v in ev.train_loss if math.isfinite(v) and v > 10 * reference]
+    if blown:
+        since = min(since, blown[0][0]) if since is not None else blown[0][0]
+        evidence.append(
+            f"the training loss blew up to {max(v for _, v in blown):.3g} in epoch {blown[0][0]}, over 10 times its "
+            f"initial value {reference:.3g}"
+        )
+    norms = [(e, v) for e, v in ev.weight_norm if math.isfinite(v)]
+    # exploding: far above the initial norm and growing by half again in each of the last three epochs; a norm that
+    # jumps early and then stays is a large learning rate's new scale (or dead units'), not a divergence
+    if ev.initial_norm and len(norms) >= 4 and norms[-1][1] > ev.explode_factor * ev.initial_norm:
+        last = [v for _, v in norms[-4:]]
+        if all(b > 1.5 * a for a, b in zip(last, last[1:])):
+            since = min(since, norms[-3][0]) if since is not None else norms[-3][0]
+            evidence.append(
+                f"the weights' total norm is {last[-1] / ev.initial_norm:.1f} times its initial value and still "
+                f"growing ({' -> '.join(f'{v:.3g}' for v in last)} over the last epochs)"
+            )
+    if since is None:
         return None
-    since = fractions[-1][0]
-    for epoch, value in reversed(fractions):
-        if value < threshold:
-            break
-        since = epoch
-    epoch, value = fractions[-1]
-    first = fractions[0][1]
-    trend = "rising" if value > first + 1e-9 else "steady"
+    return Finding(
+        kind="divergence",
+        severity="critical",
+        since_epoch=since,
+        summary="The weights are exploding."
+        if len(evidence) == 1 and not blown and ev.nonfinite_epoch is None
+        else "Training has diverged.",
+        evidence=evidence,
+        tags=[ev.train_tag, "diagnosis/weight_norm"],
+        remedies=[
+            "lower the learning rate; clip gradients (Trainer(gradient_clip_val=...))",
+            "check the data for NaN/Inf and the loss for log(0) or division by zero",
+            "mixed precision: use a gradient scaler / bf16",
+        ],
+    )
+
+
+#: The most of a layer's channels that can be silent from a random initialisation alone: a conv channel that never
+#: fires at any position of any image is not how a network starts; PyTorch's default initialisation leaves up to
+#: about two fifths of a Linear layer's units silent on non-negative (post-ReLU) inputs.
+INITIALLY_DEAD = {"filters": 0.0, "units": 0.4}
+
+
+def _dead_reference(history: DeadHistory, constant_init: bool) -> float:
+    """The dead fraction a site is judged against: only a rise above it counts.
+
+    The first logged fraction when it was taken at initialisation (epoch 0), or when the initialisation was constant
+    (then whole layers start silent, and that is not a learning-rate problem). Otherwise the state at initialisation
+    was not seen - and a layer can die within the first epoch - so it is what a random initialisation can leave
+    silent (:data:`INITIALLY_DEAD`).
+    """
+    first_epoch, first, _, _ = history.points[0]
+    if first_epoch == 0 or constant_init:
+        return first
+    return INITIALLY_DEAD.get(history.unit, 0.4)
+
+
+def dead_units(ev: Evidence) -> Finding | None:
+    """Sites whose dead fraction rose at least ``dead_threshold`` above their reference (:func:`_dead_reference`):
+    one finding, with a table of the layers."""
+    rows, tags, since, worst, units = [], [], None, 0.0, set()
+    for site, history in ev.dead.items():
+        if not history.points:
+            continue
+        reference = _dead_reference(history, bool(ev.constant_init))
+        epoch, value, count, channels = history.points[-1]
+        if value - reference < ev.dead_threshold:
+            continue
+        start = epoch
+        for e, v, _, _ in reversed(history.points):
+            if v - reference < ev.dead_threshold:
+                break
+            start = e
+        since = start if since is None else min(since, start)
+        worst = max(worst, value - reference)
+        units.add(history.unit)
+        rows.append((f"`{site}`", history.unit, f"{count} of {channels} ({value:.0%})", f"{reference:.0%}", str(start)))
+        tags.append(f"activations/dead_fraction/{site}")
+    if not rows:
+        return None
+    noun = "filters" if units == {"filters"} else "units" if units == {"units"} else "filters/units"
     return Finding(
         kind="dead_filters",
-        severity="critical" if value >= critical else "warning",
-        since_epoch=since,
-        subject=site,
-        summary=f"{counts.get(epoch, '?')} channels of `{site}` ({value:.0%}) never fire on the validation data.",
+        severity="critical" if worst >= ev.dead_critical else "warning",
+        since_epoch=since or 0,
+        summary=f"Dead {noun} in {len(rows)} layer(s): they never fire on the validation data.",
         evidence=[
-            f"dead fraction {value:.1%} at epoch {epoch} ({trend}; {first:.1%} at the first logged epoch)",
-            f"at or above {threshold:.0%} since epoch {since}",
+            f"the dead share is up to {worst:.0%} above the reference: the layer's state at initialisation where it "
+            "was seen, else what a random initialisation can leave silent (none of a conv layer's filters, up to "
+            f"{INITIALLY_DEAD['units']:.0%} of a Linear layer's units)"
         ],
-        tags=[f"activations/dead_fraction/{site}", f"activations/dead_history/{site}", "activations/dead_channels"],
+        table=[("site", "kind", "dead now", "reference", "since epoch"), *rows],
+        tags=[*tags, "activations/dead_channels"],
         remedies=[
             "a learning rate that is too high is the usual cause: lower it, or add warm-up",
             "check the initialisation and any large negative biases",
@@ -77,134 +270,191 @@ def dead_filters(
     )
 
 
-def overfitting(
-    train_loss: Sequence[tuple[int, float]],
-    val_loss: Sequence[tuple[int, float]],
-    *,
-    patience: int,
-    tolerance: float,
-    knn: Sequence[tuple[int, float]] = (),
-) -> Finding | None:
-    """Validation loss rising for ``patience`` epochs above its best (by ``tolerance``) while training loss falls."""
-    if len(val_loss) < patience + 1 or len(train_loss) < 2:
+def overfitting(ev: Evidence) -> Finding | None:
+    """A sustained rise of the validation loss above its best, large against the curve's own noise, with a
+    widening positive train/validation gap and a training loss that kept falling."""
+    val = [(e, v) for e, v in ev.val_loss if math.isfinite(v)]
+    if len(val) < 3:
         return None
-    values = [v for _, v in val_loss]
+    values = [v for _, v in val]
     best_index = min(range(len(values)), key=values.__getitem__)
-    best_epoch, best = val_loss[best_index]
-    rising = val_loss[best_index + 1 :]
-    if len(rising) < patience or rising[-1][1] <= best * (1 + tolerance):
+    best_epoch, best = val[best_index]
+    after = val[best_index + 1 :]
+    now_epoch, now = val[-1]
+    if len(after) < 2 or now_epoch - best_epoch < ev.overfit_patience:
         return None
-    train = dict(train_loss)
-    train_now = train_loss[-1][1]
-    train_then = train.get(best_epoch, train_loss[0][1])
-    if not train_now < train_then:
+    noise = noise_level(values)
+    rise = now - best
+    margin = max(3.0 * noise, ev.overfit_min_rise * abs(best))
+    # sustained: the last points after the best all stay clearly above it, not one bump
+    recent = [v for e, v in after if e > now_epoch - ev.overfit_patience]
+    if rise < margin or min(recent or [now]) < best + margin / 2:
         return None
-    gap_then = best - train_then
-    gap_now = rising[-1][1] - train_now
+    train = {e: v for e, v in ev.train_loss if math.isfinite(v)}
+    if best_epoch not in train or now_epoch not in train:
+        return None
+    gap_then, gap_now = best - train[best_epoch], now - train[now_epoch]
+    if gap_now <= 0 or gap_now - gap_then < margin or not train[now_epoch] < train[best_epoch]:
+        return None
     evidence = [
-        f"validation loss {rising[-1][1]:.4g} at epoch {rising[-1][0]}, up from its best {best:.4g} at epoch "
-        f"{best_epoch}",
-        f"training loss fell from {train_then:.4g} to {train_now:.4g} meanwhile",
-        f"generalisation gap (val - train) grew from {gap_then:.4g} to {gap_now:.4g}",
+        f"validation loss {now:.4g} at epoch {now_epoch}, up {rise:.3g} from its best {best:.4g} at epoch {best_epoch} "
+        f"(its epoch-to-epoch noise is about {noise:.2g})",
+        f"training loss fell from {train[best_epoch]:.4g} to {train[now_epoch]:.4g} meanwhile",
+        f"generalisation gap (validation - training loss) grew from {gap_then:.4g} to {gap_now:.4g}",
     ]
-    if len(knn) >= 2:
-        evidence.append(f"k-NN accuracy of the code: {knn[-1][1]:.3f} (best {max(v for _, v in knn):.3f})")
+    if len(ev.knn) >= 2:
+        evidence.append(f"k-NN accuracy of the code: {ev.knn[-1][1]:.3f} (best {max(v for _, v in ev.knn):.3f})")
+    stop = (
+        "EarlyStopping is on: restore the best checkpoint (ModelCheckpoint(monitor=...)), or lower its patience"
+        if ev.early_stopping
+        else "stop earlier (EarlyStopping on the validation loss) or keep the best checkpoint"
+    )
     return Finding(
         kind="overfitting",
-        severity="critical" if gap_now > 2 * max(gap_then, 1e-12) and len(rising) >= 2 * patience else "warning",
-        since_epoch=best_epoch + 1,
-        summary=f"The model is over-fitting: validation loss has risen for {len(rising)} epoch(s) while training loss "
-        "keeps falling.",
+        severity="critical" if gap_now > 2 * max(gap_then, 0.0) + margin and rise > 2 * margin else "warning",
+        since_epoch=best_epoch,
+        summary=f"The model is over-fitting since epoch {best_epoch}: validation loss rose {rise / abs(best):.0%} "
+        f"above its best while the training loss kept falling (gap now {gap_now:.3g}).",
         evidence=evidence,
-        tags=["val_loss", "train_loss", "filters/noise_score/<first conv>", "embedding/knn_accuracy"],
+        tags=[t for t in (ev.val_tag, ev.train_tag) if t] + (["embedding/knn_accuracy"] if ev.knn else []),
         remedies=[
-            "stop earlier (EarlyStopping on the validation loss) or keep the best checkpoint",
+            stop,
             "more regularisation: weight decay, dropout, data augmentation",
             "more data, or a smaller model",
         ],
     )
 
 
-def undertraining(
-    train_loss: Sequence[tuple[int, float]],
-    *,
-    noise_score: float | None,
-    distance: float | None,
-    slope: float,
-    noise_threshold: float,
-    distance_threshold: float,
-    final: bool,
-) -> Finding | None:
-    """Loss still falling steeply (a drop per epoch, over the last two epochs, of more than ``slope`` times the first
-    logged loss), or first-layer filters still noise-like and close to their initial values."""
-    evidence, reasons = [], []
-    points = _finite([v for _, v in train_loss[-3:]])
-    first = _finite([v for _, v in train_loss[:1]])
-    if len(points) >= 2 and first and first[0] > 0:
-        # progress per epoch as a share of the first loss: scale-free, and small once the loss has levelled off
-        drop = (points[0] - points[-1]) / first[0] / (len(points) - 1)
-        if drop > slope:
-            reasons.append("loss")
-            evidence.append(
-                f"training loss still falls by {drop:.1%} of its first value per epoch over the last "
-                f"{len(points) - 1} epoch(s) ({points[0]:.4g} -> {points[-1]:.4g})"
+def _near_chance(ev: Evidence, curve: Series) -> str | None:
+    """Why the run counts as at chance level (loss or accuracy), or ``None``."""
+    if ev.chance_loss is not None and curve:
+        recent = [v for _, v in curve[-3:]]
+        val = [v for _, v in ev.val_loss[-2:] if math.isfinite(v)]
+        if min(recent) >= 0.9 * ev.chance_loss and (not val or min(val) >= 0.9 * ev.chance_loss):
+            return (
+                f"the loss stays at {recent[-1]:.3g}, its chance level is ln({ev.num_classes}) = {ev.chance_loss:.3g}"
             )
-    if (
-        noise_score is not None
-        and distance is not None
-        and noise_score > noise_threshold
-        and distance < distance_threshold
-    ):
-        reasons.append("filters")
-        evidence.append(
-            f"first-layer filters are still noise-like (noise score {noise_score:.2f}, about 1 = random) and have "
-            f"moved only {distance:.1%} from their initial values"
-        )
-    if not reasons:
-        return None
-    when = "at the end of training" if final else "so far"
-    return Finding(
-        kind="undertraining",
-        severity="warning" if final else "info",
-        since_epoch=train_loss[0][0] if train_loss else 0,
-        summary=f"The network looks under-trained {when}: "
-        + " and ".join(
-            {"loss": "the loss is still falling steeply", "filters": "its filters are still noisy"}[r] for r in reasons
-        )
-        + ".",
-        evidence=evidence,
-        tags=["train_loss", "filters/noise_score/<first conv>", "filters/distance_from_init/<first conv>"],
-        remedies=["train for more epochs", "a larger learning rate (or a schedule that decays later)"],
-    )
+    if ev.num_classes and ev.val_acc:
+        chance = 1.0 / ev.num_classes
+        acc = [v for _, v in ev.val_acc[-2:]]
+        if max(acc) <= chance + 0.1 * (1 - chance):
+            return f"validation accuracy stays at {acc[-1]:.1%}, chance is {chance:.1%}"
+    return None
 
 
-def divergence(
-    epoch: int, *, loss_finite: bool, weights_finite: bool, weight_norm: float, initial_norm: float, factor: float
-) -> Finding | None:
-    """NaN/Inf in the loss or the weights, or weights that grew ``factor`` times their initial norm."""
-    evidence = []
-    if not loss_finite:
-        evidence.append("the training loss is NaN or infinite")
-    if not weights_finite:
-        evidence.append("some weights are NaN or infinite")
-    exploding = initial_norm > 0 and weight_norm > factor * initial_norm
-    if exploding:
-        evidence.append(f"the weights' total norm is {weight_norm / initial_norm:.1f} times its initial value")
-    if not evidence:
+def not_learning(ev: Evidence) -> Finding | None:
+    """Loss (or accuracy) at chance level and flat: at the end of fit, or mid-run after five flat epochs."""
+    curve = _loss_curve(ev)
+    if len(curve) < 2 or not (ev.final or len(ev.train_loss) >= 5):
         return None
+    why = _near_chance(ev, curve)
+    if why is None:
+        return None
+    scale = ev.chance_loss or abs(curve[0][1]) or 1.0
+    drop = -slope_per_epoch(curve[-3:])
+    if drop > 0.01 * scale:
+        return None  # moving away from chance, however slowly: that is a slow start (see `undertraining`)
     return Finding(
-        kind="divergence",
+        kind="not_learning",
         severity="critical",
-        since_epoch=epoch,
-        summary="Training has diverged." if (not loss_finite or not weights_finite) else "The weights are exploding.",
-        evidence=evidence,
-        tags=["train_loss", "filters/weight_norm/<first conv>"],
+        since_epoch=curve[0][0],
+        summary="The network is not learning: it stays at chance level.",
+        evidence=[why, f"progress per epoch over the last epochs: {drop:.2g}"]
+        + (
+            [f"constant weights at initialisation in {', '.join(f'`{n}`' for n in ev.constant_init[:5])}"]
+            if ev.constant_init
+            else []
+        ),
+        tags=[t for t in (ev.train_tag, ev.val_tag) if t],
         remedies=[
-            "lower the learning rate; clip gradients (Trainer(gradient_clip_val=...))",
-            "check the data for NaN/Inf and the loss for log(0) or division by zero",
-            "mixed precision: use a gradient scaler / bf16",
+            "check the labels (shuffled, or misaligned with the inputs) and what the loss gets (logits, not "
+            "probabilities)",
+            "check the initialisation: constant or zero weights make all units alike",
+            "check the optimiser actually gets the model's parameters, and the learning rate is not 0",
         ],
     )
+
+
+def undertraining(ev: Evidence) -> Finding | None:
+    """At the end of fit, the loss still falls per epoch by at least a tenth of all the progress made so far (by more
+    than 3 standard errors of the epoch mean), and the validation loss, where there is one, is still at its best."""
+    curve = _loss_curve(ev)
+    if not ev.final or len(curve) < 2:
+        return None
+    progress = curve[0][1] - curve[-1][1]
+    drop = -slope_per_epoch(curve[-3:])
+    if progress <= 0 or drop <= 3 * ev.train_loss_sem or drop < 0.1 * progress:
+        return None
+    val = [v for _, v in ev.val_loss if math.isfinite(v)]
+    if len(val) >= 2 and val[-1] > min(val):
+        return None  # validation has stopped improving: more of the same training would not help it
+    evidence = [
+        f"training loss still falls by {drop:.3g} per epoch at the end ({curve[-2][1]:.4g} -> {curve[-1][1]:.4g}), "
+        f"{drop / progress:.0%} of all it gained since the start ({curve[0][1]:.4g})",
+        f"the fit ended after {ev.epoch} epoch(s)",
+    ]
+    if ev.chance_loss is not None:
+        evidence.append(f"chance level ln({ev.num_classes}) = {ev.chance_loss:.3g}")
+    return Finding(
+        kind="undertraining",
+        severity="warning",
+        since_epoch=ev.epoch,
+        summary="The network is under-trained: the loss was still falling steeply when the fit ended.",
+        evidence=evidence,
+        tags=[ev.train_tag] + ([ev.val_tag] if ev.val_tag else []),
+        remedies=["train for more epochs (or steps), or a later-stopping rule", "a larger learning rate"],
+    )
+
+
+#: The rules :func:`diagnose` applies, in order. Adding a rule is one entry here (``Evidence -> Finding | None``).
+RULES: list[Rule] = [divergence, dead_units, not_learning, overfitting, undertraining]
+
+
+def diagnose(ev: Evidence, rules: Sequence[Rule] | None = None) -> list[Finding]:
+    """Apply ``rules`` (default :data:`RULES`) and keep one finding per cause.
+
+    A diverged run's other findings are its consequences (all units read as dead once the weights are NaN), and are
+    folded into the divergence finding; dead units that make a network sit at chance are the cause of its not
+    learning; over-fitting and under-training exclude each other; no remedy contradicts another finding's.
+    """
+    found = [f for f in (rule(ev) for rule in (RULES if rules is None else rules)) if f is not None]
+    out = []
+    for finding in found:
+        host = next((f for f in found if finding.kind in EXPLAINS.get(f.kind, ()) and f is not finding), None)
+        if host is not None:
+            host.evidence.append(f"a consequence, not listed on its own: {finding.summary}")
+            continue
+        out.append(finding)
+    lowers = any(any("lower" in r and "learning rate" in r for r in f.remedies) for f in out)
+    return [
+        replace(f, remedies=[r for r in f.remedies if "larger learning rate" not in r]) if lowers else f for f in out
+    ]
+
+
+def find_metric(metrics: Any, configured: str | None, stage: set[str], what: set[str]) -> str | None:
+    """The key of a logged metric: ``configured`` (or ``<configured>_epoch``), else a name whose words hold one of
+    ``stage`` and one of ``what`` (``val/loss``, ``loss/val``, ``valid_loss``, ``val_loss_epoch``, ...)."""
+    keys = list(metrics)
+    for key in (configured, f"{configured}_epoch") if configured else ():
+        if key in keys:
+            return key
+    words = {k: set(re.split(r"[^a-z0-9]+|_", k.lower())) for k in keys}
+    found = [k for k in keys if words[k] & stage and words[k] & what and "step" not in words[k]]
+    return min(found, key=lambda k: (len(words[k]), len(k))) if found else None
+
+
+def unit_kind(model: nn.Module, site: str) -> str:
+    """``"filters"`` for a site fed by a conv layer, ``"units"`` for one fed by a Linear layer (or unknown)."""
+    name = site.split("#")[0]
+    last = "units"
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            last = "filters"
+        elif isinstance(module, nn.Linear):
+            last = "units"
+        if module_name == name:
+            return last
+    return "units"
 
 
 def weight_norm(model: nn.Module) -> float:
@@ -215,13 +465,21 @@ def weight_norm(model: nn.Module) -> float:
     return math.sqrt(total) if math.isfinite(total) else float("inf")
 
 
-def to_markdown(findings: Sequence[Finding], epoch: int, step: int) -> str:
-    """The findings as a Markdown panel (TensorBoard's text plugin renders it)."""
-    if not findings:
-        return f"**No problems found** after epoch {epoch} (step {step})."
+def to_markdown(
+    findings: Sequence[Finding],
+    epoch: int,
+    step: int,
+    *,
+    final: bool = False,
+    resolved: Sequence[str] = (),
+    disabled: Sequence[str] = (),
+) -> str:
+    """The findings as a Markdown panel (TensorBoard's text plugin renders it), with the checks that are off."""
+    when = f"at the end of fit, epoch {epoch} (step {step})" if final else f"after epoch {epoch} (step {step})"
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-    lines = [f"### Findings after epoch {epoch} (step {step})", ""]
-    for f in sorted(findings, key=lambda f: (order[f.severity], f.since_epoch)):
+    rank = {k: i for i, k in enumerate(CAUSE_ORDER)}
+    lines = [f"### Findings {when}", ""] if findings else [f"**No problems found** {when}.", ""]
+    for f in sorted(findings, key=lambda f: (order[f.severity], rank.get(f.kind, 99), f.since_epoch)):
         lines.append(f"#### {f.severity.upper()}: {f.kind.replace('_', ' ')} (since epoch {f.since_epoch})")
         lines.append("")
         lines.append(f.summary)
@@ -230,4 +488,15 @@ def to_markdown(findings: Sequence[Finding], epoch: int, step: int) -> str:
         lines.append(f"- look at: {', '.join(f'`{t}`' for t in f.tags)}")
         lines.append(f"- usual remedies: {'; '.join(f.remedies)}")
         lines.append("")
-    return "\n".join(lines)
+        if f.table:
+            lines.append("| " + " | ".join(f.table[0]) + " |")
+            lines.append("|" + "---|" * len(f.table[0]))
+            lines.extend("| " + " | ".join(row) + " |" for row in f.table[1:])
+            lines.append("")
+    if resolved:
+        lines.append("Resolved during the run: " + "; ".join(resolved) + ".")
+        lines.append("")
+    if disabled:
+        lines.append("Checks switched off:")
+        lines.extend(f"- {d}" for d in disabled)
+    return "\n".join(lines).rstrip() + "\n"

@@ -151,8 +151,10 @@ def test_resumed_run_continues_the_same_schedule(tmp_path, pl_ns):
 
 
 def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(tmp_path, pl_ns):
-    suite = lightning_viz.default_suite(featurevis={"steps": 4}, embedding={"projection": "pca"})
-    assert all(cb._budget is suite[0]._budget is not None for cb in suite)
+    suite = lightning_viz.default_suite(featurevis={"steps": 4}, embedding={"reducer": "pca"})
+    budgeted = [cb for cb in suite if cb.monitor_name != "diagnosis"]  # the verdict is written every epoch
+    assert all(cb._budget is suite[0]._budget is not None for cb in budgeted)
+    assert suite[-1].monitor_name == "diagnosis" and suite[-1]._budget is None
     assert not any(cb._budget_managed for cb in lightning_viz.default_suite(every_n_epochs=1))
     with pytest.raises(ValueError, match="`budget`"):
         lightning_viz.default_suite(budget=0.0)

@@ -12,46 +12,44 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import diagnosis as D
-from lightning_viz._layers import layers_of_kind
 from lightning_viz.callbacks.base import VizCallback
-from lightning_viz.functional import filters as F
-from lightning_viz.records import ActivationStats, EmbeddingQuality, FilterStats
+from lightning_viz.records import ActivationStats, EmbeddingQuality
 
 if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
     import lightning.pytorch as pl
 
 log = logging.getLogger("lightning_viz")
 
+_VAL, _LOSS, _ACC = {"val", "valid", "validation"}, {"loss"}, {"acc", "accuracy"}
+
 
 class DiagnosisMonitor(VizCallback):
-    """Turn the suite's statistics into findings: dead filters, over-fitting, under-training, divergence.
+    """Turn the suite's statistics into findings: divergence, dead filters/units, not learning, over-fitting,
+    under-training (the rules and how they judge are in :mod:`lightning_viz.diagnosis`).
 
-    How the monitors share what they measured: each publishes typed records on the Trainer's record bus
-    (:mod:`lightning_viz.records`: ``FilterStats`` per layer, ``ActivationStats`` per call site, ``EmbeddingQuality``);
-    the diagnosis reads the latest ones there - it imports no other monitor and never runs a forward pass.
-    Placed after them in ``callbacks`` (as ``default_suite`` does) it reads each epoch's numbers in the same hook;
-    placed before them, it waits for the next hook at the same step. Without a FilterMonitor it computes the first
-    conv layer's filter statistics itself (cheap: weights only); without an ActivationMonitor there is no dead-filter
-    finding; losses come from ``trainer.callback_metrics``.
+    What it reads: the training loss from what ``training_step`` returns (averaged per epoch, so it does not depend
+    on how you log); the validation loss (and accuracy, if logged) from the metrics after each validation run that
+    actually ran; dead units from the ``ActivationStats`` records an ActivationMonitor publishes; k-NN accuracy from an
+    EmbeddingMonitor's ``EmbeddingQuality``. It imports no other monitor and never runs a forward pass.
 
-    Under-training is judged at the last epoch of the fit (a loss still falling steeply mid-run is just training).
-    Each epoch it writes a Markdown panel ``diagnosis/findings`` (severity, since which epoch, the evidence, the
-    TensorBoard tags to look at, usual remedies), scalars ``diagnosis/findings`` (count), ``diagnosis/dead_filters``
-    (sites flagged), ``diagnosis/overfitting``, ``diagnosis/undertraining``, ``diagnosis/divergence`` (0/1), and a
-    log line (logger ``lightning_viz``) when a finding first appears.
+    When: every ``every_n_epochs`` it judges the epoch and writes the panel at that epoch's step, once every monitor
+    has published (at the next epoch's start, whatever the order of ``callbacks``). At the end of training - whatever
+    ended it: ``max_epochs``, ``max_steps``, ``EarlyStopping`` - it gives the end-of-run verdict (under-training, not
+    learning) at the final global step. Written: a Markdown panel ``diagnosis/findings`` (findings, evidence, the
+    real tags to look at, remedies, the checks that are switched off and why), scalars ``diagnosis/findings`` (count),
+    ``diagnosis/<kind>`` (0/1 per kind), ``diagnosis/train_loss`` and ``diagnosis/weight_norm``; a log line (logger
+    ``lightning_viz``) when a finding appears and when it is resolved.
 
     Args:
-        train_loss, val_loss: names of the logged losses in ``trainer.callback_metrics`` (``<name>_epoch`` is tried
-            too). Without a validation loss the over-fitting finding is off (said once).
-        dead_threshold: a site is flagged when at least this share of its channels is dead (default 0.2: a fifth of
-            the filters doing nothing is a waste worth a look); ``dead_critical`` (default 0.5) makes it critical.
-        overfit_patience: epochs the validation loss must stay above its best (default 2; shorter catches noise).
-        overfit_tolerance: by more than this relative margin (default 0.02, i.e. 2 %).
-        undertrain_slope: the training loss is "still falling steeply" when, over the last two epochs, it drops per
-            epoch by more than this share of its first logged value (default 0.05: 5 % of the starting loss per
-            epoch is still fast progress; a levelled-off loss moves by far less).
-        noise_threshold: first-layer filters are "still noisy" above this noise score (default 0.8; 1 = random).
-        distance_threshold: ... and "close to init" below this relative distance from the initial weights (0.1).
+        train_loss: a logged training-loss metric, used only when ``training_step`` returns no loss.
+        val_loss: the logged validation loss (default ``val_loss``; other names such as ``val/loss``, ``loss/val``,
+            ``valid_loss`` are found too). Without one the over-fitting finding is off (said once, and on the panel).
+        num_classes: classes of the classifier (default: the output width of the model's last Linear layer); the
+            chance-level loss is ``ln(num_classes)``. ``0`` switches the chance-level check off.
+        dead_threshold: layers whose dead share rose at least this much above where they started are flagged
+            (default 0.2); ``dead_critical`` (default 0.5) makes it critical.
+        overfit_patience: epochs the validation loss must stay above its best (default 3).
+        overfit_tolerance: and by at least this share of the best loss (default 0.05), besides 3 times its noise.
         explode_factor: weights are "exploding" beyond this multiple of their initial total norm (default 10).
         **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``.
     """
@@ -64,247 +62,289 @@ class DiagnosisMonitor(VizCallback):
         *,
         train_loss: str = "train_loss",
         val_loss: str = "val_loss",
+        num_classes: int | None = None,
         dead_threshold: float = 0.2,
         dead_critical: float = 0.5,
-        overfit_patience: int = 2,
-        overfit_tolerance: float = 0.02,
-        undertrain_slope: float = 0.05,
-        noise_threshold: float = 0.8,
-        distance_threshold: float = 0.1,
+        overfit_patience: int = 3,
+        overfit_tolerance: float = 0.05,
         explode_factor: float = 10.0,
         **kwargs: Any,
     ) -> None:
-        kwargs["log_baseline"] = False
+        kwargs.update(log_baseline=False, budget=None)  # every epoch's verdict, whatever the suite's budget (cheap)
         super().__init__(**kwargs)
         check.metric_name("train_loss", train_loss)
         check.metric_name("val_loss", val_loss)
+        if num_classes is not None:
+            check.integer("num_classes", num_classes)
+            if num_classes < 0 or num_classes == 1:
+                raise ValueError(f"`num_classes` must be 0 (off) or at least 2, got {num_classes}.")
         check.fraction("dead_threshold", dead_threshold)
         check.fraction("dead_critical", dead_critical)
         if dead_critical < dead_threshold:
             raise ValueError(f"`dead_critical` ({dead_critical}) must be at least `dead_threshold` ({dead_threshold}).")
         check.positive_int("overfit_patience", overfit_patience)
         check.fraction("overfit_tolerance", overfit_tolerance, high=10.0)
-        check.fraction("undertrain_slope", undertrain_slope)
-        check.fraction("noise_threshold", noise_threshold, high=2.0)
-        check.fraction("distance_threshold", distance_threshold, high=100.0)
         check.number("explode_factor", explode_factor, low=1.0, low_open=True)
-        self.train_loss, self.val_loss = train_loss, val_loss
+        self.train_loss, self.val_loss, self.num_classes = train_loss, val_loss, num_classes
         self.dead_threshold, self.dead_critical = float(dead_threshold), float(dead_critical)
         self.overfit_patience, self.overfit_tolerance = overfit_patience, float(overfit_tolerance)
-        self.undertrain_slope = float(undertrain_slope)
-        self.noise_threshold, self.distance_threshold = float(noise_threshold), float(distance_threshold)
         self.explode_factor = float(explode_factor)
-        self._history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": [], "knn": []}
-        self._dead: dict[str, list[tuple[int, float]]] = {}
-        self._dead_counts: dict[str, dict[int, int]] = {}
-        self._initial_norm: float | None = None
-        self._first_conv: str | None = None
-        self._own_initial: torch.Tensor | None = None
-        self._seen: dict[str, int] = {}
-        self._defer = False
-        self._pending: int | None = None
+        self._reset()
         #: The current findings.
         self.findings: list[D.Finding] = []
 
+    def _reset(self) -> None:
+        self._history: dict[str, list[tuple[int, float]]] = {
+            k: [] for k in ("train_loss", "val_loss", "val_acc", "knn", "weight_norm")
+        }
+        self._dead: dict[str, list[tuple[int, float, int, int]]] = {}
+        self._units: dict[str, str] = {}
+        self._initial_loss: float | None = None
+        self._initial_norm: float | None = None
+        self._nonfinite: int | None = None
+        self._batch_sum: Any = 0.0  # a tensor on the loss's device once a batch ended
+        self._batch_sq: Any = 0.0
+        self._batch_count = 0
+        self._sem = 0.0
+        self._tags: dict[str, str | None] = {"val": None, "acc": None}
+        self._active_keys: dict[str, int] = {}
+        self._resolved: list[str] = []
+        self._pending: int | None = None
+        self._final = False
+        self._chance_classes: int | None = None
+        self._early_stopping = False
+        self._constant: tuple[str, ...] = ()
+        self._val_runs, self._val_every = 0, 1
+
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
-        callbacks = trainer.callbacks
-        # The diagnosis must read each epoch's numbers after the monitors made them. Placed after them in
-        # `callbacks` (as in default_suite), it runs in on_train_epoch_end; placed before, it waits for the next
-        # hook at the same step (the next epoch's start, or the end of fit). The list is not reordered: Lightning is
-        # iterating over it when setup runs.
-        position = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
-        self._defer = any(isinstance(cb, VizCallback) for cb in callbacks[position + 1 :])
-        convs = layers_of_kind(pl_module, (nn.Conv2d,))
-        self._first_conv = next(iter(convs), None)
-        if self._first_conv is not None and self._own_initial is None:
-            self._own_initial = convs[self._first_conv].weight.detach().cpu().clone()
-        if self._initial_norm is None:
-            self._initial_norm = D.weight_norm(pl_module)
+        self._reset()
+        self.findings = []
+        linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
+        width = linears[-1].out_features if linears else None
+        self._chance_classes = self.num_classes if self.num_classes is not None else width
+        if not self._chance_classes or self._chance_classes < 2:
+            self._chance_classes = None
+        self._val_every = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
+        self._early_stopping = any("EarlyStopping" in type(cb).__name__ for cb in trainer.callbacks)
+        self._initial_norm = D.weight_norm(pl_module)
+        self._constant = tuple(
+            name
+            for name, m in pl_module.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and m.weight.numel() > 1
+            and bool((m.weight.detach() == m.weight.detach().flatten()[0]).all())
+        )
+
+    # ---------------------------------------------------------------------------------------------- gathering
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        # summed on the loss's device: no synchronisation per step; read once per epoch
+        value = loss.detach().float().reshape(())
+        if self._initial_loss is None and not self._history["train_loss"] and self._batch_count == 0:
+            self._initial_loss = float(value)  # computed before the first update: the loss at initialisation
+        self._batch_sum = self._batch_sum + value
+        self._batch_sq = self._batch_sq + value * value
+        self._batch_count += 1
+
+    def _close_epoch(self, trainer: Any, pl_module: nn.Module, epoch: int) -> None:
+        """The epoch's mean training loss (from the batches' outputs, else the logged metric) and the weights."""
+        n = self._batch_count
+        if n:
+            mean = float(self._batch_sum) / n
+            if n > 1 and math.isfinite(mean):
+                self._sem = math.sqrt(max(float(self._batch_sq) / n - mean * mean, 0.0) / (n - 1))
+        else:
+            key = D.find_metric(trainer.callback_metrics, self.train_loss, {"train", "training"}, _LOSS)
+            mean = float(trainer.callback_metrics[key]) if key else None
+        self._batch_sum, self._batch_sq, self._batch_count = 0.0, 0.0, 0
+        norm = D.weight_norm(pl_module)
+        if mean is not None:
+            history = self._history["train_loss"]
+            history[:] = [p for p in history if p[0] != epoch] + [(epoch, mean)]
+        if self._nonfinite is None and ((mean is not None and not math.isfinite(mean)) or not math.isfinite(norm)):
+            self._nonfinite = epoch
+        self._history["weight_norm"].append((epoch, norm))
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._active:
+            return
+        epoch = trainer.current_epoch + 1
+        self._val_runs += 1
+        metrics = trainer.callback_metrics
+        self._tags["val"] = D.find_metric(metrics, self.val_loss, _VAL, _LOSS) or self._tags["val"]
+        self._tags["acc"] = D.find_metric(metrics, None, _VAL, _ACC) or self._tags["acc"]
+        for name, key in (("val_loss", self._tags["val"]), ("val_acc", self._tags["acc"])):
+            if key is not None and key in metrics:
+                history = self._history[name]
+                history[:] = [p for p in history if p[0] != epoch] + [(epoch, float(metrics[key]))]
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._is_log_epoch(trainer):
+        if trainer.sanity_checking or not self._active:
             return
-        if self._defer:
+        self._close_epoch(trainer, pl_module, trainer.current_epoch + 1)
+        if self._is_log_epoch(trainer):
+            # judged once every monitor has published: at the next epoch's start (same step) or at the end of fit
             self._pending = trainer.current_epoch + 1
-        else:
-            self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
-
-    def _run_pending(self, trainer: Any, pl_module: Any) -> None:
-        if self._pending is not None:
-            epochs_done, self._pending = self._pending, None
-            self._run(trainer, pl_module, epochs_done=epochs_done)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run_pending(trainer, pl_module)
+        if self._pending is not None:
+            epochs_done, self._pending = self._pending, None
+            self._run(trainer, pl_module, epochs_done=epochs_done)
         super().on_train_epoch_start(trainer, pl_module)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run_pending(trainer, pl_module)
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        done = max((e for e, _ in self._history["train_loss"]), default=int(trainer.current_epoch))
+        if self._batch_count:  # a fit stopped inside an epoch (max_steps)
+            done += 1
+            self._close_epoch(trainer, pl_module, done)
+        self._pending, self._final = None, True
+        try:
+            self._run(trainer, pl_module, epochs_done=done)
+        finally:
+            self._final = False
 
-    def _metric(self, trainer: Any, name: str) -> float | None:
-        metrics = trainer.callback_metrics
-        for key in (name, f"{name}_epoch"):
-            if key in metrics:
-                return float(metrics[key])
-        return None
-
-    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        train, dead_sites = self._gather_histories(trainer, epochs_done)
-        findings = self._judge(trainer, pl_module, epochs_done, train, dead_sites)
-        self._announce(trainer, findings, epochs_done)
-        self._write(findings, epochs_done, step)
-
-    def _gather_histories(self, trainer: Any, epoch: int) -> tuple[float | None, list[str]]:
-        """Append this epoch's losses and the bus's latest records to the histories.
-
-        Returns the training loss (``None`` when not logged) and the activation sites with a dead-channel count.
-        """
-        train = self._metric(trainer, self.train_loss)
-        val = self._metric(trainer, self.val_loss)
-        if train is not None:
-            self._history["train_loss"].append((epoch, train))
-        if val is not None:
-            self._history["val_loss"].append((epoch, val))
-        elif epoch >= 1:
-            self._warn_once(
-                "no val",
-                f"DiagnosisMonitor: no `{self.val_loss}` among the logged metrics (no validation loop, or another "
-                "name: pass `val_loss=...`), so over-fitting is not diagnosed.",
-            )
-        if train is None and epoch >= 1:
-            self._warn_once(
-                "no train",
-                f"DiagnosisMonitor: no `{self.train_loss}` among the logged metrics; pass `train_loss=...` (log it "
-                "with on_epoch=True) to diagnose over- and under-training.",
-            )
-        if not self._bus.produced(ActivationStats):
-            self._warn_once(
-                "no activations",
-                "DiagnosisMonitor: no ActivationMonitor among the callbacks, so dead filters are not diagnosed. "
-                "Add one (lightning_viz.default_suite() has it).",
-            )
-        dead_sites = []
+    # ---------------------------------------------------------------------------------------------- judging
+    def _gather_records(self, pl_module: nn.Module) -> None:
         for site, stats in self._bus.latest(ActivationStats).items():
             if stats.dead_fraction is None or stats.dead_count is None:
                 continue
-            dead_sites.append(site)
+            if site not in self._units:
+                self._units[site] = D.unit_kind(pl_module, site)
             history = self._dead.setdefault(site, [])
             if not history or history[-1][0] != stats.epoch:
-                history.append((stats.epoch, stats.dead_fraction))
-                self._dead_counts.setdefault(site, {})[stats.epoch] = stats.dead_count
+                history.append((stats.epoch, stats.dead_fraction, stats.dead_count, stats.channels))
         for quality in self._bus.latest(EmbeddingQuality).values():
-            if quality.knn_accuracy is None:
-                continue
-            if not self._history["knn"] or self._history["knn"][-1][0] != quality.epoch:
-                self._history["knn"].append((quality.epoch, quality.knn_accuracy))
-        return train, dead_sites
+            knn = self._history["knn"]
+            if quality.knn_accuracy is not None and (not knn or knn[-1][0] != quality.epoch):
+                knn.append((quality.epoch, quality.knn_accuracy))
 
-    def _judge(
-        self, trainer: Any, pl_module: nn.Module, epoch: int, train: float | None, dead_sites: list[str]
-    ) -> list[D.Finding]:
-        """Apply the rules of :mod:`lightning_viz.diagnosis` to the histories and the model's weights."""
-        findings = [
-            D.dead_filters(
-                site,
-                self._dead[site],
-                self._dead_counts[site],
-                threshold=self.dead_threshold,
-                critical=self.dead_critical,
-            )
-            for site in dead_sites
-        ]
-        findings.append(
-            D.overfitting(
-                self._history["train_loss"],
-                self._history["val_loss"],
-                patience=self.overfit_patience,
-                tolerance=self.overfit_tolerance,
-                knn=self._history["knn"],
-            )
+    def evidence(self, epochs_done: int, final: bool = False) -> D.Evidence:
+        """What the rules see now (public, so a user's or another engineer's rule can be tried on a run)."""
+        classes = self._chance_classes
+        return D.Evidence(
+            epoch=epochs_done,
+            final=final,
+            train_loss=list(self._history["train_loss"]),
+            initial_loss=self._initial_loss,
+            train_loss_sem=self._sem,
+            val_loss=list(self._history["val_loss"]),
+            val_acc=list(self._history["val_acc"]),
+            num_classes=classes,
+            chance_loss=math.log(classes) if classes else None,
+            nonfinite_epoch=self._nonfinite,
+            weight_norm=list(self._history["weight_norm"]),
+            initial_norm=self._initial_norm,
+            constant_init=self._constant,
+            dead={s: D.DeadHistory(self._units.get(s, "units"), tuple(h)) for s, h in self._dead.items()},
+            knn=list(self._history["knn"]),
+            val_tag=self._tags["val"],
+            early_stopping=self._early_stopping,
+            dead_threshold=self.dead_threshold,
+            dead_critical=self.dead_critical,
+            overfit_patience=self.overfit_patience,
+            overfit_min_rise=self.overfit_tolerance,
+            explode_factor=self.explode_factor,
         )
-        # Mid-run, a falling loss is simply training; "under-trained" is a verdict on where the run ended (in
-        # on_fit_end the run is over whatever the reason).
-        final = bool(trainer.should_stop) or (
-            trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
-        )
-        if final:
-            noise, distance = self._filter_stats(pl_module)
-            findings.append(
-                D.undertraining(
-                    self._history["train_loss"],
-                    noise_score=noise,
-                    distance=distance,
-                    slope=self.undertrain_slope,
-                    noise_threshold=self.noise_threshold,
-                    distance_threshold=self.distance_threshold,
-                    final=final,
-                )
-            )
-        findings.append(
-            D.divergence(
-                epoch,
-                loss_finite=train is None or math.isfinite(train),
-                weights_finite=all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
-                weight_norm=D.weight_norm(pl_module),
-                initial_norm=self._initial_norm or 0.0,
-                factor=self.explode_factor,
-            )
-        )
-        return [f for f in findings if f is not None]
 
-    def _announce(self, trainer: Any, findings: list[D.Finding], epoch: int) -> None:
-        """Keep the epoch each finding was first seen, and say it once in the log."""
-        for finding in findings:
-            if finding.key not in self._seen:
-                self._seen[finding.key] = epoch
-                if trainer.is_global_zero:
-                    log.warning("lightning_viz diagnosis (%s): %s", finding.severity, finding.summary)
-        self.findings = findings
-
-    def _write(self, findings: list[D.Finding], epoch: int, step: int) -> None:
+    def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        self._gather_records(pl_module)
+        disabled = self._disabled_checks(epochs_done)
+        findings = D.diagnose(self.evidence(epochs_done, final=self._final))
+        self._announce(trainer, findings, epochs_done)
         sink = self._sink
         assert sink is not None
-        kinds = [f.kind for f in findings]
-        sink.text("diagnosis/findings", D.to_markdown(findings, epoch, step), step)
-        sink.scalars(
-            {
-                "diagnosis/findings": len(findings),
-                "diagnosis/dead_filters": kinds.count("dead_filters"),
-                "diagnosis/overfitting": float("overfitting" in kinds),
-                "diagnosis/undertraining": float("undertraining" in kinds),
-                "diagnosis/divergence": float("divergence" in kinds),
-            },
-            step,
+        panel = D.to_markdown(
+            findings, epochs_done, step, final=self._final, resolved=self._resolved, disabled=disabled
         )
+        sink.text("diagnosis/findings", panel, step)
+        kinds = [f.kind for f in findings]
+        scalars = {"diagnosis/findings": float(len(findings))}
+        scalars.update({f"diagnosis/{k}": float(k in kinds) for k in D.CAUSE_ORDER})
+        if self._history["train_loss"] and self._history["train_loss"][-1][0] == epochs_done:
+            scalars["diagnosis/train_loss"] = self._history["train_loss"][-1][1]
+        if self._history["weight_norm"]:
+            scalars["diagnosis/weight_norm"] = self._history["weight_norm"][-1][1]
+        sink.scalars(scalars, step)
 
-    def _filter_stats(self, pl_module: nn.Module) -> tuple[float | None, float | None]:
-        published = self._bus.latest(FilterStats).get(self._first_conv or "")
-        if published is not None:
-            return published.noise_score, published.distance_from_init
-        if self._first_conv is None or self._own_initial is None:
-            return None, None
-        weight = pl_module.get_submodule(self._first_conv).weight.detach().cpu()
-        stats = F.filter_statistics(weight, self._own_initial)
-        return float(stats["noise_score"].nanmean()), float(stats["distance_from_init"].mean())
+    def _disabled_checks(self, epochs_done: int) -> list[str]:
+        """The checks that are off, and why (also warned once each)."""
+        off = []
+        if self._tags["val"] is None and (self._val_runs or epochs_done >= self._val_every or self._final):
+            off.append(
+                f"over-fitting: no validation loss among the logged metrics (looked for `{self.val_loss}`, `val/loss`, "
+                "`loss/val`, `valid_loss`, ...): log one in validation_step or pass `val_loss=...`"
+            )
+            self._warn_once("no val", f"DiagnosisMonitor: {off[-1]}; so over-fitting is not diagnosed.")
+        if not self._history["train_loss"] and epochs_done >= 1:
+            off.append(
+                f"over-/under-training, not learning: `training_step` returned no loss and no `{self.train_loss}` "
+                "is logged: return the loss, or pass `train_loss=...`"
+            )
+            self._warn_once("no train", f"DiagnosisMonitor: {off[-1]}.")
+        if not self._bus.produced(ActivationStats):
+            off.append("dead filters/units: no ActivationMonitor among the callbacks (default_suite() has one)")
+            self._warn_once("no activations", f"DiagnosisMonitor: {off[-1]}; so dead filters are not diagnosed.")
+        elif not self._dead and epochs_done >= 1:
+            off.append(
+                "dead filters/units: the ActivationMonitor reports no dead counts (no nn.ReLU-family modules: a model "
+                "that applies `F.relu` needs `ActivationMonitor(pre_activation_layers=[...])`)"
+            )
+        if not self._bus.produced(EmbeddingQuality):
+            off.append("k-NN accuracy as evidence of over-fitting: no EmbeddingMonitor among the callbacks")
+        if self._chance_classes is None:
+            off.append("not learning (chance level): no classifier output width found; pass `num_classes=...`")
+        return off
+
+    def _announce(self, trainer: Any, findings: list[D.Finding], epoch: int) -> None:
+        """Say in the log when a finding appears and when one is resolved."""
+        now = {f.key: f for f in findings}
+        loud = getattr(trainer, "is_global_zero", True)
+        for key, finding in now.items():
+            if key not in self._active_keys:
+                self._active_keys[key] = epoch
+                if loud:
+                    log.warning("lightning_viz diagnosis, epoch %d (%s): %s", epoch, finding.severity, finding.summary)
+        for key in [k for k in self._active_keys if k not in now]:
+            since = self._active_keys.pop(key)
+            kind = key.split(":")[0].replace("_", " ")
+            if self._final and kind in ("undertraining", "not learning"):
+                continue
+            self._resolved.append(f"{kind} (seen from epoch {since}, gone at epoch {epoch})")
+            if loud:
+                log.warning(
+                    "lightning_viz diagnosis, epoch %d: %s is resolved (seen since epoch %d)", epoch, kind, since
+                )
+        self.findings = findings
 
     def _extra_state(self) -> dict[str, Any]:
         return {
             "history": {k: list(v) for k, v in self._history.items()},
             "dead": {k: list(v) for k, v in self._dead.items()},
-            "dead_counts": {k: dict(v) for k, v in self._dead_counts.items()},
             "initial_norm": self._initial_norm,
-            "own_initial": self._own_initial,
-            "seen": dict(self._seen),
+            "initial_loss": self._initial_loss,
+            "nonfinite": self._nonfinite,
+            "constant": list(self._constant),
+            "seen": dict(self._active_keys),
+            "resolved": list(self._resolved),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._history.update({k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()})
         self._dead = {k: [tuple(p) for p in v] for k, v in state.get("dead", {}).items()}
-        self._dead_counts = {k: {int(e): int(c) for e, c in v.items()} for k, v in state.get("dead_counts", {}).items()}
         self._initial_norm = state.get("initial_norm", self._initial_norm)
-        if state.get("own_initial") is not None:
-            self._own_initial = state["own_initial"]
-        self._seen = dict(state.get("seen", {}))
+        self._initial_loss = state.get("initial_loss", self._initial_loss)
+        self._nonfinite = state.get("nonfinite")
+        self._constant = tuple(state.get("constant", self._constant))
+        self._active_keys = dict(state.get("seen", {}))
+        self._resolved = list(state.get("resolved", []))
