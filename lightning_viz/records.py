@@ -226,7 +226,8 @@ class UpdateStats(Record):
     weight_norm: float | None
     #: Trainable (``requires_grad=True``) parameters whose values have not changed since the start of the fit.
     unchanged: tuple[str, ...] = ()
-    #: ... of which never had a gradient at a sampled step (not reached by the loss: an unused branch).
+    #: ... of which never had a gradient above rounding noise at a sampled step (the loss does not reach them: an
+    #: unused branch, or a bias right before BatchNorm, which cancels it).
     without_grad: tuple[str, ...] = ()
     #: Elements in the unchanged parameters.
     unchanged_elements: int = 0

@@ -178,10 +178,21 @@ class DynamicsMonitor(VizCallback):
             self._guard(self.monitor_name, self._sample, int(trainer.global_step))
 
     def _sample(self, step: int) -> None:
-        grads = {n: [p.grad for _, p in ps if p.requires_grad] for n, ps in self._layers.items()}
-        for n, ps in self._layers.items():
-            self._had_grad.update(f"{n}.{pn}" if n else pn for pn, p in ps if p.grad is not None)
-        self._grads.append((step, D.layer_norms(grads)))
+        names = {
+            n: [(f"{n}.{pn}" if n else pn, p) for pn, p in ps if p.requires_grad] for n, ps in self._layers.items()
+        }
+        per_param = D.layer_norms({full: [p.grad] for params in names.values() for full, p in params})
+        layers: dict[str, float | None] = {}
+        for n, params in names.items():
+            norms = [per_param[full] for full, _ in params if per_param.get(full) is not None]
+            layers[n] = math.sqrt(sum(v * v for v in norms)) if norms else None  # type: ignore[operator]
+        # a gradient is "there" when it is more than rounding noise (a bias right before BatchNorm gets ~1e-8 of it)
+        pending = {full: [p] for params in names.values() for full, p in params if full not in self._had_grad}
+        for full, weight_norm in D.layer_norms(pending).items():
+            grad_norm = per_param.get(full)
+            if grad_norm is not None and not grad_norm <= 1e-6 * max(weight_norm or 0.0, 1e-6):
+                self._had_grad.add(full)
+        self._grads.append((step, layers))
         if self.update_ratio:
             self._snapshot = {n: [p.detach().clone() for p in ps] for n, ps in self._params().items()}
 
