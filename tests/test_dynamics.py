@@ -195,6 +195,26 @@ def test_batchnorm_with_tiny_momentum_on_shifted_data_is_named(tmp_path, pl_ns):
     assert R.batchnorm_mismatch(probe, _bus(healthy).latest(BatchNormStats).values()) is None
 
 
+def test_functional_norms_and_moments_are_exact():
+    a, b = torch.randn(3, 4), torch.randn(5)
+    norms = D.layer_norms({"l": [a, None, b], "empty": [None]})
+    assert norms["l"] == pytest.approx(torch.cat([a.flatten(), b]).norm().item(), rel=1e-6) and norms["empty"] is None
+    assert D.difference_norms({"l": [a]}, {"l": [a - 1]})["l"] == pytest.approx(math.sqrt(12), rel=1e-6)
+    assert D.update_ratios({"l": 0.5, "z": 1.0}, {"l": 100.0, "z": 0.0}) == {"l": 0.005, "z": None}
+    moments, x = D.MomentStats(), torch.randn(7, 3, 5, 5) * 2 + 1
+    moments.update(x[:4])
+    moments.update(x[4:])
+    mean, var = moments.mean_var()
+    assert torch.allclose(mean, x.double().mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(var, x.double().var(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+    shift, ratio = D.running_stat_distance(mean + 2 * var.sqrt(), 4 * var, mean, var, eps=0.0)
+    assert shift == pytest.approx(2.0) and ratio == pytest.approx(math.log(4))
+    y = torch.tensor([-0.99, -0.5, 0.0, 0.98])
+    assert D.tail_mask(nn.Tanh(), y).tolist() == [True, False, False, True]
+    assert D.tail_mask(nn.Hardtanh(), torch.tensor([-1.0, 0.3, 1.0])).tolist() == [True, False, True]
+    assert list(D.saturating_layers(nn.Sequential(nn.ReLU6(), nn.Sigmoid()))) == ["1"]  # ReLU6 is a ReLU
+
+
 def test_batch_statistics_restore_running_stats_exactly():
     model = TinyCNN()
     model.bn1.momentum = None  # cumulative average: uses num_batches_tracked too

@@ -119,6 +119,7 @@ class DynamicsMonitor(VizCallback):
         self._grads: list[tuple[int, dict[str, float | None]]] = []  # (step, norm per layer) since the last log
         self._updates: list[dict[str, float | None]] = []
         self._snapshot: dict[str, list[torch.Tensor]] | None = None
+        self._buffer: dict[str, list[torch.Tensor]] | None = None
         self._had_grad: set[str] = set()
         self._initial: dict[str, torch.Tensor] = {}  # parameter -> fingerprint at the start of the fit
         self._changed: set[str] = set()
@@ -194,7 +195,16 @@ class DynamicsMonitor(VizCallback):
                 self._had_grad.add(full)
         self._grads.append((step, layers))
         if self.update_ratio:
-            self._snapshot = {n: [p.detach().clone() for p in ps] for n, ps in self._params().items()}
+            # one copy of the parameters, reused through the epoch (fresh allocations each step cost more than the
+            # copy) and dropped when the epoch is logged
+            params = self._params()
+            if self._buffer is None:
+                self._buffer = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+            else:
+                torch._foreach_copy_(
+                    [b for n in params for b in self._buffer[n]], [p.detach() for ps in params.values() for p in ps]
+                )
+            self._snapshot = self._buffer
 
     @override
     def on_train_batch_end(
@@ -279,6 +289,7 @@ class DynamicsMonitor(VizCallback):
         self._release(pl_module)
 
     def _release(self, pl_module: Any) -> None:
+        self._buffer = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -299,6 +310,7 @@ class DynamicsMonitor(VizCallback):
         self._guard("loss", self._log_loss, step, epochs_done, classes if isinstance(classes, int) else None)
         self._moments.clear()
         self._saturation.clear()
+        self._buffer = None
 
     def _log_gradients(self, step: int, epochs_done: int) -> None:
         sink = self._sink

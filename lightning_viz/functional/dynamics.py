@@ -83,8 +83,13 @@ def difference_norms(
     Shape:
         ``new[layer][i]`` and ``old[layer][i]`` have the same shape.
     """
-    diffs = {name: [a.detach() - b for a, b in zip(new[name], old[name])] for name in new if name in old}
-    return layer_norms(diffs)
+    names = [name for name in new if name in old and new[name]]
+    a = [t.detach() for name in names for t in new[name]]
+    b = [t for name in names for t in old[name]]
+    if not a:
+        return dict.fromkeys(new)
+    diffs = iter(torch._foreach_sub(a, b))
+    return layer_norms({name: [next(diffs) for _ in new[name]] for name in names})
 
 
 def update_ratios(deltas: Mapping[str, float | None], norms: Mapping[str, float | None]) -> dict[str, float | None]:
@@ -99,7 +104,7 @@ def update_ratios(deltas: Mapping[str, float | None], norms: Mapping[str, float 
 
 @torch.no_grad()
 def fingerprint(tensor: torch.Tensor, points: int = 16) -> torch.Tensor:
-    """A few numbers that change whenever an optimizer step changes ``tensor``: sum, sum of squares (float64) and
+    """A few numbers that change whenever an optimizer step changes ``tensor``: its sum (float64), its norm and
     ``points`` evenly spaced elements. Cheap (no copy of the tensor); used to tell parameters that never change.
 
     Shape:
@@ -107,7 +112,7 @@ def fingerprint(tensor: torch.Tensor, points: int = 16) -> torch.Tensor:
     """
     flat = tensor.detach().reshape(-1)
     index = torch.linspace(0, flat.numel() - 1, min(points, flat.numel()), device=flat.device).long()
-    head = torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()])
+    head = torch.stack([flat.sum(dtype=torch.float64), flat.norm().double()])
     return torch.cat([head, flat[index].double()]).cpu()
 
 
@@ -127,13 +132,16 @@ class MomentStats:
     def update(self, x: torch.Tensor) -> None:
         """Add one batch of inputs. Shape: (N, C, ...)."""
         dims = [0, *range(2, x.ndim)]
-        total = x.detach().sum(dim=dims, dtype=torch.float64)
-        squares = x.detach().float().square().sum(dim=dims, dtype=torch.float64)
+        n = x.numel() // x.shape[1]
+        # one fused pass per batch (no squared copy of the activation); the sums are kept in float64
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+        mean = mean.double()
+        total, squares = mean * n, (var.double() + mean.square()) * n
         if self.total is None or self.squares is None:
             self.total, self.squares = total, squares
         else:
             self.total, self.squares = self.total + total, self.squares + squares
-        self.count += x.numel() // x.shape[1]
+        self.count += n
         self.batches += 1
 
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
