@@ -54,8 +54,9 @@ def _bus(monitor):
 
 
 # ------------------------------------------------------------------------------------------- the monitor writes
-def test_monitor_writes_its_tags_and_a_gradient_flow_image_with_colour_bar(tmp_path, pl_ns):
-    _, monitor, events = _fit(pl_ns, tmp_path, TinyCNN(num_classes=3))
+def test_monitor_writes_its_tags_and_a_gradient_flow_image_with_colour_bar(tmp_path, namespace):
+    monitor = DynamicsMonitor(on_error="raise", every_n_steps=1)
+    _, monitor, events = _fit(namespace, tmp_path, TinyCNN(num_classes=3), monitor=monitor)
     scalars = set(events.tags["scalars"])
     for tag in (
         "dynamics/grad_norm/model.conv1",
@@ -82,6 +83,15 @@ def test_monitor_writes_its_tags_and_a_gradient_flow_image_with_colour_bar(tmp_p
     ratio = _bus(monitor).latest(UpdateStats)["model.conv1"].update_ratio
     assert 1e-5 < ratio < 1.0
     assert _bus(monitor).latest(GradientStats)["model.conv1"].samples == 4  # every step of a 4-step epoch
+
+
+def test_sampling_thins_out_to_its_budget_but_keeps_a_step_per_epoch(tmp_path, pl_ns):
+    monitor = DynamicsMonitor(on_error="raise")
+    monitor.sample_budget = 1e-9  # any sample is too expensive: one per epoch remains (the epoch's first step)
+    _fit(pl_ns, tmp_path, TinyCNN(num_classes=3), monitor=monitor, max_epochs=2)
+    assert monitor._every > 4
+    # the first epoch needs two steps to know a step's time
+    assert [r.samples for r in _bus(monitor).history(GradientStats, "model.fc")] == [2, 1]
 
 
 def test_configuration_errors_name_the_argument(pl_ns, tmp_path):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import statistics
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._layers import evenly_spaced, model_device
+from lightning_viz._layers import model_device
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import dynamics as D
 from lightning_viz.records import (
@@ -21,22 +21,13 @@ from lightning_viz.records import (
     BatchNormStats,
     GradientStats,
     LossStats,
+    Record,
     SaturationStats,
     UpdateStats,
 )
 
 if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
     import lightning.pytorch as pl
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(finite) if finite else None
-
-
-def _loss_of(outputs: Any) -> torch.Tensor | None:
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
 class DynamicsMonitor(VizCallback):
@@ -47,8 +38,8 @@ class DynamicsMonitor(VizCallback):
       read) every ``every_n_steps``-th optimizer step. Scalars ``dynamics/grad_norm/<layer>`` (median over the
       epoch's sampled steps) and one image per logged epoch, ``dynamics/gradient_flow``: layers (rows, input at the
       top) x sampled steps, on a log10 colour scale with its colour bar (the scale only ever widens, so epochs compare).
-    - **Update ratio** ``||w_after - w_before|| / ||w_before||`` per layer at the sampled steps (the parameters are
-      copied for the one step, then dropped): ``dynamics/update_ratio/<layer>`` (rule of thumb: about 1e-3).
+    - **Update ratio** ``||w_after - w_before|| / ||w_before||`` per layer at the sampled steps (one copy of the
+      parameters, held through a training epoch): ``dynamics/update_ratio/<layer>`` (rule of thumb: about 1e-3).
     - **Unchanged weights**: parameters with ``requires_grad=True`` whose values have not changed since the start of
       the fit (left out of the optimizer, lr 0, or no gradient reaches them), told from frozen ones
       (``requires_grad=False``, never a finding). Scalar ``dynamics/unchanged_parameters``.
@@ -70,10 +61,11 @@ class DynamicsMonitor(VizCallback):
 
     Args:
         layers: names of modules that own parameters to follow; default: all of them.
-        every_n_steps: sample gradients and updates every n-th optimizer step; default: about ``samples_per_epoch``
-            samples per epoch.
+        every_n_steps: sample gradients and updates every n-th optimizer step of an epoch (its first included);
+            default: about ``samples_per_epoch`` samples per epoch, fewer where a sample would cost more than 1 %
+            of the training time (:attr:`sample_budget`; the interval only ever grows).
         samples_per_epoch: target number of sampled steps per epoch when ``every_n_steps`` is ``None``.
-        update_ratio: measure update ratios (needs a copy of the parameters for one step at each sample).
+        update_ratio: measure update ratios (``False`` saves the copy of the parameters).
         max_batches: at most this many validation batches feed the BatchNorm and saturation statistics.
         probe_samples: validation samples kept for the eval-vs-batch-statistics probe (0: no probe).
         num_classes: number of classes for the chance level; default: from the model's logits on the probe.
@@ -82,6 +74,8 @@ class DynamicsMonitor(VizCallback):
     """
 
     monitor_name = "dynamics"
+    #: With ``every_n_steps=None``, sampling thins out until a sample costs at most this share of the training time.
+    sample_budget: ClassVar[float] = 0.01
     publishes = (GradientStats, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
     default_every_n_epochs = 1
 
@@ -114,24 +108,17 @@ class DynamicsMonitor(VizCallback):
         self.update_ratio, self.max_batches, self.probe_samples = update_ratio, max_batches, probe_samples
         self.num_classes, self.max_layers = num_classes, max_layers
         self._layers: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._every = 1
-        self._opt_calls = 0
+        self._watch = D.LayerWatch({})
+        self._taps = D.ValidationTaps()
+        self._loss = D.LossTracker()
+        self._every, self._opt_calls, self._cost = 1, 0, 0.0
+        self._last_call: float | None = None
+        self._step_seconds: float | None = None
         self._grads: list[tuple[int, dict[str, float | None]]] = []  # (step, norm per layer) since the last log
         self._updates: list[dict[str, float | None]] = []
-        self._snapshot: dict[str, list[torch.Tensor]] | None = None
-        self._buffer: dict[str, list[torch.Tensor]] | None = None
-        self._had_grad: set[str] = set()
-        self._initial: dict[str, torch.Tensor] = {}  # parameter -> fingerprint at the start of the fit
-        self._changed: set[str] = set()
-        self._handles: list[Any] = []
-        self._moments: dict[str, D.MomentStats] = {}
-        self._saturation = D.SaturationCounter()
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_batches = 0
-        self._initial_loss: float | None = None
-        self._first_batch = False
         self._scale: tuple[float | None, float | None] = (None, None)
+        self._at = (0, 0)  # (step, epochs done) of the records being published
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers}
@@ -147,15 +134,10 @@ class DynamicsMonitor(VizCallback):
                     f"{list(owners)[:40]}."
                 )
             owners = {n: owners[n] for n in self.layers}
-        self._layers = owners
         self._release(pl_module)
         # one fit, one history: a checkpoint restored after setup brings back what a resumed run needs
-        self._initial, self._changed, self._had_grad = {}, set(), set()
-        self._grads, self._updates, self._snapshot, self._opt_calls = [], [], None, 0
-        self._probe, self._initial_loss, self._loss_sum, self._loss_batches = None, None, None, 0
-
-    def _params(self, trainable: bool = True) -> dict[str, list[nn.Parameter]]:
-        return {n: [p for _, p in ps if p.requires_grad == trainable] for n, ps in self._layers.items()}
+        self._layers, self._watch, self._loss = owners, D.LayerWatch(owners), D.LossTracker()
+        self._grads, self._updates, self._probe = [], [], None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -163,48 +145,34 @@ class DynamicsMonitor(VizCallback):
             return
         steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
         self._every = self.every_n_steps or max(1, steps // self.samples_per_epoch)
-        self._first_batch = trainer.global_step == 0 and self._initial_loss is None
-        if not self._initial:  # a resumed run keeps the fingerprints it saved
-            self._initial = {
-                f"{n}.{pn}" if n else pn: D.fingerprint(p) for n, ps in self._layers.items() for pn, p in ps
-            }
+        self._loss.expect_initial = trainer.global_step == 0 and self._loss.initial is None
+        if not self._watch.initial:  # a resumed run keeps the fingerprints it saved
+            self._watch.start()
 
     # ------------------------------------------------------------------------------------------- training side
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._opt_calls, self._last_call = 0, None
+
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._active or trainer.sanity_checking or self.monitor_name in self._disabled:
             return
+        now = time.perf_counter()
+        if self._last_call is not None:  # wall time of one optimizer step, smoothed
+            step = now - self._last_call
+            self._step_seconds = step if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * step
+        self._last_call = now
         self._opt_calls += 1
-        if (self._opt_calls - 1) % self._every == 0:
+        if (self._opt_calls - 1) % self._every == 0:  # the epoch's first step is always sampled
             self._guard(self.monitor_name, self._sample, int(trainer.global_step))
+            self._cost = time.perf_counter() - now
 
     def _sample(self, step: int) -> None:
-        names = {
-            n: [(f"{n}.{pn}" if n else pn, p) for pn, p in ps if p.requires_grad] for n, ps in self._layers.items()
-        }
-        per_param = D.layer_norms({full: [p.grad] for params in names.values() for full, p in params})
-        layers: dict[str, float | None] = {}
-        for n, params in names.items():
-            norms = [per_param[full] for full, _ in params if per_param.get(full) is not None]
-            layers[n] = math.sqrt(sum(v * v for v in norms)) if norms else None  # type: ignore[operator]
-        # a gradient is "there" when it is more than rounding noise (a bias right before BatchNorm gets ~1e-8 of it)
-        pending = {full: [p] for params in names.values() for full, p in params if full not in self._had_grad}
-        for full, weight_norm in D.layer_norms(pending).items():
-            grad_norm = per_param.get(full)
-            if grad_norm is not None and not grad_norm <= 1e-6 * max(weight_norm or 0.0, 1e-6):
-                self._had_grad.add(full)
-        self._grads.append((step, layers))
+        self._grads.append((step, self._watch.gradients()))  # after AMP unscaling, before clipping; read only
         if self.update_ratio:
-            # one copy of the parameters, reused through the epoch (fresh allocations each step cost more than the
-            # copy) and dropped when the epoch is logged
-            params = self._params()
-            if self._buffer is None:
-                self._buffer = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
-            else:
-                torch._foreach_copy_(
-                    [b for n in params for b in self._buffer[n]], [p.detach() for ps in params.values() for p in ps]
-                )
-            self._snapshot = self._buffer
+            self._watch.snapshot()
 
     @override
     def on_train_batch_end(
@@ -212,282 +180,166 @@ class DynamicsMonitor(VizCallback):
     ) -> None:
         if not self._active or trainer.sanity_checking:
             return
-        if self._snapshot is not None:  # the sampled step has been taken: measure how far it moved the weights
-            old, self._snapshot = self._snapshot, None
-            new = self._params()
-            ratios = D.update_ratios(D.difference_norms(new, old), D.layer_norms(old))
-            self._updates.append(ratios)
-        loss = _loss_of(outputs)
-        if loss is None:
-            return
-        if pl_module.automatic_optimization:  # Lightning divides the returned loss by the accumulation
-            loss = loss * trainer.accumulate_grad_batches
-        if self._first_batch:  # the loss of the untrained model (it was computed before the first step)
-            self._first_batch = False
-            self._initial_loss = float(loss)
-        self._loss_sum = loss.float() if self._loss_sum is None else self._loss_sum + loss.float()
-        self._loss_batches += 1
+        if self._watch.pending:  # the sampled step has been taken: how far did it move the weights?
+            started = time.perf_counter()
+            self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
+            self._cost += time.perf_counter() - started
+        if self._cost and self.every_n_steps is None and self._step_seconds:
+            # sample less often where a sample costs more than `sample_budget` of the training time
+            self._every = max(self._every, math.ceil(self._cost / (self.sample_budget * self._step_seconds)))
+        self._cost = 0.0
+        loss = D.returned_loss(outputs)
+        if loss is not None:  # Lightning divides the returned loss by the accumulation
+            self._loss.add(loss * trainer.accumulate_grad_batches if pl_module.automatic_optimization else loss)
 
     # ----------------------------------------------------------------------------------------- validation side
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active and not trainer.sanity_checking and trainer.state.fn == "fit" and self._is_log_epoch(trainer):
-            self._guard(self.monitor_name, self._attach, pl_module)
-
-    def _attach(self, pl_module: nn.Module) -> None:
-        self._release(pl_module)
-        self._moments.clear()
-        self._saturation.clear()
-        try:
-            for name, bn in D.batchnorm_layers(pl_module).items():
-                self._handles.append(bn.register_forward_hook(self._bn_hook(name)))
-            for name, module in D.saturating_layers(pl_module).items():
-                self._handles.append(module.register_forward_hook(self._tail_hook(name)))
-        except BaseException:
-            self._release(pl_module)
-            raise
-
-    def _bn_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._moments.setdefault(name, D.MomentStats()).update(inputs[0])
-
-        return hook
-
-    def _tail_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._saturation.add(name, module, output)
-
-        return hook
+            self._taps.clear()
+            self._guard(self.monitor_name, self._taps.attach, pl_module)
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._handles:
+        if not self._taps.attached:
             return
         if batch_idx >= self.max_batches or dataloader_idx > 0:
-            self._release(pl_module)
+            self._taps.detach()
             return
-        self._keep_probe(batch)
-
-    def _keep_probe(self, batch: Any) -> None:
-        """Keep a few samples of each of the first validation batches (the Trainer's own; never drawn by us)."""
-        have = 0 if self._probe is None else len(self._probe[1])
-        if have >= self.probe_samples or not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            return
-        x, y = batch[0], batch[1]
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or y.ndim != 1 or y.is_floating_point():
-            return
-        take = min(len(y), max(1, self.probe_samples // self.max_batches), self.probe_samples - have)
-        x, y = x[:take].detach().cpu().clone(), y[:take].detach().cpu().clone()
-        self._probe = (
-            (x, y) if self._probe is None else (torch.cat([self._probe[0], x]), torch.cat([self._probe[1], y]))
-        )
+        # a few samples of each of the first validation batches (the Trainer's own; never drawn by us)
+        take = max(1, self.probe_samples // self.max_batches)
+        self._probe = D.extend_probe(self._probe, batch, take=take, limit=self.probe_samples)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release(pl_module)
+        self._taps.detach()
 
     def _release(self, pl_module: Any) -> None:
-        self._buffer = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._watch.release()
+        self._taps.detach()
 
     def _cheaper_hint(self) -> str:
         return "or raise `every_n_steps` / lower `max_batches` / `probe_samples` "
 
     # ---------------------------------------------------------------------------------------------- logging
+    def _emit(self, record_type: type[Record], subject: str = "", /, **fields: Any) -> None:
+        self._publish(record_type(step=self._at[0], epoch=self._at[1], subject=subject, **fields))
+
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        classes = None
-        if self._moments or self._saturation.total:
-            self._guard("batchnorm", self._log_batchnorm, pl_module, step, epochs_done)
-            self._guard("saturation", self._log_saturation, pl_module, step, epochs_done)
-        if self._probe is not None and self.probe_samples:
-            classes = self._guard("probe", self._log_probe, pl_module, step, epochs_done)
+        self._at = (step, epochs_done)
+        if self._taps:
+            self._guard("batchnorm", self._log_batchnorm, pl_module, step)
+            self._guard("saturation", self._log_saturation, pl_module, step)
+        classes = self._guard("probe", self._log_probe, pl_module, step) if self._probe is not None else None
         self._guard("gradients", self._log_gradients, step, epochs_done)
         self._guard("updates", self._log_updates, step, epochs_done)
-        self._guard("loss", self._log_loss, step, epochs_done, classes if isinstance(classes, int) else None)
-        self._moments.clear()
-        self._saturation.clear()
-        self._buffer = None
+        self._guard("loss", self._log_loss, step, classes if isinstance(classes, int) else None)
+        self._taps.clear()
+        self._watch.release()
 
     def _log_gradients(self, step: int, epochs_done: int) -> None:
-        sink = self._sink
-        assert sink is not None
+        assert self._sink is not None
         samples, self._grads = self._grads, []
         if not samples:
             return
-        names = list(self._layers)
-        matrix = {n: any(p.ndim >= 2 for _, p in self._layers[n]) for n in names}
-        scalars = {}
+        names, scalars = list(self._layers), {}
         for order, name in enumerate(names):
             values = [norms.get(name) for _, norms in samples]
             finite = [v for v in values if v is not None and math.isfinite(v)]
-            median = _median(values)
-            if median is not None:
+            if (median := D.finite_median(values)) is not None:
                 scalars[f"dynamics/grad_norm/{name}"] = median
-            self._publish(
-                GradientStats(
-                    step=step,
-                    epoch=epochs_done,
-                    subject=name,
-                    order=order,
-                    matrix=matrix[name],
-                    grad_norm=median,
-                    grad_norm_max=max(finite) if finite else None,
-                    nonfinite_steps=sum(1 for v in values if v is not None and not math.isfinite(v)),
-                    samples=len(values),
-                )
+            self._emit(
+                GradientStats,
+                name,
+                order=order,
+                matrix=any(p.ndim >= 2 for _, p in self._layers[name]),
+                grad_norm=median,
+                grad_norm_max=max(finite) if finite else None,
+                nonfinite_steps=sum(1 for v in values if v is not None and not math.isfinite(v)),
+                samples=len(values),
             )
-        sink.scalars(scalars, step)
-        if sink.writes_images:
-            rows = evenly_spaced(len(names), self.max_layers)
-            grid = torch.tensor(
-                [
-                    [norms.get(names[r]) if norms.get(names[r]) is not None else float("nan") for _, norms in samples]
-                    for r in rows
-                ],
-                dtype=torch.float64,
-            )
-            low, high = D.log_range(grid.flatten().tolist(), *self._scale)
-            self._scale = (low, high)
-            title = f"gradient norm per layer (log10 colour), epoch {epochs_done}, sampled steps"
-            image = render.log_heatmap(
-                grid, [names[r] or "<root>" for r in rows], [s for s, _ in samples], low=low, high=high, title=title
-            )
-            sink.image("dynamics/gradient_flow", image, step)
+        self._sink.scalars(scalars, step)
+        if self._sink.writes_images:
+            grid, rows = D.gradient_grid(samples, names, self.max_layers)
+            low, high = self._scale = D.log_range(grid.flatten().tolist(), *self._scale)
+            title = f"gradient norm per layer (log10 colour) at the sampled steps of epoch {epochs_done}"
+            labels = [r or "<root>" for r in rows]
+            image = render.log_heatmap(grid, labels, [s for s, _ in samples], low=low, high=high, title=title)
+            self._sink.image("dynamics/gradient_flow", image, step)
 
     def _log_updates(self, step: int, epochs_done: int) -> None:
-        sink = self._sink
-        assert sink is not None
+        assert self._sink is not None
         updates, self._updates = self._updates, []
-        norms = D.layer_norms(self._params())
-        unchanged_total = 0
-        scalars: dict[str, float] = {}
-        for name, params in self._layers.items():
-            frozen, unchanged, no_grad, elements = [], [], [], 0
-            for pname, p in params:
-                full = f"{name}.{pname}" if name else pname
-                if not p.requires_grad:
-                    frozen.append(full)
-                    continue
-                if full not in self._changed and full in self._initial:
-                    if not torch.equal(D.fingerprint(p), self._initial[full]):
-                        self._changed.add(full)
-                    elif epochs_done > 0:
-                        unchanged.append(full)
-                        elements += p.numel()
-                        if full not in self._had_grad:
-                            no_grad.append(full)
-            ratio = _median([u.get(name) for u in updates])
-            if ratio is not None:
+        norms = D.layer_norms(self._watch.trainable())
+        scalars: dict[str, float] = {"dynamics/unchanged_parameters": 0}
+        for name in self._layers:
+            unchanged, no_grad, elements, frozen = self._watch.status(name, judge=epochs_done > 0)
+            if (ratio := D.finite_median([u.get(name) for u in updates])) is not None:
                 scalars[f"dynamics/update_ratio/{name}"] = ratio
-            unchanged_total += len(unchanged)
-            self._publish(
-                UpdateStats(
-                    step=step,
-                    epoch=epochs_done,
-                    subject=name,
-                    update_ratio=ratio,
-                    weight_norm=norms.get(name),
-                    unchanged=tuple(unchanged),
-                    without_grad=tuple(no_grad),
-                    unchanged_elements=elements,
-                    frozen=tuple(frozen),
-                )
+            scalars["dynamics/unchanged_parameters"] += len(unchanged)
+            self._emit(
+                UpdateStats,
+                name,
+                update_ratio=ratio,
+                weight_norm=norms.get(name),
+                unchanged=tuple(unchanged),
+                without_grad=tuple(no_grad),
+                unchanged_elements=elements,
+                frozen=tuple(frozen),
             )
-        sink.scalars({**scalars, "dynamics/unchanged_parameters": unchanged_total}, step)
+        self._sink.scalars(scalars, step)
 
-    def _log_batchnorm(self, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        sink = self._sink
-        assert sink is not None
-        layers = D.batchnorm_layers(pl_module)
-        scalars = {}
-        for name, moments in self._moments.items():
+    def _log_batchnorm(self, pl_module: nn.Module, step: int) -> None:
+        assert self._sink is not None
+        layers, scalars = D.batchnorm_layers(pl_module), {}
+        for name, moments in self._taps.moments.items():
             bn = layers[name]
-            mean, var = moments.mean_var()
-            shift, ratio = D.running_stat_distance(mean, var, bn.running_mean, bn.running_var, bn.eps)
-            scalars[f"dynamics/bn_mean_shift/{name}"] = shift
-            scalars[f"dynamics/bn_var_log_ratio/{name}"] = ratio
-            self._publish(
-                BatchNormStats(
-                    step=step,
-                    epoch=epochs_done,
-                    subject=name,
-                    mean_shift=shift,
-                    var_log_ratio=ratio,
-                    momentum=bn.momentum,
-                    batches=moments.batches,
-                )
-            )
-        sink.scalars(scalars, step)
+            shift, ratio = D.running_stat_distance(*moments.mean_var(), bn.running_mean, bn.running_var, bn.eps)
+            scalars[f"dynamics/bn_mean_shift/{name}"], scalars[f"dynamics/bn_var_log_ratio/{name}"] = shift, ratio
+            momentum, batches = bn.momentum, moments.batches
+            self._emit(BatchNormStats, name, mean_shift=shift, var_log_ratio=ratio, momentum=momentum, batches=batches)
+        self._sink.scalars(scalars, step)
 
-    def _log_probe(self, pl_module: nn.Module, step: int, epochs_done: int) -> int | None:
+    def _log_probe(self, pl_module: nn.Module, step: int) -> int | None:
         assert self._probe is not None and self._sink is not None
         device = model_device(pl_module)
         images, labels = self._probe[0].to(device), self._probe[1].to(device)
-        result = D.eval_vs_batch_stats(pl_module, pl_module, images, labels)
+        result = D.eval_vs_batch_stats(pl_module, pl_module, images, labels) if self.probe_samples else None
         if result is None:
             return None
-        classes = int(result["classes"])
         if D.batchnorm_layers(pl_module) and len(labels) > 1:
             self._sink.scalars({f"dynamics/bn_probe/{k}": v for k, v in result.items() if k != "classes"}, step)
-            self._publish(
-                BatchNormProbe(step=step, epoch=epochs_done, subject="", samples=len(labels), **result)  # type: ignore[arg-type]
-            )
-        return classes
+            self._emit(BatchNormProbe, samples=len(labels), **result)
+        return int(result["classes"])
 
-    def _log_saturation(self, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+    def _log_saturation(self, pl_module: nn.Module, step: int) -> None:
         assert self._sink is not None
-        modules = D.saturating_layers(pl_module)
-        fractions = self._saturation.fractions()
+        modules, fractions = D.saturating_layers(pl_module), self._taps.saturation.fractions()
         self._sink.scalars({f"dynamics/saturation/{n}": f for n, f in fractions.items()}, step)
         for name, fraction in fractions.items():
-            kind = type(modules[name]).__name__
-            self._publish(
-                SaturationStats(step=step, epoch=epochs_done, subject=name, kind=kind, saturated_fraction=fraction)
-            )
+            self._emit(SaturationStats, name, kind=type(modules[name]).__name__, saturated_fraction=fraction)
 
-    def _log_loss(self, step: int, epochs_done: int, classes: int | None) -> None:
+    def _log_loss(self, step: int, classes: int | None) -> None:
         assert self._sink is not None
         classes = self.num_classes or classes
-        mean = float(self._loss_sum) / self._loss_batches if self._loss_sum is not None and self._loss_batches else None
-        self._loss_sum, self._loss_batches = None, 0
-        chance = math.log(classes) if classes else None
-        scalars = {
-            "dynamics/train_loss": mean,
-            "dynamics/initial_loss": self._initial_loss,
-            "dynamics/chance_loss": chance,
-        }
+        mean, initial, chance = self._loss.epoch_mean(), self._loss.initial, math.log(classes) if classes else None
+        scalars = {"dynamics/train_loss": mean, "dynamics/initial_loss": initial, "dynamics/chance_loss": chance}
         self._sink.scalars({k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}, step)
-        self._publish(
-            LossStats(
-                step=step,
-                epoch=epochs_done,
-                subject="",
-                train_loss=mean,
-                initial_loss=self._initial_loss,
-                classes=classes,
-                chance_loss=chance,
-            )
-        )
+        self._emit(LossStats, train_loss=mean, initial_loss=initial, classes=classes, chance_loss=chance)
 
     # ------------------------------------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "initial": {k: v.clone() for k, v in self._initial.items()},
-            "changed": sorted(self._changed),
-            "had_grad": sorted(self._had_grad),
-            "initial_loss": self._initial_loss,
+            "watch": self._watch.state_dict(),
+            "initial_loss": self._loss.initial,
             "probe": None if self._probe is None else (self._probe[0].clone(), self._probe[1].clone()),
             "scale": self._scale,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._initial = {k: v.clone() for k, v in state.get("initial", {}).items()}
-        self._changed = set(state.get("changed", ()))
-        self._had_grad = set(state.get("had_grad", ()))
-        self._initial_loss = state.get("initial_loss")
+        self._watch.load_state_dict(state.get("watch", {}))
+        self._loss.initial = state.get("initial_loss")
         self._probe = state.get("probe")
         self._scale = tuple(state.get("scale", (None, None)))  # type: ignore[assignment]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -304,3 +305,233 @@ def log_range(
     if low is not None and high is not None:
         lo, hi = min(lo, low), max(hi, high)
     return float(lo), float(max(hi, lo + 1))
+
+
+class LayerWatch:
+    """Gradient norms, update ratios and never-changing parameters of a model's layers, read-only.
+
+    Args:
+        layers: ``{layer: [(parameter name, parameter), ...]}`` as :func:`trainable_layers` returns it.
+
+    Call :meth:`start` once with the initial weights, :meth:`gradients` where the gradients are complete (before the
+    optimizer step), :meth:`snapshot` before and :meth:`update_ratios` after a step, :meth:`status` to list the
+    parameters that never changed. Nothing is written to a parameter or its ``.grad``.
+    """
+
+    def __init__(self, layers: Mapping[str, Sequence[tuple[str, nn.Parameter]]]) -> None:
+        self.layers = {n: [(f"{n}.{pn}" if n else pn, p) for pn, p in ps] for n, ps in layers.items()}
+        #: Parameter -> fingerprint at the start of the fit.
+        self.initial: dict[str, torch.Tensor] = {}
+        #: Parameters seen to change / to get a gradient above rounding noise.
+        self.changed: set[str] = set()
+        self.had_grad: set[str] = set()
+        self._buffer: dict[str, list[torch.Tensor]] | None = None
+        self._snapshot = False
+
+    def trainable(self) -> dict[str, list[nn.Parameter]]:
+        return {n: [p for _, p in ps if p.requires_grad] for n, ps in self.layers.items()}
+
+    def start(self) -> None:
+        self.initial = {full: fingerprint(p) for ps in self.layers.values() for full, p in ps}
+
+    def gradients(self) -> dict[str, float | None]:
+        """``||grad||`` per layer (its trainable parameters together); ``None`` where no parameter has a gradient."""
+        trainable = {n: [(full, p) for full, p in ps if p.requires_grad] for n, ps in self.layers.items()}
+        per_param = layer_norms({full: [p.grad] for ps in trainable.values() for full, p in ps})
+        out: dict[str, float | None] = {}
+        for n, ps in trainable.items():
+            norms = [v for full, _ in ps if (v := per_param.get(full)) is not None]
+            out[n] = math.sqrt(sum(v * v for v in norms)) if norms else None
+        # a gradient is "there" when it is more than rounding noise (a bias right before BatchNorm gets ~1e-8 of it)
+        pending = {full: [p] for ps in trainable.values() for full, p in ps if full not in self.had_grad}
+        for full, weight_norm in layer_norms(pending).items():
+            grad_norm = per_param.get(full)
+            if grad_norm is not None and not grad_norm <= 1e-6 * max(weight_norm or 0.0, 1e-6):
+                self.had_grad.add(full)
+        return out
+
+    def snapshot(self) -> None:
+        """Copy the trainable parameters (into one buffer, reused until :meth:`release`)."""
+        params = self.trainable()
+        if self._buffer is None:
+            self._buffer = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+        else:
+            torch._foreach_copy_(
+                [b for n in params for b in self._buffer[n]], [p.detach() for ps in params.values() for p in ps]
+            )
+        self._snapshot = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether a snapshot waits for :meth:`update_ratios`."""
+        return self._snapshot
+
+    def update_ratios(self) -> dict[str, float | None]:
+        """``||w - w_snapshot|| / ||w_snapshot||`` per layer."""
+        if not self._snapshot or self._buffer is None:
+            raise RuntimeError("update_ratios() needs a snapshot() first.")
+        self._snapshot = False
+        return update_ratios(difference_norms(self.trainable(), self._buffer), layer_norms(self._buffer))
+
+    def release(self) -> None:
+        """Drop the copy of the parameters."""
+        self._buffer, self._snapshot = None, False
+
+    def status(self, layer: str, judge: bool) -> tuple[list[str], list[str], int, list[str]]:
+        """``(unchanged, without gradient, unchanged elements, frozen)`` parameters of ``layer``.
+
+        Args:
+            layer: the layer's name.
+            judge: list unchanged parameters (after training has run); otherwise only record which changed.
+        """
+        unchanged, no_grad, elements, frozen = [], [], 0, []
+        for full, p in self.layers[layer]:
+            if not p.requires_grad:
+                frozen.append(full)
+            elif full not in self.changed and full in self.initial:
+                if not torch.equal(fingerprint(p), self.initial[full]):
+                    self.changed.add(full)
+                elif judge:
+                    unchanged.append(full)
+                    elements += p.numel()
+                    if full not in self.had_grad:
+                        no_grad.append(full)
+        return unchanged, no_grad, elements, frozen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial": {k: v.clone() for k, v in self.initial.items()},
+            "changed": sorted(self.changed),
+            "had_grad": sorted(self.had_grad),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.initial = {k: v.clone() for k, v in state.get("initial", {}).items()}
+        self.changed = set(state.get("changed", ()))
+        self.had_grad = set(state.get("had_grad", ()))
+
+
+class ValidationTaps:
+    """Forward hooks that stream BatchNorm input moments and bounded-activation saturation over some batches.
+
+    Hooks live between :meth:`attach` and :meth:`detach` (safe to call twice); the statistics stay until
+    :meth:`clear`.
+    """
+
+    def __init__(self) -> None:
+        self.moments: dict[str, MomentStats] = {}
+        self.saturation = SaturationCounter()
+        self._handles: list[Any] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __bool__(self) -> bool:
+        return bool(self.moments or self.saturation.total)
+
+    def attach(self, model: nn.Module) -> None:
+        self.detach()
+        try:
+            for name, bn in batchnorm_layers(model).items():
+                self._handles.append(bn.register_forward_hook(self._moment_hook(name)))
+            for name, module in saturating_layers(model).items():
+                self._handles.append(module.register_forward_hook(self._tail_hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.moments.clear()
+        self.saturation.clear()
+
+    def _moment_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.moments.setdefault(name, MomentStats()).update(inputs[0])
+
+        return hook
+
+    def _tail_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.saturation.add(name, module, output)
+
+        return hook
+
+
+def extend_probe(
+    probe: tuple[torch.Tensor, torch.Tensor] | None, batch: Any, *, take: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``probe`` with up to ``take`` more samples of an ``(inputs, class labels)`` batch, at most ``limit`` in all.
+
+    Other batch structures (dicts, float targets) leave ``probe`` as it is. The samples are copied to the CPU.
+
+    Shape:
+        batch: ``(x (N, ...), y (N,) int)``; returns ``(x (M, ...), y (M,))``.
+    """
+    have = 0 if probe is None else len(probe[1])
+    if have >= limit or not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        return probe
+    x, y = batch[0], batch[1]
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or y.ndim != 1 or y.is_floating_point():
+        return probe
+    n = min(len(y), take, limit - have)
+    x, y = x[:n].detach().cpu().clone(), y[:n].detach().cpu().clone()
+    return (x, y) if probe is None else (torch.cat([probe[0], x]), torch.cat([probe[1], y]))
+
+
+class LossTracker:
+    """The training loss as ``training_step`` returned it: the first batch's, and a mean per epoch.
+
+    The sum stays on the loss's device (no host synchronisation per batch) until :meth:`epoch_mean`.
+    """
+
+    def __init__(self) -> None:
+        self.initial: float | None = None
+        self.expect_initial = False
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        if self.expect_initial:  # the untrained model's loss (computed before the first optimizer step)
+            self.expect_initial = False
+            self.initial = float(loss)
+        self._sum = loss.detach().float() if self._sum is None else self._sum + loss.detach().float()
+        self._count += 1
+
+    def epoch_mean(self) -> float | None:
+        """Mean since the last call (``None`` without batches); starts a new epoch."""
+        mean = float(self._sum) / self._count if self._sum is not None and self._count else None
+        self._sum, self._count = None, 0
+        return mean
+
+
+def gradient_grid(
+    samples: Sequence[tuple[int, Mapping[str, float | None]]], names: Sequence[str], max_rows: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Layers (rows, at most ``max_rows`` evenly spaced) x sampled steps of gradient norms; NaN where missing.
+
+    Returns:
+        the grid, shape (rows, len(samples)) float64, and the row names.
+    """
+    count = len(names)
+    rows = list(range(count)) if count <= max_rows else torch.linspace(0, count - 1, max_rows).round().long().tolist()
+    nan = float("nan")
+    grid = [[nan if (v := norms.get(names[r])) is None else v for _, norms in samples] for r in rows]
+    return torch.tensor(grid, dtype=torch.float64).reshape(len(rows), len(samples)), [names[r] for r in rows]
+
+
+def finite_median(values: Sequence[float | None]) -> float | None:
+    """Median of the finite values; ``None`` when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else None
+
+
+def returned_loss(outputs: Any) -> torch.Tensor | None:
+    """The scalar loss in what ``training_step`` returned (a tensor, or a dict with ``"loss"``), detached."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
