@@ -58,20 +58,16 @@ def main() -> None:
             return self._timed("train loop", super().on_train_batch_end, *a)
 
         def on_validation_epoch_start(self, *a):
-            return self._timed("validation loop", super().on_validation_epoch_start, *a)
+            self._timed("validation loop", super().on_validation_epoch_start, *a)
+            for handle in self._taps._handles:  # time the forward hooks too: wrap each registered hook
+                hooks = handle.hooks_dict_ref()
+                hooks[handle.id] = lambda *h, fn=hooks[handle.id]: self._timed("validation loop", fn, *h)
 
         def on_validation_batch_start(self, *a):
             return self._timed("validation loop", super().on_validation_batch_start, *a)
 
         def on_validation_epoch_end(self, *a):
             return self._timed("validation loop", super().on_validation_epoch_end, *a)
-
-        def _attach(self, pl_module):
-            super()._attach(pl_module)
-            for handle in self._handles:  # time the forward hooks too: wrap each registered hook
-                hooks = handle.hooks_dict_ref()
-                fn = hooks[handle.id]
-                hooks[handle.id] = lambda *a, fn=fn: self._timed("validation loop", fn, *a)
 
     class EpochTimer(pl.Callback):
         def __init__(self) -> None:
