@@ -30,6 +30,7 @@ def main() -> None:
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
+    from dynamics_cost import classifier_module  # benchmarks/ is on the path when this script runs
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
     from torchvision.models import mobilenet_v3_small
@@ -58,27 +59,6 @@ def main() -> None:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = args.momentum
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            return self.model(inputs)
-
-        def training_step(self, batch, batch_idx):
-            loss = F.cross_entropy(self(batch[0]), batch[1])
-            self.log("train_loss", loss, on_epoch=True, on_step=False)
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            logits = self(batch[0])
-            self.log("val_loss", F.cross_entropy(logits, batch[1]), on_epoch=True)
-            self.log("val_acc", (logits.argmax(1) == batch[1]).float().mean(), on_epoch=True)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
     monitor = DynamicsMonitor()
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
@@ -91,7 +71,7 @@ def main() -> None:
             enable_checkpointing=False,
             num_sanity_val_steps=0,
         )
-        module = Module()
+        module = classifier_module(pl, model, lambda params: torch.optim.Adam(params, lr=1e-3))
         started = time.perf_counter()
         trainer.fit(module, train, val)
         seconds = time.perf_counter() - started

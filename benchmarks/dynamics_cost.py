@@ -16,6 +16,35 @@ import time
 from collections import defaultdict
 
 
+def classifier_module(pl, model, optimizer):
+    """A LightningModule that trains ``model`` with cross-entropy and ``optimizer(parameters)``, logging
+    ``train_loss``, ``val_loss`` and ``val_acc``."""
+    import torch.nn.functional as F
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            logits = self(batch[0])
+            self.log("val_loss", F.cross_entropy(logits, batch[1]), on_epoch=True)
+            self.log("val_acc", (logits.argmax(1) == batch[1]).float().mean(), on_epoch=True)
+
+        def configure_optimizers(self):
+            return optimizer(self.parameters())
+
+    return Classifier()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -27,11 +56,11 @@ def main() -> None:
 
     import pytorch_lightning as pl
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
     from torchvision.models import resnet18
 
     from lightning_viz.callbacks.dynamics_monitor import DynamicsMonitor
+    from lightning_viz.functional import dynamics as D
 
     torch.set_num_threads(args.threads)
     n = args.batches * args.batch_size
@@ -44,12 +73,13 @@ def main() -> None:
 
         seconds: dict[str, float] = defaultdict(float)
 
-        def _timed(self, where: str, fn, *a):
+        @staticmethod
+        def _timed(_, where: str, fn, *a):
             started = time.perf_counter()
             try:
                 return fn(*a)
             finally:
-                self.seconds[where] += time.perf_counter() - started
+                Timed.seconds[where] += time.perf_counter() - started
 
         def on_before_optimizer_step(self, *a):
             return self._timed("train loop", super().on_before_optimizer_step, *a)
@@ -58,16 +88,17 @@ def main() -> None:
             return self._timed("train loop", super().on_train_batch_end, *a)
 
         def on_validation_epoch_start(self, *a):
-            self._timed("validation loop", super().on_validation_epoch_start, *a)
-            for handle in self._taps._handles:  # time the forward hooks too: wrap each registered hook
-                hooks = handle.hooks_dict_ref()
-                hooks[handle.id] = lambda *h, fn=hooks[handle.id]: self._timed("validation loop", fn, *h)
+            return self._timed("validation loop", super().on_validation_epoch_start, *a)
 
         def on_validation_batch_start(self, *a):
             return self._timed("validation loop", super().on_validation_batch_start, *a)
 
         def on_validation_epoch_end(self, *a):
             return self._timed("validation loop", super().on_validation_epoch_end, *a)
+
+    for cls, method in ((D.MomentStats, "update"), (D.SaturationCounter, "add")):  # the forward hooks' work
+        original = getattr(cls, method)
+        setattr(cls, method, lambda *a, fn=original: Timed._timed(None, "validation loop", fn, *a))
 
     class EpochTimer(pl.Callback):
         def __init__(self) -> None:
@@ -82,23 +113,6 @@ def main() -> None:
 
         def on_validation_epoch_end(self, trainer, pl_module):
             self.val.append(time.perf_counter() - self._v)
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = resnet18(num_classes=10)
-
-        def forward(self, x):
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def run(monitor):
         pl.seed_everything(0)
@@ -116,7 +130,7 @@ def main() -> None:
                 num_sanity_val_steps=0,
             )
             trainer.fit(
-                Module(),
+                classifier_module(pl, resnet18(num_classes=10), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
                 DataLoader(data, batch_size=args.batch_size, shuffle=True),
                 DataLoader(val, batch_size=args.batch_size),
             )

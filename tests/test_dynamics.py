@@ -13,17 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_viz import diagnosis_rules as R
+from lightning_viz import records as rec
 from lightning_viz._hooks import hook_count
 from lightning_viz.callbacks.dynamics_monitor import DynamicsMonitor
 from lightning_viz.functional import dynamics as D
-from lightning_viz.records import (
-    BatchNormProbe,
-    BatchNormStats,
-    GradientStats,
-    LossStats,
-    SaturationStats,
-    UpdateStats,
-)
 
 
 def _shifted_data(n: int, shift: float, seed: int) -> TensorDataset:
@@ -80,9 +73,9 @@ def test_monitor_writes_its_tags_and_a_gradient_flow_image_with_colour_bar(tmp_p
     # the colour bar runs from viridis dark purple to yellow, labelled in decades
     assert ((image[..., 0] > 230) & (image[..., 1] > 200) & (image[..., 2] < 80)).any()
     assert ((image[..., 0] < 90) & (image[..., 1] < 30) & (image[..., 2] > 70)).any()
-    ratio = _bus(monitor).latest(UpdateStats)["model.conv1"].update_ratio
+    ratio = _bus(monitor).latest(rec.UpdateStats)["model.conv1"].update_ratio
     assert 1e-5 < ratio < 1.0
-    assert _bus(monitor).latest(GradientStats)["model.conv1"].samples == 4  # every step of a 4-step epoch
+    assert _bus(monitor).latest(rec.GradientStats)["model.conv1"].samples == 4  # every step of a 4-step epoch
 
 
 def test_sampling_thins_out_to_its_budget_but_keeps_a_step_per_epoch(tmp_path, pl_ns):
@@ -91,7 +84,7 @@ def test_sampling_thins_out_to_its_budget_but_keeps_a_step_per_epoch(tmp_path, p
     _fit(pl_ns, tmp_path, TinyCNN(num_classes=3), monitor=monitor, max_epochs=2)
     assert monitor._every > 4
     # the first epoch needs two steps to know a step's time
-    assert [r.samples for r in _bus(monitor).history(GradientStats, "model.fc")] == [2, 1]
+    assert [r.samples for r in _bus(monitor).history(rec.GradientStats, "model.fc")] == [2, 1]
 
 
 def test_configuration_errors_name_the_argument(pl_ns, tmp_path):
@@ -152,7 +145,7 @@ def test_training_is_bit_identical_and_grads_untouched(tmp_path, pl_ns):
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(rng_plain[0], rng_watched[0]) and rng_plain[2] == rng_watched[2]
     assert spy.checked == 6  # 6 batches / 2 accumulated x 2 epochs; every step sampled
-    assert _bus(monitor).latest(BatchNormProbe)[""].samples == 32
+    assert _bus(monitor).latest(rec.BatchNormProbe)[""].samples == 32
 
 
 # -------------------------------------------------------------------------------------- planted measurements
@@ -165,7 +158,7 @@ def test_unchanged_weights_left_out_of_the_optimizer_vs_frozen(tmp_path, pl_ns):
         return torch.optim.SGD(params, lr=0.05)
 
     _, monitor, events = _fit(pl_ns, tmp_path, model, optimizer=without_fc)
-    updates = _bus(monitor).latest(UpdateStats)
+    updates = _bus(monitor).latest(rec.UpdateStats)
     assert updates["model.fc"].unchanged == ("model.fc.weight", "model.fc.bias")
     assert updates["model.fc"].without_grad == ()  # it had gradients: the optimizer skipped it
     assert (
@@ -192,17 +185,17 @@ def test_batchnorm_with_tiny_momentum_on_shifted_data_is_named(tmp_path, pl_ns):
         val=DataLoader(_shifted_data(64, 3.0, 1), batch_size=32),
     )
     _, sick, _ = _fit(pl_ns, tmp_path / "sick", model(0.001), max_epochs=3, **shifted)
-    probe = _bus(sick).latest(BatchNormProbe)[""]
-    layers = _bus(sick).latest(BatchNormStats)
+    probe = _bus(sick).latest(rec.BatchNormProbe)[""]
+    layers = _bus(sick).latest(rec.BatchNormStats)
     assert layers["model.bn1"].mean_shift > 1.0 and layers["model.bn1"].momentum == 0.001
     assert probe.eval_loss > 3 * probe.batch_stat_loss
     finding = R.batchnorm_mismatch(probe, layers.values())
     assert finding is not None and finding.kind == "batchnorm_mismatch" and "model.bn1" in finding.evidence[1]
 
     _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", model(0.1), max_epochs=3)
-    probe = _bus(healthy).latest(BatchNormProbe)[""]
+    probe = _bus(healthy).latest(rec.BatchNormProbe)[""]
     assert probe.eval_loss < 1.5 * probe.batch_stat_loss
-    assert R.batchnorm_mismatch(probe, _bus(healthy).latest(BatchNormStats).values()) is None
+    assert R.batchnorm_mismatch(probe, _bus(healthy).latest(rec.BatchNormStats).values()) is None
 
 
 def test_functional_norms_and_moments_are_exact():
@@ -244,17 +237,17 @@ def test_saturated_tanh_with_huge_weights(tmp_path, pl_ns):
         return m
 
     _, sick, events = _fit(pl_ns, tmp_path / "sick", model(100.0), max_epochs=1, lr=0.0)
-    stats = _bus(sick).latest(SaturationStats)["model.2"]
+    stats = _bus(sick).latest(rec.SaturationStats)["model.2"]
     assert stats.kind == "Tanh" and stats.saturated_fraction > 0.95
     assert events.scalars("dynamics/saturation/model.2")[-1][1] > 0.95
-    finding = R.saturated_activations("model.2", _bus(sick).history(SaturationStats, "model.2"))
+    finding = R.saturated_activations("model.2", _bus(sick).history(rec.SaturationStats, "model.2"))
     assert finding is not None and finding.severity == "critical"
 
     _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", model(1.0), max_epochs=1, lr=0.0)
-    calm = _bus(healthy).history(SaturationStats, "model.2")
+    calm = _bus(healthy).history(rec.SaturationStats, "model.2")
     assert calm[-1].saturated_fraction < 0.2 and R.saturated_activations("model.2", calm) is None
     assert R.batchnorm_mismatch(None, []) is None  # no BatchNorm: no probe record, no finding
-    assert _bus(healthy).latest(BatchNormProbe) == {}
+    assert _bus(healthy).latest(rec.BatchNormProbe) == {}
 
 
 def test_deep_sigmoid_mlp_has_vanishing_gradients(tmp_path, pl_ns):
@@ -265,16 +258,18 @@ def test_deep_sigmoid_mlp_has_vanishing_gradients(tmp_path, pl_ns):
         return nn.Sequential(*layers, nn.Linear(32, 3))
 
     _, sick, _ = _fit(pl_ns, tmp_path / "sick", mlp(10, nn.Sigmoid), max_epochs=2)
-    grads = _bus(sick).latest(GradientStats)
+    grads = _bus(sick).latest(rec.GradientStats)
     first, last = grads["model.1"].grad_norm, grads["model.23"].grad_norm
     assert math.log10(last / first) > 4
-    losses = [(r.epoch, r.train_loss) for r in _bus(sick).history(LossStats)]
-    finding = R.vanishing_gradients(grads.values(), train_loss=losses, updates=_bus(sick).latest(UpdateStats).values())
+    losses = [(r.epoch, r.train_loss) for r in _bus(sick).history(rec.LossStats)]
+    finding = R.vanishing_gradients(
+        grads.values(), train_loss=losses, updates=_bus(sick).latest(rec.UpdateStats).values()
+    )
     assert finding is not None and finding.kind == "vanishing_gradients" and "orders of magnitude" in finding.summary
 
     _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", mlp(1, nn.ReLU), max_epochs=2)
-    grads = _bus(healthy).latest(GradientStats)
-    losses = [(r.epoch, r.train_loss) for r in _bus(healthy).history(LossStats)]
+    grads = _bus(healthy).latest(rec.GradientStats)
+    losses = [(r.epoch, r.train_loss) for r in _bus(healthy).history(rec.LossStats)]
     assert R.vanishing_gradients(grads.values(), train_loss=losses) is None
 
 
@@ -283,19 +278,19 @@ def test_initial_loss_of_a_badly_scaled_last_layer(tmp_path, pl_ns):
     with torch.no_grad():
         model.fc.weight.mul_(200.0)
     _, sick, _ = _fit(pl_ns, tmp_path / "sick", model, max_epochs=1)
-    loss = _bus(sick).latest(LossStats)[""]
+    loss = _bus(sick).latest(rec.LossStats)[""]
     assert loss.classes == 3 and loss.initial_loss > 2 * math.log(3)
     finding = R.initial_loss_off_chance(loss)
     assert finding is not None and "far above" in finding.summary and "ln(3)" in finding.evidence[0]
 
     _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", TinyCNN(num_classes=3), max_epochs=1)
-    loss = _bus(healthy).latest(LossStats)[""]
+    loss = _bus(healthy).latest(rec.LossStats)[""]
     assert abs(loss.initial_loss - math.log(3)) < 0.3 and R.initial_loss_off_chance(loss) is None
 
 
 # ---------------------------------------------------------------------------------------- rules on histories
 def _grad(subject, order, norm, epoch=1, nonfinite=0, samples=4):
-    return GradientStats(
+    return rec.GradientStats(
         step=epoch * 10,
         epoch=epoch,
         subject=subject,
@@ -337,7 +332,7 @@ def test_oscillating_loss_rule():
 
 
 def test_rules_on_planted_records_and_silence_on_healthy_ones():
-    probe = BatchNormProbe(
+    probe = rec.BatchNormProbe(
         step=9,
         epoch=3,
         subject="",
@@ -348,15 +343,18 @@ def test_rules_on_planted_records_and_silence_on_healthy_ones():
         samples=64,
         classes=10,
     )
-    far = BatchNormStats(step=9, epoch=3, subject="bn", mean_shift=3.0, var_log_ratio=2.0, momentum=0.01, batches=4)
-    near = BatchNormStats(step=9, epoch=3, subject="bn", mean_shift=0.1, var_log_ratio=0.1, momentum=0.1, batches=4)
+    far = rec.BatchNormStats(step=9, epoch=3, subject="bn", mean_shift=3.0, var_log_ratio=2.0, momentum=0.01, batches=4)
+    near = rec.BatchNormStats(step=9, epoch=3, subject="bn", mean_shift=0.1, var_log_ratio=0.1, momentum=0.1, batches=4)
     finding = R.batchnorm_mismatch(probe, [far])
     assert finding is not None and finding.severity == "critical" and "momentum of those layers: 0.01" in str(finding)
     assert R.batchnorm_mismatch(probe, [near]) is None  # eval is worse, but not explained by the running stats
-    fine = BatchNormProbe(**{**probe.__dict__, "eval_loss": 0.06, "eval_accuracy": 0.97})
+    fine = rec.BatchNormProbe(**{**probe.__dict__, "eval_loss": 0.06, "eval_accuracy": 0.97})
     assert R.batchnorm_mismatch(fine, [far]) is None
-    loss = LossStats(step=1, epoch=1, subject="", train_loss=1.0, initial_loss=2.31, classes=10, chance_loss=2.3026)
+    loss = rec.LossStats(step=1, epoch=1, subject="", train_loss=1.0, initial_loss=2.31, classes=10, chance_loss=2.3026)
     assert R.initial_loss_off_chance(loss) is None
-    assert R.initial_loss_off_chance(LossStats(**{**loss.__dict__, "initial_loss": 9.0})).severity == "critical"
-    assert R.initial_loss_off_chance(LossStats(**{**loss.__dict__, "classes": None, "chance_loss": None})) is None
-    assert R.unchanged_weights([UpdateStats(step=1, epoch=1, subject="fc", update_ratio=1e-3, weight_norm=1.0)]) is None
+    assert R.initial_loss_off_chance(rec.LossStats(**{**loss.__dict__, "initial_loss": 9.0})).severity == "critical"
+    assert R.initial_loss_off_chance(rec.LossStats(**{**loss.__dict__, "classes": None, "chance_loss": None})) is None
+    assert (
+        R.unchanged_weights([rec.UpdateStats(step=1, epoch=1, subject="fc", update_ratio=1e-3, weight_norm=1.0)])
+        is None
+    )

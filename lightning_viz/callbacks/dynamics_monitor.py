@@ -86,7 +86,7 @@ class DynamicsMonitor(VizCallback):
         every_n_steps: int | None = None,
         samples_per_epoch: int = 16,
         update_ratio: bool = True,
-        max_batches: int = 8,
+        max_batches: int = 4,
         probe_samples: int = 64,
         num_classes: int | None = None,
         max_layers: int = 64,
@@ -117,6 +117,7 @@ class DynamicsMonitor(VizCallback):
         self._grads: list[tuple[int, dict[str, float | None]]] = []  # (step, norm per layer) since the last log
         self._updates: list[dict[str, float | None]] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._probe_fixed = False
         self._scale: tuple[float | None, float | None] = (None, None)
         self._at = (0, 0)  # (step, epochs done) of the records being published
 
@@ -137,7 +138,7 @@ class DynamicsMonitor(VizCallback):
         self._release(pl_module)
         # one fit, one history: a checkpoint restored after setup brings back what a resumed run needs
         self._layers, self._watch, self._loss = owners, D.LayerWatch(owners), D.LossTracker()
-        self._grads, self._updates, self._probe = [], [], None
+        self._grads, self._updates, self._probe, self._probe_fixed = [], [], None, False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -208,13 +209,14 @@ class DynamicsMonitor(VizCallback):
         if batch_idx >= self.max_batches or dataloader_idx > 0:
             self._taps.detach()
             return
-        # a few samples of each of the first validation batches (the Trainer's own; never drawn by us)
-        take = max(1, self.probe_samples // self.max_batches)
-        self._probe = D.extend_probe(self._probe, batch, take=take, limit=self.probe_samples)
+        if not self._probe_fixed:  # a few samples of each of the first validation batches (never drawn by us)
+            take = max(1, self.probe_samples // self.max_batches)
+            self._probe = D.extend_probe(self._probe, batch, take=take, limit=self.probe_samples)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._taps.detach()
+        self._probe_fixed = self._probe is not None  # the same samples for the rest of the run
 
     def _release(self, pl_module: Any) -> None:
         self._watch.release()
@@ -342,4 +344,5 @@ class DynamicsMonitor(VizCallback):
         self._watch.load_state_dict(state.get("watch", {}))
         self._loss.initial = state.get("initial_loss")
         self._probe = state.get("probe")
+        self._probe_fixed = self._probe is not None
         self._scale = tuple(state.get("scale", (None, None)))  # type: ignore[assignment]

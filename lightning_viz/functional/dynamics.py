@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_viz._hooks import forward_hooks
+
 #: Bounded activations whose flat tails stop gradients, and how a value counts as "in the tail".
 SATURATING_KINDS: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
 #: |tanh| above this, sigmoid outside [1 - this, this]: the flat tail (derivative at most 6 % / 12 % of its peak).
@@ -421,30 +423,26 @@ class ValidationTaps:
     def __init__(self) -> None:
         self.moments: dict[str, MomentStats] = {}
         self.saturation = SaturationCounter()
-        self._handles: list[Any] = []
+        self._hooks: contextlib.ExitStack | None = None
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._hooks is not None
 
     def __bool__(self) -> bool:
         return bool(self.moments or self.saturation.total)
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
-        try:
-            for name, bn in batchnorm_layers(model).items():
-                self._handles.append(bn.register_forward_hook(self._moment_hook(name)))
-            for name, module in saturating_layers(model).items():
-                self._handles.append(module.register_forward_hook(self._tail_hook(name)))
-        except BaseException:
-            self.detach()
-            raise
+        with contextlib.ExitStack() as stack:  # a failure on the way removes what was registered
+            stack.enter_context(forward_hooks(batchnorm_layers(model), self._moment_hook))
+            stack.enter_context(forward_hooks(saturating_layers(model), self._tail_hook))
+            self._hooks = stack.pop_all()
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.close()
 
     def clear(self) -> None:
         self.moments.clear()
