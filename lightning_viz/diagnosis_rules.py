@@ -278,7 +278,8 @@ def batchnorm_mismatch(
         f"statistics; chance is {chance:.3g} ({1 / probe.classes:.1%})",
         f"{len(far)} of {len(records)} BatchNorm layers have running statistics far from the data's; worst: "
         + "; ".join(
-            f"`{r.subject}` mean off by {r.mean_shift:.2f} running std, variance ratio e^{r.var_log_ratio:.2f}"
+            f"`{r.subject}` mean off by {r.mean_shift:.2f} running std, variance by a factor "
+            f"{math.exp(r.var_log_ratio):.3g}"
             for r in far[:3]
         ),
     ]
