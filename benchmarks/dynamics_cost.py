@@ -68,37 +68,36 @@ def main() -> None:
     data = TensorDataset(torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen))
     val = TensorDataset(torch.randn(n // 4, 3, 32, 32, generator=gen), torch.randint(0, 10, (n // 4,), generator=gen))
 
+    seconds: dict[str, float] = defaultdict(float)
+
+    def timed(where: str, fn, *a):
+        started = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            seconds[where] += time.perf_counter() - started
+
     class Timed(DynamicsMonitor):
         """DynamicsMonitor with a stopwatch around the hooks that run inside the loops."""
 
-        seconds: dict[str, float] = defaultdict(float)
-
-        @staticmethod
-        def _timed(_, where: str, fn, *a):
-            started = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                Timed.seconds[where] += time.perf_counter() - started
-
         def on_before_optimizer_step(self, *a):
-            return self._timed("train loop", super().on_before_optimizer_step, *a)
+            return timed("train loop", super().on_before_optimizer_step, *a)
 
         def on_train_batch_end(self, *a):
-            return self._timed("train loop", super().on_train_batch_end, *a)
+            return timed("train loop", super().on_train_batch_end, *a)
 
         def on_validation_epoch_start(self, *a):
-            return self._timed("validation loop", super().on_validation_epoch_start, *a)
+            return timed("validation loop", super().on_validation_epoch_start, *a)
 
         def on_validation_batch_start(self, *a):
-            return self._timed("validation loop", super().on_validation_batch_start, *a)
+            return timed("validation loop", super().on_validation_batch_start, *a)
 
         def on_validation_epoch_end(self, *a):
-            return self._timed("validation loop", super().on_validation_epoch_end, *a)
+            return timed("validation loop", super().on_validation_epoch_end, *a)
 
     for cls, method in ((D.MomentStats, "update"), (D.SaturationCounter, "add")):  # the forward hooks' work
         original = getattr(cls, method)
-        setattr(cls, method, lambda *a, fn=original: Timed._timed(None, "validation loop", fn, *a))
+        setattr(cls, method, lambda *a, fn=original: timed("validation loop", fn, *a))
 
     class EpochTimer(pl.Callback):
         def __init__(self) -> None:
@@ -139,7 +138,7 @@ def main() -> None:
     plain = run(None)
     monitor = Timed()
     watched = run(monitor)
-    per_epoch = {k: v / args.epochs for k, v in monitor.seconds.items()}
+    per_epoch = {k: v / args.epochs for k, v in seconds.items()}
     logged = sum(monitor._seconds) / max(1, len(monitor._seconds))
     train_plain = sorted(plain.train)[len(plain.train) // 2]
     train_watched = sorted(watched.train)[len(watched.train) // 2]

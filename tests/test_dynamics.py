@@ -174,10 +174,8 @@ def test_unchanged_weights_left_out_of_the_optimizer_vs_frozen(tmp_path, pl_ns):
         updates["model.bn1"].frozen == ("model.bn1.weight", "model.bn1.bias") and updates["model.bn1"].unchanged == ()
     )
     assert updates["model.conv1"].unchanged == ()
-    assert updates["model.unused"].unchanged == updates["model.unused"].without_grad == (
-        "model.unused.weight",
-        "model.unused.bias",
-    )
+    unused = ("model.unused.weight", "model.unused.bias")
+    assert updates["model.unused"].unchanged == updates["model.unused"].without_grad == unused
     assert events.scalars("dynamics/unchanged_parameters")[-1][1] == 4
     finding = R.unchanged_weights(updates.values())
     assert finding is not None and finding.severity == "warning" and "model.fc.weight" in finding.evidence[0]

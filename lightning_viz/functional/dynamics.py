@@ -275,11 +275,14 @@ def eval_vs_batch_stats(
 
     Returns:
         ``eval_loss``, ``batch_stat_loss``, ``eval_accuracy``, ``batch_stat_accuracy``, ``classes``; ``None`` when the
-        outputs are not (N, C) logits for the labels (not a classifier).
+        outputs are not (N, C) logits for the labels (not a classifier), or for SyncBatchNorm in a distributed run.
 
     Shape:
         images: (N, ...); labels: (N,) int64.
     """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return None  # with batch statistics, SyncBatchNorm would wait for the other processes
     model.eval()
     logits = forward(images)
     if not _classification(logits, labels):
