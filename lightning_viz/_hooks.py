@@ -109,6 +109,21 @@ HookFn = Callable[[nn.Module, Any, Any], Any]
 
 
 @contextlib.contextmanager
+def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], HookFn]) -> Iterator[None]:
+    """Register ``make_hook(name)`` as a forward hook on each module (hooks that stream statistics rather than keep
+    tensors, unlike :func:`capture`); remove them all on exit, whatever happens."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+@contextlib.contextmanager
 def capture(
     modules: Sequence[nn.Module],
     *,

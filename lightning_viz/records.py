@@ -217,3 +217,96 @@ class AttentionStats(Record):
 
 
 __all__ += ["AttentionStats"]
+
+# ------------------------------------------------------------------------------------------------ training dynamics
+# Published by :class:`~lightning_viz.callbacks.dynamics_monitor.DynamicsMonitor` (issue #16); read by the rules in
+# :mod:`lightning_viz.diagnosis_rules`.
+__all__ += ["BatchNormProbe", "BatchNormStats", "GradientStats", "LossStats", "SaturationStats", "UpdateStats"]
+
+
+@dataclass(frozen=True)
+class GradientStats(Record):
+    """A layer's gradient norm over the sampled optimizer steps of one logged epoch (read after AMP unscaling, before
+    gradient clipping). ``subject`` is the layer (a module that owns parameters)."""
+
+    #: Position of the layer in module order (0 = nearest the input, as ``named_modules`` lists it).
+    order: int
+    #: Whether the layer has a weight matrix or kernel (a parameter with 2 or more dimensions: conv, linear).
+    matrix: bool
+    #: Median ``||grad||`` of the layer's parameters over the sampled steps; ``None`` when never finite.
+    grad_norm: float | None
+    #: Largest finite ``||grad||`` over the sampled steps.
+    grad_norm_max: float | None
+    #: Sampled steps where the norm was NaN/Inf (AMP skips those steps).
+    nonfinite_steps: int
+    #: Sampled optimizer steps behind the numbers.
+    samples: int
+
+
+@dataclass(frozen=True)
+class UpdateStats(Record):
+    """How much an optimizer step changes a layer, and which of its parameters never change."""
+
+    #: Median ``||w_after - w_before|| / ||w_before||`` over the sampled steps (rule of thumb: about 1e-3).
+    update_ratio: float | None
+    #: ``||w||`` of the layer's trainable parameters now.
+    weight_norm: float | None
+    #: Trainable (``requires_grad=True``) parameters whose values have not changed since the start of the fit.
+    unchanged: tuple[str, ...] = ()
+    #: ... of which never had a gradient above rounding noise at a sampled step (the loss does not reach them: an
+    #: unused branch, or a bias right before BatchNorm, which cancels it).
+    without_grad: tuple[str, ...] = ()
+    #: Elements in the unchanged parameters.
+    unchanged_elements: int = 0
+    #: Parameters with ``requires_grad=False`` (frozen on purpose; never a finding).
+    frozen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchNormStats(Record):
+    """A BatchNorm layer's running statistics against the statistics of its inputs on the validation batches."""
+
+    #: Mean over channels of ``|mu_data - mu_running| / sqrt(var_running + eps)``.
+    mean_shift: float
+    #: Mean over channels of ``|ln(var_data / var_running)|`` (``eps`` added to both).
+    var_log_ratio: float
+    #: The layer's momentum (``None``: cumulative average).
+    momentum: float | None
+    #: Validation batches behind the data statistics.
+    batches: int
+
+
+@dataclass(frozen=True)
+class BatchNormProbe(Record):
+    """A few validation samples scored in eval mode and with BatchNorm batch statistics (``subject`` is ``""``)."""
+
+    eval_loss: float
+    batch_stat_loss: float
+    eval_accuracy: float
+    batch_stat_accuracy: float
+    #: Number of probe samples and classes.
+    samples: int
+    classes: int
+
+
+@dataclass(frozen=True)
+class SaturationStats(Record):
+    """Share of a bounded activation's outputs in its flat tails over the validation batches."""
+
+    #: ``"Tanh"``, ``"Sigmoid"``, ``"Hardtanh"``, ...
+    kind: str
+    saturated_fraction: float
+
+
+@dataclass(frozen=True)
+class LossStats(Record):
+    """The training loss as ``training_step`` returned it (``subject`` is ``""``)."""
+
+    #: Mean training loss over the epoch's batches.
+    train_loss: float | None
+    #: Loss of the first training batch of the fit (before any optimizer step).
+    initial_loss: float | None
+    #: Number of classes (from the model's logits on validation samples), when the model is a classifier.
+    classes: int | None
+    #: ``ln(classes)``: the cross-entropy of a uniform prediction.
+    chance_loss: float | None

@@ -986,3 +986,62 @@ def numbered_grid(
         draw.rectangle((x, y, min(right + 2, x + tw - 1), min(bottom + 2, y + th - 1)), fill=(0, 0, 0))
         draw.text((x + 2, y + 1), label, fill=(255, 255, 255), font=font)
     return downsize(np.asarray(canvas), max_side)
+
+
+# ------------------------------------------------------------------------------------------------ training dynamics
+def log_heatmap(
+    values: torch.Tensor,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    *,
+    low: float,
+    high: float,
+    title: str,
+    colormap: str = "viridis",
+    cell: int = 12,
+    label_width: int = 160,
+) -> np.ndarray:
+    """A heat map of positive values on a log10 colour scale from ``10**low`` to ``10**high`` (fixed by the caller,
+    so images compare), with row labels on the left, column labels on top, a title and a colour bar with its decades.
+
+    Zero or negative values are drawn black-ish (below the scale), NaN/Inf in :data:`NAN_COLOUR`.
+
+    Shape:
+        values: (rows, columns) float. Returns (H, W, 3) uint8.
+    """
+    if values.ndim != 2:
+        raise ValueError(f"`values` must have shape (rows, columns), got {tuple(values.shape)}.")
+    if not high > low:
+        raise ValueError(f"`high` must be above `low`, got low={low!r}, high={high!r}.")
+    v = values.detach().double().cpu()
+    finite = torch.isfinite(v)
+    logs = torch.where(finite & (v > 0), v.clamp_min(1e-300).log10(), torch.full_like(v, low - 1))
+    unit = ((logs - low) / (high - low)).clamp(0, 1).float()
+    unit[~finite] = float("nan")
+    rows, cols = v.shape
+    cell_w = max(2, min(cell, 900 // max(1, cols)))
+    body = to_uint8(apply_colormap(unit, colormap).repeat_interleave(cell, 1).repeat_interleave(cell_w, 2))
+    top, bar_h = 30, 40
+    width = label_width + body.shape[1] + 8
+    canvas = Image.new("RGB", (max(width, label_width + 260), top + body.shape[0] + bar_h + 8), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (label_width, top))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    step = max(1, -(-cols * 40 // max(1, body.shape[1])))  # a column label every ~40 pixels
+    for c in range(0, cols, step):
+        draw.text((label_width + c * cell_w, 16), str(column_labels[c]), fill=(60, 60, 60), font=font)
+    row_step = max(1, -(-10 // cell))
+    for r in range(0, rows, row_step):
+        draw.text((2, top + r * cell), str(row_labels[r])[-26:], fill=(0, 0, 0), font=font)
+    # the colour bar: one column per 1/40 decade, labelled at each decade
+    bar_top, bar_w = top + body.shape[0] + 6, 240
+    ramp = apply_colormap(torch.linspace(0, 1, bar_w).view(1, -1), colormap).repeat_interleave(12, 1)
+    canvas.paste(Image.fromarray(to_uint8(ramp)), (label_width, bar_top))
+    decades = int(round(high - low))
+    every = max(1, -(-decades // 6))
+    for d in range(0, decades + 1, every):
+        x = label_width + round(d / max(1, decades) * (bar_w - 1))
+        draw.line([(x, bar_top + 12), (x, bar_top + 16)], fill=(0, 0, 0))
+        draw.text((max(0, x - 10), bar_top + 17), f"1e{int(low) + d}", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from lightning_viz.callbacks.attention_monitor import AttentionMonitor
     from lightning_viz.callbacks.base import VizCallback
     from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor
+    from lightning_viz.callbacks.dynamics_monitor import DynamicsMonitor
     from lightning_viz.callbacks.embedding_monitor import EmbeddingMonitor
     from lightning_viz.callbacks.exemplar_monitor import ExemplarMonitor
     from lightning_viz.callbacks.featurevis_monitor import FeatureVisMonitor
@@ -25,6 +26,7 @@ _MODULES = {
     "ActivationMonitor": "activation_monitor",
     "AttentionMonitor": "attention_monitor",
     "DiagnosisMonitor": "diagnosis_monitor",
+    "DynamicsMonitor": "dynamics_monitor",
     "EmbeddingMonitor": "embedding_monitor",
     "ExemplarMonitor": "exemplar_monitor",
     "FeatureVisMonitor": "featurevis_monitor",
@@ -37,6 +39,7 @@ __all__ = [
     "ActivationMonitor",
     "AttentionMonitor",
     "DiagnosisMonitor",
+    "DynamicsMonitor",
     "EmbeddingMonitor",
     "ExemplarMonitor",
     "FeatureVisMonitor",

@@ -1,0 +1,442 @@
+"""Rules over the training-dynamics records (issue #16). Pure functions, no Trainer: records in, a Finding out.
+
+Each rule reads records that :class:`~lightning_viz.callbacks.dynamics_monitor.DynamicsMonitor` publishes
+(:mod:`lightning_viz.records`) and returns a :class:`lightning_viz.diagnosis.Finding` or ``None``. Thresholds are in
+units that carry over between models: orders of magnitude for gradient and update norms, ratios for losses (against
+each other or against the chance level ``ln C``), shares for saturation, running standard deviations for BatchNorm.
+
+How a diagnosis calls them (``bus`` is :func:`lightning_viz.records.bus_for` of the Trainer)::
+
+    latest = bus.latest(GradientStats).values()
+    vanishing_gradients(latest, train_loss=losses, updates=bus.latest(UpdateStats).values())
+    exploding_gradients({s: bus.history(GradientStats, s) for s in bus.latest(GradientStats)})
+    unchanged_weights(bus.latest(UpdateStats).values())
+    batchnorm_mismatch(bus.latest(BatchNormProbe).get(""), bus.latest(BatchNormStats).values())
+    for site in bus.latest(SaturationStats):
+        saturated_activations(site, bus.history(SaturationStats, site))
+    initial_loss_off_chance(bus.latest(LossStats).get(""))
+    oscillating_loss([(r.epoch, r.train_loss) for r in bus.history(LossStats)])
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+
+from lightning_viz.diagnosis import Finding
+from lightning_viz.records import (
+    BatchNormProbe,
+    BatchNormStats,
+    GradientStats,
+    LossStats,
+    SaturationStats,
+    UpdateStats,
+)
+
+__all__ = [
+    "batchnorm_mismatch",
+    "exploding_gradients",
+    "initial_loss_off_chance",
+    "oscillating_loss",
+    "saturated_activations",
+    "unchanged_weights",
+    "vanishing_gradients",
+]
+
+
+def _positive(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v) and v > 0]
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _ends(records: Sequence[GradientStats]) -> tuple[list[GradientStats], list[GradientStats]]:
+    """The first and last quarter (at least one) of the weight layers, in module order."""
+    layers = sorted((r for r in records if r.matrix), key=lambda r: r.order) or sorted(records, key=lambda r: r.order)
+    k = max(1, len(layers) // 4)
+    return layers[:k], layers[-k:]
+
+
+def vanishing_gradients(
+    gradients: Iterable[GradientStats],
+    *,
+    train_loss: Sequence[tuple[int, float]] = (),
+    updates: Iterable[UpdateStats] = (),
+    orders: float = 3.0,
+    critical_orders: float = 5.0,
+    min_progress: float = 0.1,
+) -> Finding | None:
+    """The first layers' gradients are ``orders`` orders of magnitude below the last layers', and they do not learn.
+
+    Args:
+        gradients: the latest :class:`GradientStats` per layer (one logged epoch).
+        train_loss: (epoch, training loss) per logged epoch; "not learning" when it fell by less than
+            ``min_progress`` (a share of its first value) over the run.
+        updates: the latest :class:`UpdateStats` per layer; "not learning" also when the first layers' update ratio
+            is ``orders`` orders of magnitude below the last layers' (with Adam-like optimizers it is not, and small
+            raw gradients then do no harm).
+        orders: gap (log10 of last / first, geometric means over the first and last quarter of the weight layers).
+        critical_orders: gap that makes the finding critical.
+
+    Fires on the gap alone only when neither the loss nor the update ratios are known.
+    """
+    records = list(gradients)
+    if len(records) < 2:
+        return None
+    first, last = _ends(records)
+    early, late = _positive(r.grad_norm for r in first), _positive(r.grad_norm for r in last)
+    if not early or not late or {r.subject for r in first} == {r.subject for r in last}:
+        return None
+    gap = math.log10(_geomean(late) / _geomean(early))
+    if gap < orders:
+        return None
+    evidence = [
+        f"gradient norm of the first layers ({', '.join(r.subject for r in first)}) {_geomean(early):.2e} vs the "
+        f"last layers ({', '.join(r.subject for r in last)}) {_geomean(late):.2e}: {gap:.1f} orders of magnitude apart"
+    ]
+    reasons = []
+    losses = [v for _, v in train_loss if v is not None and math.isfinite(v)]
+    if len(losses) >= 2 and losses[0] != 0:
+        progress = (losses[0] - losses[-1]) / abs(losses[0])
+        if progress < min_progress:
+            reasons.append("loss")
+            evidence.append(f"training loss moved only {progress:.1%} ({losses[0]:.4g} -> {losses[-1]:.4g})")
+    by_layer = {u.subject: u for u in updates}
+    u_early = _positive(by_layer[r.subject].update_ratio for r in first if r.subject in by_layer)
+    u_late = _positive(by_layer[r.subject].update_ratio for r in last if r.subject in by_layer)
+    if u_early and u_late:
+        u_gap = math.log10(_geomean(u_late) / _geomean(u_early))
+        if u_gap >= orders:
+            reasons.append("updates")
+            evidence.append(
+                f"update ratio ||dw||/||w|| of the first layers {_geomean(u_early):.1e} vs {_geomean(u_late):.1e} "
+                f"for the last ({u_gap:.1f} orders apart): the first layers barely move"
+            )
+    if not reasons and (len(losses) >= 2 or (u_early and u_late)):
+        return None  # the gap is there but the network learns (e.g. Adam rescales the small gradients)
+    epoch = max(r.epoch for r in records)
+    return Finding(
+        kind="vanishing_gradients",
+        severity="critical" if gap >= critical_orders else "warning",
+        since_epoch=epoch,
+        summary=f"Gradients vanish towards the input: the first layers get {gap:.1f} orders of magnitude less "
+        "gradient than the last and do not learn.",
+        evidence=evidence,
+        tags=["dynamics/gradient_flow", *(f"dynamics/grad_norm/{r.subject}" for r in (*first, *last))],
+        remedies=[
+            "ReLU-family activations instead of sigmoid/tanh in deep stacks",
+            "normalisation layers (BatchNorm, LayerNorm) and residual connections",
+            "a variance-preserving initialisation (Kaiming for ReLU, Xavier for tanh)",
+            "an adaptive optimizer (Adam) rescales small gradients",
+        ],
+    )
+
+
+def exploding_gradients(
+    history: Mapping[str, Sequence[GradientStats]], *, orders: float = 2.0, critical_orders: float = 4.0
+) -> Finding | None:
+    """The total gradient norm grew by ``orders`` orders of magnitude since the first logged epoch, or every sampled
+    step of the latest epoch had NaN/Inf gradients.
+
+    Args:
+        history: per layer, its :class:`GradientStats`, oldest first.
+        orders: growth (log10 of latest / first total norm) that fires; ``critical_orders`` makes it critical.
+    """
+    epochs: dict[int, float] = {}
+    nonfinite: dict[int, list[str]] = {}
+    for subject, records in history.items():
+        for r in records:
+            if r.grad_norm is not None and math.isfinite(r.grad_norm):
+                epochs[r.epoch] = epochs.get(r.epoch, 0.0) + r.grad_norm**2
+            if r.samples and r.nonfinite_steps == r.samples:
+                nonfinite.setdefault(r.epoch, []).append(subject)
+    totals = sorted((e, math.sqrt(v)) for e, v in epochs.items())
+    latest = max([*epochs, *nonfinite], default=None)
+    evidence, growth = [], 0.0
+    if latest is not None and nonfinite.get(latest):
+        evidence.append(f"every sampled step of epoch {latest} had NaN/Inf gradients in {nonfinite[latest][:5]}")
+    if len(totals) >= 2 and totals[0][1] > 0 and totals[-1][1] > 0:
+        growth = math.log10(totals[-1][1] / totals[0][1])
+        if growth >= orders:
+            evidence.append(
+                f"total gradient norm {totals[-1][1]:.3g} at epoch {totals[-1][0]}, {growth:.1f} orders of magnitude "
+                f"above {totals[0][1]:.3g} at epoch {totals[0][0]}"
+            )
+    if not evidence:
+        return None
+    since = next((e for e, v in totals if totals[0][1] > 0 and math.log10(v / totals[0][1]) >= orders), latest)
+    return Finding(
+        kind="exploding_gradients",
+        severity="critical" if growth >= critical_orders or nonfinite.get(latest or -1) else "warning",
+        since_epoch=since if since is not None else 0,
+        summary="Gradients are exploding: their norm grows by orders of magnitude.",
+        evidence=evidence,
+        tags=["dynamics/gradient_flow", "dynamics/grad_norm/<layer>", "train_loss"],
+        remedies=[
+            "clip gradients (Trainer(gradient_clip_val=1.0))",
+            "lower the learning rate, or add warm-up",
+            "normalisation layers; a smaller initialisation of the last layers",
+        ],
+    )
+
+
+def unchanged_weights(updates: Iterable[UpdateStats]) -> Finding | None:
+    """Trainable parameters (``requires_grad=True``) whose values never changed since the start of the fit.
+
+    A warning when some of them had gradients (left out of the optimizer, or lr 0); ``info`` when none had any (the
+    loss does not reach them: dead weight rather than a bug).
+
+    Args:
+        updates: :class:`UpdateStats` records; the latest per layer is judged.
+            Frozen parameters (``requires_grad=False``) are never a finding.
+    """
+    latest: dict[str, UpdateStats] = {}
+    for u in updates:
+        if u.subject not in latest or u.epoch >= latest[u.subject].epoch:
+            latest[u.subject] = u
+    stuck = [u for u in latest.values() if u.unchanged and u.epoch > 0]
+    if not stuck:
+        return None
+    names = [n for u in stuck for n in u.unchanged]
+    no_grad = [n for u in stuck for n in u.without_grad]
+    elements = sum(u.unchanged_elements for u in stuck)
+    frozen = sum(len(u.frozen) for u in latest.values())
+    epoch = max(u.epoch for u in stuck)
+    shown = ", ".join(f"`{n}`" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    evidence = [
+        f"{len(names)} trainable parameter tensor(s) ({elements} values) unchanged after {epoch} epoch(s): {shown}"
+    ]
+    if no_grad:
+        evidence.append(
+            f"{len(no_grad)} of them never had a gradient above rounding noise: the loss does not reach them (an "
+            "unused layer, or a bias right before BatchNorm, which cancels it)"
+        )
+    if len(no_grad) < len(names):
+        evidence.append(
+            f"{len(names) - len(no_grad)} had gradients but were not updated: left out of the optimizer, or lr 0"
+        )
+    if frozen:
+        evidence.append(f"{frozen} parameter tensor(s) with requires_grad=False are frozen on purpose (not counted)")
+    # Left out of the optimizer (or lr 0) is a bug; without any gradient it is dead weight, worth knowing.
+    return Finding(
+        kind="unchanged_weights",
+        severity="warning" if len(no_grad) < len(names) else "info",
+        since_epoch=0,  # unchanged since the start of the fit
+        subject=",".join(sorted(u.subject for u in stuck)),
+        summary=f"{len(names)} trainable parameter tensor(s) have not changed since training started.",
+        evidence=evidence,
+        tags=["dynamics/unchanged_parameters", *(f"dynamics/update_ratio/{u.subject}" for u in stuck[:4])],
+        remedies=[
+            "pass all trainable parameters to the optimizer (configure_optimizers: self.parameters())",
+            "check each param group's learning rate (an lr of 0, or a scheduler that reaches 0)",
+            "freeze on purpose with requires_grad_(False), so the intent is explicit",
+            "a conv/linear bias right before BatchNorm is redundant: bias=False",
+        ],
+    )
+
+
+def batchnorm_mismatch(
+    probe: BatchNormProbe | None,
+    layers: Iterable[BatchNormStats],
+    *,
+    loss_ratio: float = 2.0,
+    min_gap: float = 0.1,
+    shift: float = 0.5,
+    var_log_ratio: float = math.log(4.0),
+) -> Finding | None:
+    """Eval mode scores much worse than the same samples with batch statistics, and the running statistics are far
+    from the data's: BatchNorm's running statistics do not describe the data the model sees.
+
+    Args:
+        probe: the latest :class:`BatchNormProbe`.
+        layers: the latest :class:`BatchNormStats` per BatchNorm layer.
+        loss_ratio: eval loss at least this multiple of the batch-statistics loss, and
+        min_gap: ... above it by at least this share of the chance loss ``ln C`` (tiny losses are not a finding).
+        shift: a layer's running mean is "far" at this many running standard deviations from the data's mean, or
+        var_log_ratio: its running variance is "far" at this ``|ln(var_data / var_running)|`` (ln 4: a factor 4).
+
+    Critical when eval accuracy is near chance (at most 1.5 / C) while batch statistics do at least twice as well.
+    """
+    records = sorted(layers, key=lambda r: -max(r.mean_shift / shift, r.var_log_ratio / var_log_ratio))
+    if probe is None or not records:
+        return None
+    chance = math.log(max(2, probe.classes))
+    gap = probe.eval_loss - probe.batch_stat_loss
+    if not (probe.eval_loss >= loss_ratio * probe.batch_stat_loss and gap >= min_gap * chance):
+        return None
+    far = [r for r in records if r.mean_shift >= shift or r.var_log_ratio >= var_log_ratio]
+    if not far:
+        return None
+    near_chance = probe.eval_accuracy <= 1.5 / probe.classes and probe.batch_stat_accuracy >= 2 * probe.eval_accuracy
+    momenta = sorted({r.momentum for r in far if r.momentum is not None})
+    evidence = [
+        f"on {probe.samples} validation samples: eval-mode loss {probe.eval_loss:.3g} (accuracy "
+        f"{probe.eval_accuracy:.1%}) vs {probe.batch_stat_loss:.3g} ({probe.batch_stat_accuracy:.1%}) with batch "
+        f"statistics; chance is {chance:.3g} ({1 / probe.classes:.1%})",
+        f"{len(far)} of {len(records)} BatchNorm layers have running statistics far from the data's; worst: "
+        + "; ".join(
+            f"`{r.subject}` mean off by {r.mean_shift:.2f} running std, variance by a factor "
+            f"{math.exp(r.var_log_ratio):.3g}"
+            for r in far[:3]
+        ),
+    ]
+    if momenta:
+        evidence.append(f"momentum of those layers: {', '.join(f'{m:g}' for m in momenta)}")
+    return Finding(
+        kind="batchnorm_mismatch",
+        severity="critical" if near_chance else "warning",
+        since_epoch=probe.epoch,
+        summary="BatchNorm's running statistics do not match the data: the model scores far worse in eval mode "
+        "than with batch statistics" + (" (validation near chance)." if near_chance else "."),
+        evidence=evidence,
+        tags=[
+            "dynamics/bn_probe/eval_loss",
+            "dynamics/bn_probe/batch_stat_loss",
+            *(f"dynamics/bn_mean_shift/{r.subject}" for r in far[:3]),
+        ],
+        remedies=[
+            "a larger BatchNorm momentum (e.g. 0.1; torchvision's MobileNet/EfficientNet use 0.01) or more steps",
+            "recompute the running statistics on training data before evaluating (torch.optim.swa_utils.update_bn)",
+            "check that training and validation data are preprocessed alike (normalisation, resizing)",
+            "larger batches, or GroupNorm/LayerNorm where batches must stay small",
+        ],
+    )
+
+
+def saturated_activations(
+    site: str, history: Sequence[SaturationStats], *, threshold: float = 0.5, critical: float = 0.9
+) -> Finding | None:
+    """A bounded activation (sigmoid, tanh, ...) with at least ``threshold`` of its outputs in the flat tails.
+
+    Args:
+        site: the activation module's name.
+        history: its :class:`SaturationStats`, oldest first.
+        threshold: share of saturated outputs that fires (0.5: most outputs pass almost no gradient);
+        critical: share that makes the finding critical.
+    """
+    if not history or history[-1].saturated_fraction < threshold:
+        return None
+    since = history[-1].epoch
+    for r in reversed(history):
+        if r.saturated_fraction < threshold:
+            break
+        since = r.epoch
+    last = history[-1]
+    return Finding(
+        kind="saturated_activations",
+        severity="critical" if last.saturated_fraction >= critical else "warning",
+        since_epoch=since,
+        subject=site,
+        summary=f"{last.saturated_fraction:.0%} of `{site}`'s outputs ({last.kind}) sit in the flat tails, where "
+        "almost no gradient passes.",
+        evidence=[
+            f"saturated share {last.saturated_fraction:.1%} at epoch {last.epoch} (first logged: "
+            f"{history[0].saturated_fraction:.1%})",
+            f"at or above {threshold:.0%} since epoch {since}",
+        ],
+        tags=[f"dynamics/saturation/{site}", "dynamics/gradient_flow"],
+        remedies=[
+            "smaller initial weights (Xavier/Glorot for tanh and sigmoid) or normalisation before the activation",
+            "a lower learning rate",
+            "a non-saturating activation (ReLU family, GELU) where the bound is not needed",
+        ],
+    )
+
+
+def initial_loss_off_chance(loss: LossStats | None, *, factor: float = 1.5, critical: float = 3.0) -> Finding | None:
+    """The untrained model's loss is far from the chance level ``ln C`` of a C-class cross-entropy.
+
+    Args:
+        loss: the latest :class:`LossStats` (needs ``initial_loss`` and ``chance_loss``).
+        factor: fires when the ratio initial / chance is at least ``factor`` or at most ``1 / factor``;
+        critical: ... at least ``critical`` (or at most its inverse) makes it critical.
+    """
+    if loss is None or loss.initial_loss is None or not loss.chance_loss or not math.isfinite(loss.initial_loss):
+        return None
+    ratio = loss.initial_loss / loss.chance_loss
+    if 1 / factor < ratio < factor:
+        return None
+    high = ratio >= factor
+    evidence = [
+        f"loss of the first training batch {loss.initial_loss:.4g}; chance level ln({loss.classes}) = "
+        f"{loss.chance_loss:.4g} (ratio {ratio:.2f})"
+    ]
+    remedies = (
+        [
+            "the last layer is badly scaled: initialise it smaller (or zero its weights) so logits start near 0",
+            "check the labels (class indices in [0, C), the right column, not shuffled against the inputs)",
+            "the loss takes logits: don't apply softmax/log_softmax before F.cross_entropy (softmax applied twice)",
+        ]
+        if high
+        else [
+            "the loss is not a C-class cross-entropy on raw logits (check reduction, label smoothing, the number of "
+            "outputs)",
+            "labels leak into the inputs, or most samples share one class",
+        ]
+    )
+    return Finding(
+        kind="initial_loss",
+        severity="critical" if ratio >= critical or ratio <= 1 / critical else "warning",
+        since_epoch=0,
+        summary=f"The loss at initialisation is {'far above' if high else 'far below'} chance level: the untrained "
+        "model should predict about uniformly.",
+        evidence=evidence,
+        tags=["dynamics/initial_loss", "dynamics/chance_loss", "train_loss"],
+        remedies=remedies,
+    )
+
+
+def oscillating_loss(
+    train_loss: Sequence[tuple[int, float | None]],
+    *,
+    min_epochs: int = 5,
+    amplitude: float = 0.1,
+    reversals: float = 0.5,
+) -> Finding | None:
+    """The per-epoch training loss goes up and down around its trend with a large amplitude, without diverging.
+
+    Args:
+        train_loss: (epoch, training loss) per logged epoch.
+        min_epochs: epochs needed before judging.
+        amplitude: RMS of the residuals around a straight-line trend, as a share of the mean loss, that fires.
+        reversals: share of consecutive changes that reverse direction (up after down or down after up) that fires;
+            the path travelled must also be at least three times the net change.
+    """
+    points = [(e, v) for e, v in train_loss if v is not None and math.isfinite(v)]
+    if len(points) < min_epochs or len(points) < len(train_loss):
+        return None  # too short, or NaN/Inf: that is divergence, not oscillation
+    values = [v for _, v in points]
+    level = statistics.fmean(abs(v) for v in values)
+    if level == 0 or values[-1] > 2 * values[0] > 0:
+        return None
+    n = len(values)
+    xs = range(n)
+    mx, my = (n - 1) / 2, statistics.fmean(values)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, values)) / sum((x - mx) ** 2 for x in xs)
+    rms = math.sqrt(statistics.fmean((y - (my + slope * (x - mx))) ** 2 for x, y in zip(xs, values)))
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
+    travelled = sum(abs(d) for d in diffs)
+    net = abs(values[-1] - values[0])
+    if rms / level < amplitude or turns < reversals or travelled < 3 * net:
+        return None
+    return Finding(
+        kind="oscillating_loss",
+        severity="warning",
+        since_epoch=points[0][0],
+        summary="The training loss oscillates: it goes up and down from epoch to epoch instead of settling.",
+        evidence=[
+            f"residuals around the trend: {rms / level:.0%} of the mean loss {level:.4g} (RMS)",
+            f"{turns:.0%} of the epoch-to-epoch changes reverse direction; the loss travelled {travelled:.3g} for a "
+            f"net change of {net:.3g}",
+        ],
+        tags=["train_loss", "dynamics/train_loss", "dynamics/update_ratio/<layer>"],
+        remedies=[
+            "lower the learning rate (update ratios well above 1e-3 point the same way), or decay it",
+            "larger batches, or gradient accumulation",
+            "less momentum; check that the data is shuffled each epoch",
+        ],
+    )
