@@ -22,7 +22,13 @@ from lightning_viz import FolderLogger
 from lightning_viz.report import write_reports
 from lightning_viz.sinks import FolderBackend, Sink, safe_path
 
-FAST = dict(featurevis={"steps": 2}, embedding={"reducer": "pca"}, saliency={"smoothgrad_samples": 2, "max_probes": 2})
+# budget=None: the fixed cadences. These tests read back exact steps; a budget's steps depend on the machine's speed.
+FAST = dict(
+    budget=None,
+    featurevis={"steps": 2},
+    embedding={"reducer": "pca"},
+    saliency={"smoothgrad_samples": 2, "max_probes": 2},
+)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
