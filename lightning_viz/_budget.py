@@ -71,6 +71,7 @@ class Budget:
         self.clock = clock
         self.members: dict[str, Member] = {}
         self.expected_epochs: int | None = None
+        self.said_over = False  #: whether the suite already said it went over the budget
         self._reset()
 
     def _reset(self) -> None:

@@ -24,6 +24,11 @@ def _short_list(names: Sequence[str], limit: int = 40) -> str:
     return f"{shown}{more}"
 
 
+class NotApplicableError(ValueError):
+    """A monitor's *default* target does not exist in this model (no ``nn.Conv2d`` for the filters of an MLP): the
+    monitor steps aside with a warning. A layer the user named and that is missing stays a plain ``ValueError``."""
+
+
 def resolve_layers(
     model: nn.Module,
     names: Sequence[str] | None,
@@ -49,7 +54,7 @@ def resolve_layers(
     candidates = layers_of_kind(model, kinds)
     if names is None:
         if not candidates:
-            raise ValueError(f"`{argument}`: the model has no {_kind_names(kinds)} layer to monitor.")
+            raise NotApplicableError(f"`{argument}`: the model has no {_kind_names(kinds)} layer to monitor.")
         items = list(candidates.items())
         if default == "first":
             return dict(items[:1])

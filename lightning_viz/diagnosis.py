@@ -389,7 +389,8 @@ def undertraining(ev: Evidence) -> Finding | None:
     if len(val) >= 2 and val[-1] > min(val):
         return None  # validation has stopped improving: more of the same training would not help it
     evidence = [
-        f"training loss still falls by {drop:.3g} per epoch at the end ({curve[-2][1]:.4g} -> {curve[-1][1]:.4g}), "
+        f"training loss still falls by {drop:.3g} per epoch over the last {len(curve[-3:]) - 1} epoch(s) "
+        f"({curve[-3:][0][1]:.4g} -> {curve[-1][1]:.4g}), "
         f"{drop / progress:.0%} of all it gained since the start ({curve[0][1]:.4g})",
         f"the fit ended after {ev.epoch} epoch(s)",
     ]

@@ -542,7 +542,15 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
         "accuracy": ["Multiline", ["train_acc", "val_acc", "(train|val|valid|validation)[_/].*acc.*"]],
     },
     "lightning_viz: diagnosis": {
-        "findings per kind (count)": ["Multiline", ["diagnosis/.*"]],
+        # the counts and 0/1 flags only: the diagnosis's loss and weight-norm curves have other scales
+        "findings (count; 1 = present)": [
+            "Multiline",
+            ["diagnosis/(findings|divergence|dead_filters|dead_units|not_learning|overfitting|undertraining)$"],
+        ],
+        "training loss and weight norm, as the diagnosis reads them": [
+            "Multiline",
+            ["diagnosis/(train_loss|weight_norm)$"],
+        ],
     },
     "lightning_viz: monitors": {
         "filter noise score (lower is smoother)": ["Multiline", ["filters/noise_score/.*"]],

@@ -105,7 +105,7 @@ def _unlabelled_loader():
 WARNINGS = [
     (
         "subset larger than the data",
-        lambda: lv.EmbeddingMonitor(projection="pca", subset_size=10_000),
+        lambda: lv.EmbeddingMonitor(reducer="pca", subset_size=10_000),
         r"using all of them",
         None,
     ),

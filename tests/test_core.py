@@ -222,12 +222,13 @@ def test_callback_is_a_callback_of_both_namespaces():
     assert isinstance(cb, lightning.pytorch.Callback)
 
 
-def test_model_without_conv_fails_at_setup(tmp_path, pl_ns):
+def test_model_without_conv_steps_aside_with_one_warning(tmp_path, pl_ns):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
     train, val = loaders()
     trainer = pl_ns.Trainer(callbacks=[FilterMonitor()], logger=_tb_logger(pl_ns, tmp_path), **trainer_kwargs(tmp_path))
-    with pytest.raises(ValueError, match=r"`layers`: the model has no nn.Conv2d layer"):
+    with pytest.warns(UserWarning, match=r"FilterMonitor does not apply.*`layers`: the model has no nn.Conv2d layer"):
         trainer.fit(make_module(pl_ns, model), train, val)
+    assert trainer.current_epoch == 2  # training finished
 
 
 # ---- capture (lightning_viz._hooks) ----
@@ -250,3 +251,30 @@ def test_capture_keeps_outputs_inputs_all_or_last():
     with pytest.raises(ValueError, match=r"`keep` must be one of \['all', 'last'\], got 'first'"):
         with capture([model.conv1], keep="first"):
             pass
+
+
+def test_default_suite_steps_aside_on_a_model_without_conv_layers(tmp_path, pl_ns):
+    """An MLP: the monitors whose default target is a conv layer say so once and step aside; training finishes, the
+    others log. A layer the user *names* and that is missing still fails at setup."""
+    import lightning_viz
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 4))
+    train, val = loaders(size=8)
+    suite = lightning_viz.default_suite(budget=None, featurevis={"steps": 2}, embedding={"reducer": "pca"})
+    trainer = pl_ns.Trainer(callbacks=suite, logger=_tb_logger(pl_ns, tmp_path), **trainer_kwargs(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(pl_ns, mlp), train, val)
+    said = " ".join(str(w.message) for w in caught)
+    for name in ("FilterMonitor", "ExemplarMonitor", "FeatureVisMonitor"):
+        assert f"{name} does not apply to this model" in said, name
+    assert "Grad-CAM is off for this model" in said
+    events = Events(str(tmp_path / "run"))
+    assert events.image_steps("saliency/grid") and events.scalars("activations/dead_fraction/model.2")
+    assert not [t for t in events.tags["images"] if t.startswith(("filters/", "exemplars/", "featurevis/"))]
+    with pytest.raises(ValueError, match="`layers`"):
+        trainer = pl_ns.Trainer(
+            callbacks=[FilterMonitor(layers=["model.1"])], logger=_tb_logger(pl_ns, tmp_path / "b"),
+            **trainer_kwargs(tmp_path / "b"),
+        )  # fmt: skip
+        trainer.fit(make_module(pl_ns, mlp), train, val)

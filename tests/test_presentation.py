@@ -68,7 +68,10 @@ def test_custom_scalars_layout_written_once_per_run_and_matches_the_key_curves(t
 
     assert shown("train_loss") == ["loss"] and shown("val_loss") == ["loss"] and shown("loss/val") == ["loss"]
     assert shown("val_acc") == ["accuracy"] and shown("val/accuracy") == ["accuracy"]
-    assert shown("diagnosis/dead_filters") == ["findings per kind (count)"]
+    assert shown("diagnosis/dead_filters") == ["findings (count; 1 = present)"]
+    assert shown("diagnosis/findings") == ["findings (count; 1 = present)"]
+    # the loss and weight norm (other scales) never flatten the 0/1 flags
+    assert shown("diagnosis/weight_norm") == ["training loss and weight norm, as the diagnosis reads them"]
     assert shown("filters/noise_score/model.conv1") == ["filter noise score (lower is smoother)"]
     assert shown("activations/dead_fraction/model.relu1") == ["dead fraction per layer (share 0-1)"]
     assert shown("embedding/knn_accuracy") == ["k-NN accuracy of the embedding (share 0-1)"]

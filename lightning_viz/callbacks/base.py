@@ -16,6 +16,7 @@ from lightning_viz import _validate as check
 from lightning_viz._budget import Budget, budget_for, expected_epochs
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated
+from lightning_viz._layers import NotApplicableError
 from lightning_viz.records import Record, RecordBus, bus_for
 from lightning_viz.sinks import NO_IMAGE_LOGGER_MESSAGE, NO_LOGGER_MESSAGE, Sink, takes_images
 
@@ -140,7 +141,15 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._bus = bus_for(trainer)
         for kind in self.publishes:
             self._bus.announce(kind, self.monitor_name)
-        self._resolve(trainer, pl_module)
+        try:
+            self._resolve(trainer, pl_module)
+        except NotApplicableError as exc:  # only a default target can be missing: a default suite never stops a run
+            self._warn_once(
+                "not applicable",
+                f"{type(self).__name__} does not apply to this model and is off for this run ({exc} Name the layers "
+                "to watch, or leave the monitor out, e.g. `default_suite(filters=False)`.)",
+            )
+            self._active = False
         self._join_budget(trainer)
         self._start_taking(trainer, pl_module)
 
@@ -341,8 +350,25 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._seconds.append(seconds)
         if self._budget is not None:
             self._budget.charge(self._budget_key, seconds, scale, epochs_done)
+            self._check_budget(trainer)
         if not self._budget_managed:
             self._check_overhead(seconds)
+
+    def _check_budget(self, trainer: Any) -> None:
+        """Say once per suite when it is over its budget (a first call costs what it costs before it is known)."""
+        budget = self._budget
+        assert budget is not None
+        trained = budget.trained(trainer.current_epoch)
+        if budget.spent_total > max(1.0, budget.share * trained) and not budget.said_over:
+            budget.said_over = True
+            rank_zero_warn(
+                f"lightning_viz: the monitors have spent {budget.spent_total:.1f} s, "
+                f"{budget.spent_total / max(trained, 1e-9):.0%} of the {trained:.1f} s of training so far, over "
+                f"their budget of {budget.share:.0%} (the first call of an expensive monitor costs what it costs "
+                f"before it is known; {type(self).__name__} just took {self._seconds[-1]:.1f} s). Later calls are "
+                "scaled down or skipped; for a short run, leave the expensive monitors out "
+                "(`default_suite(featurevis=False, exemplars=False)`) or raise `budget`."
+            )
 
     def _check_overhead(self, seconds: float) -> None:
         if self._epoch_started_at is None:

@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._hooks import ValidationCodeCapture, capture
-from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
+from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import embedding as E
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 Reducer = Literal["umap", "tsne", "pca"]
+_DEFAULT_SUBSET = 1000
 _RENAMED = {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "knn_neighbours"}  # until 0.3
 
 
@@ -75,7 +76,7 @@ class EmbeddingMonitor(VizCallback):
         self,
         *,
         layer: str | None = None,
-        subset_size: int = 1000,
+        subset_size: int = _DEFAULT_SUBSET,
         reducer: Reducer = "umap",
         projector: bool = True,
         sprite_size: int = 32,
@@ -130,7 +131,7 @@ class EmbeddingMonitor(VizCallback):
         if self.layer is None:
             linears = layers_of_kind(pl_module, (nn.Linear,))
             if not linears:
-                raise ValueError(
+                raise NotApplicableError(
                     "`layer`: the model has no nn.Linear, so there is no default code layer; name the layer whose "
                     "output is the code, e.g. `layer='avgpool'`."
                 )
@@ -179,11 +180,10 @@ class EmbeddingMonitor(VizCallback):
         """Images, codes (N, D), labels, predictions of the subset: captured in validation, or computed."""
         assert self._capture is not None
         images, labels, _, pass_size = self._samples.samples(complete=True)
-        if len(images) < self.subset_size:
+        if len(images) < self.subset_size and self.subset_size != _DEFAULT_SUBSET:  # (a default is a ceiling)
+            n, asked = len(images), self.subset_size
             self._warn_once(
-                "subset",
-                f"EmbeddingMonitor: `subset_size`={self.subset_size} but the data has {len(images)} samples; "
-                "using all of them.",
+                "subset", f"EmbeddingMonitor: `subset_size`={asked} but the data has {n} samples; using all of them."
             )
         captured, problem = self._capture.collect(trainer.current_epoch, pass_size)
         if problem is not None:

@@ -14,7 +14,7 @@ from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
-from lightning_viz._layers import layers_of_kind, model_device, resolve_layers
+from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._saliency_table import Column, Inputs, Method
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import occlusion as occ
@@ -206,9 +206,12 @@ class SaliencyMonitor(VizCallback):
     def _resolve(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         if "gradcam" in self.methods:
             names = [self.gradcam_layer] if self.gradcam_layer is not None else None
-            self._gradcam_name, self._gradcam_module = next(
-                iter(resolve_layers(pl_module, names, (nn.Conv2d,), argument="gradcam_layer", default="last").items())
-            )
+            try:
+                layers = resolve_layers(pl_module, names, (nn.Conv2d,), argument="gradcam_layer", default="last")
+                self._gradcam_name, self._gradcam_module = next(iter(layers.items()))
+            except NotApplicableError as exc:  # no conv layer: the other methods still apply
+                self._disabled["gradcam"] = str(exc)
+                self._warn_once("gradcam", f"SaliencyMonitor: Grad-CAM is off for this model ({exc}).")
         if self.occlusion_layer is not None:
             self._occlusion_module = resolve_layers(
                 pl_module, [self.occlusion_layer], (nn.Module,), argument="occlusion_layer"
