@@ -312,3 +312,15 @@ def test_folder_logger_versions_and_arguments(tmp_path):
         FolderLogger(tmp_path, name="a/b")
     with pytest.raises(TypeError, match="`version` must be None, an int or a str, got 1.5"):
         FolderLogger(tmp_path, version=1.5)
+
+
+def test_sink_caps_every_image_at_max_image_side(tmp_path):
+    """One cap for every monitor's images, applied where they are written (the monitors draw at full size)."""
+    from PIL import Image
+
+    sink = Sink(None, [], True, [FolderBackend(str(tmp_path))], max_image_side=64)
+    sink.image("big", np.full((100, 300, 3), 200, np.uint8), 1)
+    sink.image("small", np.full((10, 20, 3), 200, np.uint8), 1)
+    index = {r["tag"]: r["file"] for r in map(json.loads, (tmp_path / "index.jsonl").read_text().splitlines())}
+    assert np.asarray(Image.open(tmp_path / index["big"])).shape[:2] == (21, 64)  # the longer side, aspect kept
+    assert np.asarray(Image.open(tmp_path / index["small"])).shape[:2] == (10, 20)  # never enlarged

@@ -173,7 +173,7 @@ class ExemplarMonitor(VizCallback):
             images, boxes, projections, found, channels, self.tile_size, show_full=self.show_full
         )
         if grid is not None:
-            sink.image(f"exemplars/{name}", render.downsize(grid, 2048), step)
+            sink.image(f"exemplars/{name}", grid, step)  # the sink caps its size (`max_image_side`)
         sink.text(f"exemplars/indices/{name}", render.exemplar_table(channels, top.ids, top.scores, indices), step)
         self._publish(
             ExemplarStats(

@@ -301,7 +301,7 @@ class SaliencyMonitor(VizCallback):
         tiles = render.column_tiles(columns, self.tile_size)  # (rows, columns, 3, s, s)
 
         # sink: the grid, and a filmstrip of each of the first probes' first row
-        sink.image("saliency/grid", render.downsize(render.labelled_grid(tiles, titles, row_labels), 2048), step)
+        sink.image("saliency/grid", render.labelled_grid(tiles, titles, row_labels), step)  # capped by the sink
         small = max(8, self.tile_size * 2 // 3)  # filmstrip rows accumulate: two thirds of the grid's tile size
         for probe in range(min(self.filmstrip_probes, len(images))):
             row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
