@@ -193,9 +193,18 @@ def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> Non
 
 
 def keep_initial_weights(trainer: Any, model: nn.Module) -> None:
-    """Keep a CPU copy of the model's parameters and buffers as they are now (once per Trainer)."""
+    """Keep a CPU copy of the model's parameters and buffers as they are now (once per fit of a Trainer).
+
+    Called at ``on_train_start`` of a fresh fit: after a checkpoint is restored and after the user's ``setup`` and
+    ``on_fit_start`` (which may load weights), so the copy is what the first optimizer step starts from.
+    """
     if trainer not in _INITIAL:
         _INITIAL[trainer] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def forget_initial_weights(trainer: Any) -> None:
+    """A fit begins: weights kept by an earlier fit of the same Trainer are no longer its starting point."""
+    _INITIAL.pop(trainer, None)
 
 
 def has_initial_weights(trainer: Any) -> bool:

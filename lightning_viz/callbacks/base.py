@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
@@ -108,6 +110,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._samples = _data.SampleBank(0, seed)
         self._take_training_batches = False
         self._deferred: bool | str = False  # True: the step-0 view waits for data; "running": it is being made
+        self._fresh_state: dict[str, Any] | None = None  # the per-run state as constructed (see `_start_fit`)
+        self._fit_trainer: Any = None  # weak reference to the Trainer whose fit this monitor watches
 
     # ----------------------------------------------------------------------------------------------- Lightning API
     @property
@@ -122,9 +126,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._active = stage == "fit"
-        if not self._active:
+        if stage != "fit":
+            self._active = False
             return  # the monitors log during fit only; validate/test/predict need nothing of ours
+        self._start_fit(trainer)
+        self._active = True
         if getattr(trainer, "fast_dev_run", False):
             self._warn_once(
                 "fast_dev_run",
@@ -227,6 +233,41 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)
+
+    # ------------------------------------------------------------------ one fit, one history (DESIGN rule 13)
+    #: Private attributes that are not per-run state: shared with other monitors, or replaced at every setup.
+    _kept_across_fits: ClassVar[frozenset[str]] = frozenset(
+        {"_budget", "_bus", "_sink", "_fresh_state", "_fit_trainer", "_explicit_cadence"}
+    )
+
+    def _per_run_state(self) -> dict[str, Any]:
+        """What one fit accumulates: the private attributes (schedule, histories, initial weights, samples, warnings,
+        switched-off parts) and probes chosen from the data (a new run, maybe on other data, chooses again)."""
+        state = {k: v for k, v in vars(self).items() if k.startswith("_") and k not in self._kept_across_fits}
+        probes = getattr(self, "probes", None)
+        if probes is not None and getattr(probes, "_auto", None):
+            state["probes"] = probes
+        return state
+
+    def _start_fit(self, trainer: Any) -> None:
+        """A fit begins. The same instances handed to another Trainer (a sweep) start from the state they were built
+        with: nothing of an earlier fit (last step, histories, initial weights, probes) leaks into this one. A
+        checkpoint restored after ``setup`` then brings back what a resumed run saved. The same Trainer fitting
+        again continues its run. Watching two fits at once is refused."""
+        previous = self._fit_trainer() if self._fit_trainer is not None else None
+        if previous is not None and previous is not trainer and _is_fitting(previous):
+            raise RuntimeError(
+                f"{type(self).__name__} is already watching the fit of another Trainer that is still running; one "
+                "monitor instance watches one fit at a time. Make new monitors for the second Trainer (e.g. call "
+                "`default_suite()` again)."
+            )
+        if self._fresh_state is None:  # the first fit of this instance: keep the state it was built with
+            self._fresh_state = copy.deepcopy(self._per_run_state())
+        elif previous is not trainer:
+            for key, value in copy.deepcopy(self._fresh_state).items():  # one deepcopy: shared references stay shared
+                setattr(self, key, value)
+        self._fit_trainer = weakref.ref(trainer)
+        _data.forget_initial_weights(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -481,3 +522,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     @staticmethod
     def _pass_key(trainer: Any) -> tuple[Any, ...]:
         return ("sanity",) if trainer.sanity_checking else ("val", int(trainer.global_step), trainer.current_epoch)
+
+
+def _is_fitting(trainer: Any) -> bool:
+    """Whether ``trainer`` is inside a ``fit`` that has not ended (finished, failed or interrupted)."""
+    state = getattr(trainer, "state", None)
+    return str(getattr(getattr(state, "status", None), "value", "")) == "running"

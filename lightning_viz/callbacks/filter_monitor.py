@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
@@ -15,6 +16,9 @@ from lightning_viz._layers import resolve_layers
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import filters as F
 from lightning_viz.records import FilterStats
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 Scale = Union[Literal["running_max"], float]
 
@@ -33,7 +37,8 @@ class FilterMonitor(VizCallback):
     Scalars per layer (means over filters; histograms of the per-filter values under ``filters/per_filter/...``):
     ``filters/weight_norm/<layer>``, ``filters/noise_score/<layer>`` (about 1 = as rough as random noise, see
     :mod:`lightning_viz.functional.filters`), and ``filters/distance_from_init/<layer>`` (``||W - W0|| / ||W0||``
-    against the weights at the start of the fit; kept in the checkpoint so a resumed run measures from the same W0).
+    against the weights the fit's first step starts from; kept in the checkpoint so a resumed run measures from the
+    same W0; a run resumed from a checkpoint without this state logs ``filters/distance_from_resume/<layer>`` instead).
 
     Args:
         layers: names of ``nn.Conv2d`` layers; default: the model's first ``Conv2d`` (in a vision transformer its
@@ -93,7 +98,8 @@ class FilterMonitor(VizCallback):
         self.filmstrip_filters = filmstrip_filters
         self.min_tile_pixels = min_tile_pixels
         self._modules: dict[str, nn.Conv2d] = {}
-        self._initial: dict[str, torch.Tensor] = {}
+        self._initial: dict[str, torch.Tensor] = {}  # W0 per layer: the weights the fit's first step starts from
+        self._resumed: dict[str, torch.Tensor] = {}  # weights at a resume, for layers whose W0 is unknown
         self._scales: dict[str, float] = {}
         self._filmstrips = render.Filmstrips(filmstrip_length)
 
@@ -102,10 +108,31 @@ class FilterMonitor(VizCallback):
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         self._modules = resolve_layers(pl_module, self.layers, (nn.Conv2d,), argument="layers", default="first")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_initial_weights(int(trainer.global_step))
+        super().on_train_start(trainer, pl_module)
+
+    def _take_initial_weights(self, step: int) -> None:
+        """W0 is what the first optimizer step starts from: taken here, after a checkpoint is restored and after the
+        user's ``setup`` / ``on_fit_start`` (which may load weights), never at ``setup``. A run resumed from a
+        checkpoint without our state cannot know it: ``distance_from_init`` is then not logged, and the distance from
+        the weights at the resume is logged as ``filters/distance_from_resume/<layer>`` instead."""
         for name, module in self._modules.items():
-            # The weights at setup are the fit's starting point; a resumed run replaces them from the checkpoint.
-            if name not in self._initial:
-                self._initial[name] = module.weight.detach().cpu().clone()
+            weight = module.weight.detach().cpu().clone()
+            if step == 0:
+                self._initial[name] = weight
+            elif name not in self._initial and name not in self._resumed:
+                self._resumed[name] = weight
+        if self._resumed:
+            self._warn_once(
+                "initial weights unknown",
+                f"FilterMonitor: this run resumed at step {step} from a checkpoint without FilterMonitor's state, so "
+                f"the weights at the start of training are unknown for {sorted(self._resumed)}: "
+                "`filters/distance_from_init` is not logged for them; `filters/distance_from_resume/<layer>` measures "
+                "from the weights at the resume instead.",
+            )
 
     def _cheaper_hint(self) -> str:
         return "or lower `max_filters` "
@@ -135,7 +162,9 @@ class FilterMonitor(VizCallback):
                 "drawn in magenta. Training has likely diverged (lower the learning rate, clip gradients).",
             )
         scale = self._layer_scale(name, weight)
-        stats = F.filter_statistics(weight, self._initial.get(name))
+        stats = F.filter_statistics(weight, self._initial.get(name, self._resumed.get(name)))
+        if name not in self._initial and "distance_from_init" in stats:
+            stats["distance_from_resume"] = stats.pop("distance_from_init")
         means = F.finite_means(stats)
 
         if sink.writes_images:  # drawing that no logger can receive is not done
@@ -170,11 +199,13 @@ class FilterMonitor(VizCallback):
     def _extra_state(self) -> dict[str, Any]:
         return {
             "initial": {k: v.clone() for k, v in self._initial.items()},
+            "resumed": {k: v.clone() for k, v in self._resumed.items()},
             "scales": dict(self._scales),
             "filmstrips": self._filmstrips.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._initial = {k: v.clone() for k, v in state.get("initial", {}).items()}
+        self._resumed = {k: v.clone() for k, v in state.get("resumed", {}).items()}
         self._scales = dict(state.get("scales", {}))
         self._filmstrips.load_state_dict(state.get("filmstrips", {}))

@@ -1,0 +1,126 @@
+"""One fit, one history: sweeps with the same monitors, resumes, interruptions (DESIGN rule 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
+
+import lightning_viz
+from lightning_viz.functional import filters as F
+
+FAST = dict(featurevis={"steps": 4}, embedding={"reducer": "pca"}, saliency={"methods": ["gradient"]})
+
+
+def _fit(pl_ns, tmp_path, callbacks, module, name, epochs=2, ckpt_path=None, **overrides):
+    train, val = loaders(n=48)
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name=name, version=0)
+    trainer = pl_ns.Trainer(
+        callbacks=callbacks, logger=logger, **trainer_kwargs(tmp_path, **{"max_epochs": epochs, **overrides})
+    )
+    trainer.fit(module, train, val, ckpt_path=ckpt_path)
+    return trainer, Events(str(tmp_path / name / "version_0"))
+
+
+def _of(suite, kind):
+    return next(cb for cb in suite if isinstance(cb, kind))
+
+
+def _distance(final: torch.Tensor, initial: torch.Tensor) -> float:
+    return F.finite_means(F.filter_statistics(final, initial))["distance_from_init"]
+
+
+def test_a_sweep_with_the_same_instances_starts_each_fit_clean(tmp_path, pl_ns):
+    suite = lightning_viz.default_suite(**FAST)
+    torch.manual_seed(1)
+    first = make_module(pl_ns, TinyCNN())
+    _fit(pl_ns, tmp_path, suite, first, "run1", epochs=3)
+    torch.manual_seed(2)
+    second = make_module(pl_ns, TinyCNN())
+    w0 = second.model.conv1.weight.detach().clone()
+    trainer, events = _fit(pl_ns, tmp_path, suite, second, "run2", epochs=2)
+
+    # run 2 logs from its own step 0, not only once its steps pass run 1's last one
+    assert events.image_steps("filters/model.conv1")[0] == 0
+    assert [s for s, _ in events.scalars("filters/weight_norm/model.conv1")][0] == 0
+    # distance_from_init is measured from run 2's own initial weights
+    logged = events.scalars("filters/distance_from_init/model.conv1")
+    final = second.model.conv1.weight.detach()
+    assert logged[-1][0] == trainer.global_step
+    assert logged[-1][1] == pytest.approx(_distance(final, w0), rel=1e-4)
+    assert logged[-1][1] != pytest.approx(_distance(final, first.model.conv1.weight.detach()), rel=1e-2)
+    # the diagnosis holds run 2's epochs only
+    diagnosis = _of(suite, lightning_viz.DiagnosisMonitor)
+    assert [e for e, _ in diagnosis._history["train_loss"]] == [1, 2]
+
+
+def _checkpointed_run(pl_ns, tmp_path, callbacks, seed=1):
+    torch.manual_seed(seed)
+    module = make_module(pl_ns, TinyCNN())
+    w0 = module.model.conv1.weight.detach().clone()
+    checkpoint = pl_ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _fit(pl_ns, tmp_path, [*callbacks, checkpoint], module, "first", epochs=2, enable_checkpointing=True)
+    return w0, str(tmp_path / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.parametrize("saved_with_state", [True, False])
+@pytest.mark.parametrize("every_n_epochs", [1, 2])
+def test_a_resumed_run_measures_from_the_true_initial_weights_or_says_it_cannot(
+    tmp_path, pl_ns, saved_with_state, every_n_epochs
+):
+    first = [lightning_viz.FilterMonitor(every_n_epochs=1)] if saved_with_state else []
+    w0, ckpt = _checkpointed_run(pl_ns, tmp_path, first)
+    torch.manual_seed(99)  # a new model object: its weights at setup are not the run's W0
+    module = make_module(pl_ns, TinyCNN())
+    resumed_from = torch.load(ckpt, weights_only=False)["state_dict"]["model.conv1.weight"]
+    monitor = lightning_viz.FilterMonitor(every_n_epochs=every_n_epochs)
+    with (
+        pytest.warns(UserWarning, match="initial weights|start of training are unknown")
+        if not saved_with_state
+        else (_no_warning("start of training are unknown"))
+    ):
+        _, events = _fit(pl_ns, tmp_path, [monitor], module, "second", epochs=4, ckpt_path=ckpt)
+    final = module.model.conv1.weight.detach()
+    if saved_with_state:  # the true W0 comes back with the checkpoint
+        logged = events.scalars("filters/distance_from_init/model.conv1")
+        assert logged[-1] == (12, pytest.approx(_distance(final, w0), rel=1e-4))
+        assert "filters/distance_from_resume/model.conv1" not in events.tags["scalars"]
+    else:  # unknown: no wrong number, the distance from the resume point under its own tag
+        assert "filters/distance_from_init/model.conv1" not in events.tags["scalars"]
+        logged = events.scalars("filters/distance_from_resume/model.conv1")
+        assert logged[-1] == (12, pytest.approx(_distance(final, resumed_from), rel=1e-4))
+
+
+class _no_warning:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not [w for w in self.caught if self.text in str(w.message)]
+
+
+@pytest.mark.parametrize("hook", ["setup", "on_fit_start"])
+def test_weights_the_user_loads_before_training_are_the_initial_weights(tmp_path, pl_ns, hook):
+    torch.manual_seed(5)
+    pretrained = TinyCNN().state_dict()
+    torch.manual_seed(6)
+    module = make_module(pl_ns, TinyCNN())
+
+    def load(*args, **kwargs):
+        module.model.load_state_dict(pretrained)
+
+    setattr(module, hook, load)
+    _, events = _fit(pl_ns, tmp_path, [lightning_viz.FilterMonitor(every_n_epochs=1)], module, "run")
+    logged = events.scalars("filters/distance_from_init/model.conv1")
+    assert logged[0] == (0, 0.0)
+    final = module.model.conv1.weight.detach()
+    assert logged[-1][1] == pytest.approx(_distance(final, pretrained["conv1.weight"]), rel=1e-4)
