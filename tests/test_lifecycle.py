@@ -124,3 +124,86 @@ def test_weights_the_user_loads_before_training_are_the_initial_weights(tmp_path
     assert logged[0] == (0, 0.0)
     final = module.model.conv1.weight.detach()
     assert logged[-1][1] == pytest.approx(_distance(final, pretrained["conv1.weight"]), rel=1e-4)
+
+
+# ---- interruption: nothing of ours outlives a failed fit ----
+
+
+def _child_pids() -> set[int]:
+    import glob
+    import os
+
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(path) as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "where, error, full",
+    [
+        ("training_step", _Boom, False),
+        ("training_step", KeyboardInterrupt, False),
+        ("callback on_train_batch_end", _Boom, False),
+        ("callback on_validation_batch_end", _Boom, True),  # mid validation: our capture hooks are attached
+    ],
+)
+def test_an_interrupted_fit_leaves_no_process_thread_temp_file_or_hook_of_ours(
+    tmp_path, pl_ns, monkeypatch, where, error, full
+):
+    import signal
+    import tempfile
+    import threading
+
+    from lightning_viz._hooks import hook_count
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # Lightning ignores SIGINT after a KeyboardInterrupt
+    if full:
+        suite = lightning_viz.default_suite(**{**FAST, "embedding": {"reducer": "pca", "every_n_epochs": 1}})
+    else:
+        suite = [
+            lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+            lightning_viz.ActivationMonitor(every_n_epochs=1),
+        ]
+    embedding = _of(suite, lightning_viz.EmbeddingMonitor)
+    module = make_module(pl_ns, TinyCNN())
+    hooks, threads, children = hook_count(module), set(threading.enumerate()), _child_pids()
+    seen: dict[str, object] = {}
+
+    def boom(trainer) -> None:
+        if trainer.global_step >= 4 and trainer.current_epoch >= 1 and not seen:
+            seen["child"] = embedding._projections._child.pid if embedding._projections.running else None
+            seen["temp"] = sorted(p.name for p in temp.iterdir())
+            raise error("stop here")
+
+    if where == "training_step":
+        step = module.training_step
+
+        def training_step(batch, batch_idx):
+            boom(module.trainer)
+            return step(batch, batch_idx)
+
+        module.training_step = training_step
+        extra = []
+    else:
+        hook = where.split()[1]
+        extra = [type("Raiser", (pl_ns.Callback,), {hook: lambda self, trainer, *a: boom(trainer)})()]
+    expected = SystemExit if error is KeyboardInterrupt else _Boom
+    with pytest.raises(expected):
+        _fit(pl_ns, tmp_path, [*suite, *extra], module, "run", epochs=3)
+
+    assert seen["child"] is not None and seen["temp"], "the projection child was running when the fit failed"
+    assert _child_pids() == children, "a child process of ours outlived the fit"
+    assert not embedding._projections.running and embedding._projections.workdir is None
+    assert list(temp.iterdir()) == []
+    ours = [t for t in set(threading.enumerate()) - threads if "lightning_viz" in repr(getattr(t, "_target", ""))]
+    assert ours == []
+    assert hook_count(module) == hooks
