@@ -202,20 +202,32 @@ def hook_count(model: nn.Module) -> int:
 
 
 class CallSiteRecorder:
-    """Forward hooks that tell apart the call sites of a module used several times per forward.
+    """Forward hooks that tell apart the call sites of a module used several times per forward pass.
 
     torchvision's ResNet applies one ``self.relu`` twice per block: its outputs are different activations and must
-    not be mixed. The recorder counts each module's calls since the last :meth:`reset` (call it once per batch) and
-    passes ``(name, call_index)`` with each output to ``on_output``. Hooks live between :meth:`attach` and
-    :meth:`detach`; ``detach`` is safe to call twice.
+    not be mixed. The recorder counts each module's calls within one forward pass of the model and passes
+    ``(name, call_index)`` with each output to ``on_output``. A forward pass begins when ``root`` or one of the
+    modules between it and the watched ones (``self.model``, ``self.model.features``) is entered from outside: a
+    ``validation_step`` that calls the model twice (once for the loss, once for the accuracy) then sees each module
+    once per pass (one site), while a layer truly called twice within one pass (weight sharing) keeps two sites.
+    Without ``root`` (or when the step calls the watched modules itself) the calls are counted since the last
+    :meth:`reset` (call it once per batch). Hooks live between :meth:`attach` and :meth:`detach`; ``detach`` is safe
+    to call twice.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], on_output: Callable[[str, int, Any], None]) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        on_output: Callable[[str, int, Any], None],
+        root: nn.Module | None = None,
+    ) -> None:
         self._modules = dict(modules)
         self._on_output = on_output
         self._calls: dict[str, int] = {}
         self._handles: list[Any] = []
-        #: Highest number of calls seen per module within one batch.
+        self._depth = 0
+        self._outer = _enclosing_modules(root, self._modules) if root is not None else []
+        #: Highest number of calls seen per module within one forward pass.
         self.max_calls: dict[str, int] = {}
 
     @property
@@ -226,6 +238,9 @@ class CallSiteRecorder:
         if self._handles:
             return
         try:
+            for module in self._outer:
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.register_forward_hook(self._leave, always_call=True))
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         except BaseException:
@@ -236,9 +251,19 @@ class CallSiteRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._depth = 0
 
     def reset(self) -> None:
         self._calls.clear()
+        self._depth = 0
+
+    def _enter(self, module: nn.Module, inputs: Any) -> None:
+        if self._depth == 0:  # a new forward pass of the model: its call sites are numbered afresh
+            self._calls.clear()
+        self._depth += 1
+
+    def _leave(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
 
     def _hook(self, name: str) -> HookFn:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -252,6 +277,18 @@ class CallSiteRecorder:
     def site_name(self, name: str, index: int) -> str:
         """``name`` for a module called once per forward, ``name#k`` (1-based) for the k-th call otherwise."""
         return name if self.max_calls.get(name, 1) <= 1 else f"{name}#{index + 1}"
+
+
+def _enclosing_modules(root: nn.Module, watched: Mapping[str, nn.Module]) -> list[nn.Module]:
+    """``root`` and every module that contains a watched one (by qualified name), the watched ones excluded."""
+    names = {name for name, _ in root.named_modules()}
+    prefixes = {""}
+    for name in watched:
+        parts = name.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    watched_ids = {id(m) for m in watched.values()}
+    enclosing = [root.get_submodule(p) for p in sorted(prefixes) if p in names]
+    return [m for m in dict.fromkeys(enclosing) if id(m) not in watched_ids]
 
 
 # ---- a layer's code: one forward pass, or the Trainer's own validation pass ----

@@ -207,3 +207,57 @@ def test_an_interrupted_fit_leaves_no_process_thread_temp_file_or_hook_of_ours(
     ours = [t for t in set(threading.enumerate()) - threads if "lightning_viz" in repr(getattr(t, "_target", ""))]
     assert ours == []
     assert hook_count(module) == hooks
+
+
+# ---- call sites are numbered within one forward pass ----
+
+
+class _SharedReLU(torch.nn.Module):
+    """One ReLU applied twice per forward (weight sharing, as torchvision's ResNet blocks do); the second sees
+    inputs shifted to be mostly negative, so its sparsity differs from the first's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        x = self.relu(x - 2.0)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _twice_in_validation(pl_ns, model):
+    import torch.nn.functional as tf
+
+    module = make_module(pl_ns, model)
+
+    def validation_step(batch, batch_idx):
+        x, y = batch
+        module.log("val_loss", tf.cross_entropy(module(x), y))  # one forward for the loss,
+        module.log("val_acc", (module(x).argmax(1) == y).float().mean())  # another for the accuracy
+
+    module.validation_step = validation_step
+    return module
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_second_forward_in_validation_step_is_the_same_call_site(tmp_path, pl_ns, twice):
+    model = TinyCNN()
+    module = _twice_in_validation(pl_ns, model) if twice else make_module(pl_ns, model)
+    _, events = _fit(pl_ns, tmp_path, [lightning_viz.ActivationMonitor(every_n_epochs=1)], module, "run", epochs=1)
+    sites = {t.split("/", 2)[2] for t in events.tags["scalars"] if t.startswith("activations/sparsity/")}
+    assert sites == {"model.relu1", "model.relu2"}
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_layer_called_twice_within_one_forward_keeps_two_call_sites(tmp_path, pl_ns, twice):
+    model = _SharedReLU()
+    module = _twice_in_validation(pl_ns, model) if twice else make_module(pl_ns, model)
+    _, events = _fit(pl_ns, tmp_path, [lightning_viz.ActivationMonitor(every_n_epochs=1)], module, "run", epochs=1)
+    sparsity = {
+        t.split("/", 2)[2]: events.scalars(t)[-1][1] for t in events.tags["scalars"] if "activations/sparsity/" in t
+    }
+    assert set(sparsity) == {"model.relu#1", "model.relu#2"}
+    assert sparsity["model.relu#2"] > sparsity["model.relu#1"] + 0.2  # two different activations, not one mixed

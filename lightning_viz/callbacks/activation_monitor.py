@@ -152,7 +152,7 @@ class ActivationMonitor(VizCallback):
         self._dead_defined = dead
         self._stats.layouts = A.channel_layouts(pl_module, list(modules))
         self._release(pl_module)
-        self._recorder = CallSiteRecorder(modules, self._record)
+        self._recorder = CallSiteRecorder(modules, self._record, root=pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
