@@ -396,3 +396,34 @@ class ValidationCodeCapture:
         logits = [out for _, out in picked]
         codes = torch.stack([code for code, _ in picked])
         return (codes, torch.stack(logits) if all(o is not None for o in logits) else None), None  # type: ignore[arg-type]
+
+
+# ---- our forward passes never reach the user's logged metrics ----
+
+
+def _ignore_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def silenced_logging(model: nn.Module) -> Iterator[None]:
+    """Make a LightningModule's ``self.log`` / ``self.log_dict`` do nothing in the body.
+
+    A ``forward`` (or a user's hook on a submodule) that calls ``self.log`` would otherwise log the values of our own
+    forward passes (probes, codes, exemplars, saliency, feature visualisation) into the user's metric, and so change
+    what ``EarlyStopping`` or ``ModelCheckpoint`` see. The instance attributes shadow the methods for the body only
+    (copies of the model made inside inherit them), and whatever was there before is put back.
+    """
+    names = [n for n in ("log", "log_dict") if hasattr(model, "_current_fx_name") and callable(getattr(model, n, None))]
+    missing = object()
+    saved = {n: model.__dict__.get(n, missing) for n in names}
+    try:
+        for name in names:
+            object.__setattr__(model, name, _ignore_log)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                model.__dict__.pop(name, None)
+            else:
+                object.__setattr__(model, name, value)

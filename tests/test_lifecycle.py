@@ -261,3 +261,56 @@ def test_a_layer_called_twice_within_one_forward_keeps_two_call_sites(tmp_path, 
     }
     assert set(sparsity) == {"model.relu#1", "model.relu#2"}
     assert sparsity["model.relu#2"] > sparsity["model.relu#1"] + 0.2  # two different activations, not one mixed
+
+
+# ---- our forward passes never reach the user's self.log ----
+
+
+def _logging_module(pl_ns, how: str):
+    base = type(make_module(pl_ns))
+
+    class Logging(base):
+        def forward(self, x):
+            out = super().forward(x)
+            if how == "forward":
+                self.log("logit_mean", out.mean(), on_epoch=True)
+            elif how == "log_dict":
+                self.log_dict({"logit_mean": out.mean(), "logit_std": out.std()}, on_epoch=True)
+            return out
+
+    torch.manual_seed(3)
+    module = Logging()
+    if how == "submodule hook":  # a hook of the user's on a submodule
+        module.model.fc.register_forward_hook(lambda m, i, out: module.log("logit_mean", out.mean(), on_epoch=True))
+    return module
+
+
+@pytest.mark.parametrize("how", ["forward", "log_dict", "submodule hook"])
+def test_our_forward_passes_never_reach_metrics_the_user_logs_in_forward(tmp_path, pl_ns, how):
+    def run(with_suite: bool):
+        module = _logging_module(pl_ns, how)
+        stopping = pl_ns.callbacks.EarlyStopping(monitor="logit_mean", mode="max", patience=1, min_delta=1e-3)
+        history: list[dict[str, float]] = []
+        recorder = type(
+            "Recorder",
+            (pl_ns.Callback,),
+            {
+                "on_train_epoch_start": lambda self, t, m: history.append(
+                    {k: float(v) for k, v in t.callback_metrics.items()}
+                )
+            },
+        )()
+        if not with_suite:
+            suite = []
+        elif how == "forward":
+            suite = lightning_viz.default_suite(every_n_epochs=2, **FAST)
+        else:
+            suite = [
+                lightning_viz.SaliencyMonitor(every_n_epochs=1, methods=["gradient"]),
+                lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+            ]
+        trainer, _ = _fit(pl_ns, tmp_path / str(with_suite), [recorder, stopping, *suite], module, "run", epochs=2)
+        history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        return history, trainer.current_epoch, stopping.wait_count
+
+    assert run(True) == run(False)

@@ -17,7 +17,7 @@ from lightning_viz import _data
 from lightning_viz import _validate as check
 from lightning_viz._budget import Budget, budget_for, expected_epochs
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
-from lightning_viz._hooks import isolated
+from lightning_viz._hooks import isolated, silenced_logging
 from lightning_viz._layers import NotApplicableError
 from lightning_viz.records import Record, RecordBus, bus_for
 from lightning_viz.sinks import NO_IMAGE_LOGGER_MESSAGE, NO_LOGGER_MESSAGE, Sink, takes_images
@@ -382,7 +382,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         scale = self._call_scale(epochs_done)
         clock = self._budget.clock if self._budget is not None else time.perf_counter
         started = clock()
-        with isolated(pl_module, grad=self.needs_grad), self._scaled(scale):
+        with isolated(pl_module, grad=self.needs_grad), silenced_logging(pl_module), self._scaled(scale):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)
         self._last_step = step
         self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": clock() - started}, step)
