@@ -314,3 +314,60 @@ def test_our_forward_passes_never_reach_metrics_the_user_logs_in_forward(tmp_pat
         return history, trainer.current_epoch, stopping.wait_count
 
     assert run(True) == run(False)
+
+
+# ---- NaN/Inf are missing values, not zeros ----
+
+
+def test_nan_activations_are_missing_values_not_dead_ones():
+    from lightning_viz.functional.activations import ChannelStats
+
+    x = torch.tensor([[1.0, -1.0, float("nan")], [2.0, float("nan"), float("nan")]]).T  # (N=3, C=2)
+    stats = ChannelStats()
+    stats.update(x)
+    assert stats.sparsity() == pytest.approx(1 / 3)  # of the three finite values, one is <= 0
+    assert stats.mean() == pytest.approx(2 / 3)
+    assert stats.missing_fraction() == pytest.approx(3 / 6)
+    assert stats.dead_mask().tolist() == [False, False]
+    stats = ChannelStats()
+    stats.update(torch.full((4, 3), float("nan")))
+    assert stats.dead_mask().tolist() == [False, False, False] and stats.known_channels() == 0
+    assert torch.isnan(torch.tensor([stats.sparsity(), stats.mean()])).all()
+    assert torch.isnan(stats.firing_rate()).all()
+
+
+def test_all_nan_codes_have_no_knn_accuracy():
+    from lightning_viz.functional.embedding import finite_quality
+
+    labels = torch.arange(32) % 4
+    assert finite_quality(torch.full((32, 8), float("nan")), labels) == (None, None, 32)
+    codes = torch.nn.functional.one_hot(labels, 8).float() + 0.01 * torch.randn(
+        32, 8, generator=torch.Generator().manual_seed(0)
+    )
+    codes[:5] = float("nan")
+    knn, _, left_out = finite_quality(codes, labels)
+    assert left_out == 5 and knn == 1.0
+
+
+def test_a_diverged_network_is_diagnosed_as_divergence_not_dead_filters(tmp_path, pl_ns):
+    class Poison(pl_ns.Callback):  # the weights become NaN at the start of the second epoch
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.model.conv1.weight.fill_(float("nan"))
+
+    suite = [
+        lightning_viz.ActivationMonitor(every_n_epochs=1),
+        lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+        lightning_viz.DiagnosisMonitor(every_n_epochs=1),
+    ]
+    with pytest.warns(UserWarning, match="NaN/Inf") as caught:
+        _, events = _fit(pl_ns, tmp_path, [Poison(), *suite], make_module(pl_ns, TinyCNN()), "run", epochs=2)
+    site = "model.relu2"
+    assert [s for s, _ in events.scalars(f"activations/dead_fraction/{site}")] == [3]  # not at the NaN step 6
+    assert [s for s, _ in events.scalars(f"activations/sparsity/{site}")] == [3]
+    assert events.scalars(f"activations/nonfinite_fraction/{site}") == [(6, 1.0)]
+    assert 6 not in [s for s, _ in events.scalars("embedding/knn_accuracy")]
+    assert events.scalars("diagnosis/divergence")[-1][1] == 1.0
+    assert all(v == 0.0 for _, v in events.scalars("diagnosis/dead_filters"))
+    assert not [w for w in caught if "switched off" in str(w.message)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -284,12 +285,26 @@ class ActivationMonitor(VizCallback):
         assert sink is not None
         stats = self._stats[key]
         rate, channels = stats.firing_rate(), stats.num_channels
-        scalars = {f"activations/sparsity/{site}": stats.sparsity(), f"activations/mean/{site}": stats.mean()}
+        sparsity, mean, missing = stats.sparsity(), stats.mean(), stats.missing_fraction()
+        # NaN/Inf activations are missing values (DESIGN rule 14): never zeros, never "dead"; a statistic with no
+        # finite value behind it is not logged at all.
+        scalars = {
+            f"activations/{name}/{site}": value
+            for name, value in (("sparsity", sparsity), ("mean", mean))
+            if math.isfinite(value)
+        }
+        if missing:
+            scalars[f"activations/nonfinite_fraction/{site}"] = missing
+            self._warn_once(
+                "nonfinite",
+                f"ActivationMonitor: {missing:.0%} of the activations at {site!r} are NaN/Inf at step {step}: missing "
+                "values, not zeros (statistics cover the finite ones, none where none is). Has training diverged?",
+            )
         record: dict[str, Any] = {}
         row = None
-        if self._dead_defined.get(key[0], False):
+        if self._dead_defined.get(key[0], False) and stats.known_channels():
             indices = stats.dead_mask().nonzero().flatten().tolist()
-            record.update(dead_fraction=len(indices) / max(1, channels), dead_count=len(indices))
+            record.update(dead_fraction=len(indices) / stats.known_channels(), dead_count=len(indices))
             scalars[f"activations/dead_fraction/{site}"] = record["dead_fraction"]
             scalars[f"activations/dead_count/{site}"] = record["dead_count"]
             row = (site, indices, channels)
@@ -297,9 +312,8 @@ class ActivationMonitor(VizCallback):
             sink.image(f"activations/dead_history/{site}", render.firing_history(history.frames), step)
             record["dead_channels"] = tuple(indices)
         sink.scalars(scalars, step)
-        sink.histogram(f"activations/firing_rate/{site}", rate, step)
+        sink.histogram(f"activations/firing_rate/{site}", rate[torch.isfinite(rate)], step)
         sink.histogram(f"activations/values/{site}", stats.samples(), step)
-        sparsity, mean = stats.sparsity(), stats.mean()
         self._publish(ActivationStats(step, epochs_done, site, channels, sparsity, mean, **record))
         return row
 

@@ -228,7 +228,14 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release(pl_module)
+        # Lightning calls no `teardown` of ours after an exception (or a KeyboardInterrupt): this is the only chance
+        # to stop what we started. It must not raise: the callbacks after this one would not be called, and the
+        # user would see our error instead of theirs.
+        for step in (self._abort, lambda: self._release(pl_module)):
+            try:
+                step()
+            except Exception as exc:
+                rank_zero_warn(f"{type(self).__name__}: cleaning up after the failed fit raised {exc!r}.")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -295,6 +302,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _release(self, pl_module: Any) -> None:
         """Remove anything long-lived (hooks); called from ``teardown`` and ``on_exception``."""
+
+    def _abort(self) -> None:
+        """The run is failing: stop background work at once, without waiting (before ``_release``)."""
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

@@ -61,8 +61,7 @@ class EmbeddingMonitor(VizCallback):
         num_neighbours: neighbours shown per probe (was ``neighbours``); probes: the probe images (default: 6
             chosen from the validation data).
         knn_neighbours: neighbours that vote in the k-NN accuracy (was ``knn_k``).
-        batch_size: samples per forward pass.
-        filmstrip_length: maps in the filmstrip.
+        batch_size: samples per forward pass; filmstrip_length: maps in the filmstrip.
         class_names: optional names for the legend and metadata.
         **kwargs: ``every_n_epochs`` (default 3), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
@@ -212,13 +211,14 @@ class EmbeddingMonitor(VizCallback):
         images, features, labels, predicted = self._gather(trainer, pl_module)
         thumbs = render.thumbnails(images, self._thumb_size(len(images), max(images.shape[-2:]))) if projector else None
         if labels is None:
-            self._warn_once(
-                "labels", "EmbeddingMonitor: the data has no labels: the map is uncoloured and k-NN quality skipped."
-            )
+            self._warn_once("labels", "EmbeddingMonitor: the data has no labels: uncoloured map, no k-NN quality.")
         else:
-            knn, sil = E.knn_accuracy(features, labels, self.knn_neighbours), E.silhouette(features, labels)
+            knn, sil, nonfinite = E.finite_quality(features, labels, self.knn_neighbours)
+            if nonfinite:  # NaN/Inf codes (a diverged network) are missing values
+                self._warn_once("nonfinite", f"EmbeddingMonitor: {nonfinite} NaN/Inf codes at step {step} left out.")
             self._publish(EmbeddingQuality(step, epochs_done, self.layer or "", knn_accuracy=knn, silhouette=sil))
-            sink.scalars({"embedding/knn_accuracy": knn, "embedding/silhouette": sil}, step)
+            quality = (("embedding/knn_accuracy", knn), ("embedding/silhouette", sil))
+            sink.scalars({k: v for k, v in quality if v is not None}, step)
         names = self._names(labels), self._names(predicted)
         tsv = self._guard("projector", sink.projector, features, *names, thumbs, step) if projector else None
         tsv = tsv if isinstance(tsv, str) else None
@@ -243,6 +243,8 @@ class EmbeddingMonitor(VizCallback):
 
     # --------------------------------------------------------------------------------- off-path projection
     def _submit(self, features: torch.Tensor, labels: Any, step: int, epochs_done: int, tsv: str | None) -> bool:
+        if not bool(torch.isfinite(features).all()):
+            return False  # NaN/Inf codes (a diverged network, said in `_log`): no map of them
         context = (step, epochs_done, labels.numpy() if labels is not None else None)
         self._projections.submit(features.numpy(), context, tensor_file=tsv)
         self._log_maps()
@@ -251,8 +253,7 @@ class EmbeddingMonitor(VizCallback):
     def _log_maps(self, wait: bool = False) -> None:
         """Log the maps whose projection is done, in order; never blocks unless ``wait``."""
         if wait and self._projections.pending and self._sink is not None and self._sink.writes_images:
-            count = self._projections.pending
-            print(f"lightning_viz: waiting for {count} embedding map(s) ({self.reducer})...", flush=True)
+            print(f"lightning_viz: waiting for {self._projections.pending} {self.reducer} map(s)...", flush=True)
         for projection in self._projections.finished(wait=wait):
             self._guard("map", self._log_map, projection)
 
@@ -267,8 +268,7 @@ class EmbeddingMonitor(VizCallback):
         image, frame = render.embedding_map(
             coords, labels, reducer=self.reducer, epochs_done=epochs_done, class_names=self.class_names
         )
-        sink = self._sink
-        assert sink is not None
+        assert (sink := self._sink) is not None
         sink.image("embedding/map", image, step)
         sink.image("embedding/map_filmstrip", self._maps.push(f"ep {epochs_done}", frame).columns(), step)
         sink.scalars({"embedding/projection_seconds": projection.seconds}, step)
@@ -334,10 +334,8 @@ class EmbeddingMonitor(VizCallback):
         finally:
             self._projections.close()
 
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def _abort(self) -> None:
         self._projections.close(kill=True)  # the run is failing: don't wait for maps, stop the child
-        super().on_exception(trainer, pl_module, exception)
 
     def _extra_state(self) -> dict[str, Any]:
         reference = torch.from_numpy(self._reference) if self._reference is not None else None

@@ -138,7 +138,8 @@ class ChannelStats:
     hidden units of tokens (N, T, D) or channels-last maps (N, H, W, C).
 
     Attributes (float64 tensors of shape (C,), so they can be summed across processes):
-        positions: values seen per channel; active: values > 0; total: their sum.
+        positions: finite values seen per channel; active: values > 0; total: their sum; missing: NaN/Inf values,
+        which are missing data (a diverged network), never counted as zeros: a channel is not "dead" for them.
     A bounded random sample of raw values (``sample_size``, drawn with the given generator) backs a histogram.
     """
 
@@ -149,6 +150,7 @@ class ChannelStats:
         self.positions: torch.Tensor | None = None
         self.active: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
+        self.missing: torch.Tensor | None = None
         self.batches = 0
         self.sample_size = sample_size
         self._generator = generator
@@ -171,56 +173,84 @@ class ChannelStats:
         per_channel = x.numel() // channels
         # Reductions accumulate in float64 inside the kernel: no float64 copy of the activation is materialised
         # (it would be 2x the activation's size at the largest layer, and show up in peak memory).
+        finite = torch.isfinite(x)
+        missing = 0.0
+        raw = x
+        if not bool(finite.all()):  # NaN/Inf are missing values: a copy without them only in that (rare) case
+            missing = (x.numel() // channels) - torch.count_nonzero(finite, dim=dims).double()
+            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            per_channel = torch.count_nonzero(finite, dim=dims).double()  # type: ignore[assignment]
         active = torch.count_nonzero(x > 0, dim=dims).double()
         total = x.sum(dim=dims, dtype=torch.float64)
         if self.positions is None:
             self.positions = torch.zeros(channels, dtype=torch.float64, device=x.device)
             self.active = torch.zeros_like(self.positions)
             self.total = torch.zeros_like(self.positions)
+            self.missing = torch.zeros_like(self.positions)
         elif channels != self.num_channels:
             raise ValueError(f"channel count changed from {self.num_channels} to {channels} between batches.")
+        assert self.missing is not None
         self.positions += per_channel
         self.active += active
         self.total += total
+        self.missing += missing
         self.batches += 1
-        self._sample(x)
+        self._sample(raw[finite] if x is not raw else x)
 
     def _sample(self, x: torch.Tensor) -> None:
         room = self.sample_size - self._sampled
-        if room <= 0:
-            return
         flat = x.reshape(-1)
+        if room <= 0 or not flat.numel():
+            return
         take = min(room, flat.numel(), max(1, self.sample_size // 8))
         index = torch.randint(0, flat.numel(), (take,), generator=self._generator).to(flat.device)
         self._samples.append(flat[index].float().cpu())
         self._sampled += take
 
     def counters(self) -> torch.Tensor:
-        """The three counters stacked, (3, C): what a distributed sum reduces."""
+        """The four counters stacked, (4, C): what a distributed sum reduces."""
         assert self.positions is not None and self.active is not None and self.total is not None
-        return torch.stack([self.positions, self.active, self.total])
+        assert self.missing is not None
+        return torch.stack([self.positions, self.active, self.total, self.missing])
 
     def set_counters(self, counters: torch.Tensor) -> None:
-        self.positions, self.active, self.total = (c.clone() for c in counters.to(torch.float64))
+        self.positions, self.active, self.total, self.missing = (c.clone() for c in counters.to(torch.float64))
 
     def firing_rate(self) -> torch.Tensor:
-        """Share of values > 0 per channel, (C,)."""
+        """Share of the finite values > 0 per channel, (C,); NaN for a channel with no finite value."""
         assert self.positions is not None and self.active is not None
-        return (self.active / self.positions.clamp_min(1)).float()
+        rate = self.active / self.positions.clamp_min(1)
+        return torch.where(self.positions > 0, rate, torch.full_like(rate, float("nan"))).float()
+
+    def missing_fraction(self) -> float:
+        """Share of the values seen that were NaN/Inf (0 for a healthy network)."""
+        assert self.positions is not None and self.missing is not None
+        missing = float(self.missing.sum())
+        return missing / max(1.0, missing + float(self.positions.sum()))
 
     def sparsity(self) -> float:
-        """Share of all values <= 0 (zeros after a ReLU) over every channel and position."""
+        """Share of the finite values <= 0 (zeros after a ReLU) over every channel and position; NaN when none is
+        finite."""
         assert self.positions is not None and self.active is not None
-        return float(1.0 - self.active.sum() / self.positions.sum().clamp_min(1))
+        seen = self.positions.sum()
+        return float(1.0 - self.active.sum() / seen) if seen > 0 else float("nan")
 
     def mean(self) -> float:
+        """Mean of the finite values; NaN when none is finite."""
         assert self.positions is not None and self.total is not None
-        return float(self.total.sum() / self.positions.sum().clamp_min(1))
+        seen = self.positions.sum()
+        return float(self.total.sum() / seen) if seen > 0 else float("nan")
 
     def dead_mask(self) -> torch.Tensor:
-        """Channels never active on any value seen, (C,) bool."""
-        assert self.active is not None
-        return self.active == 0
+        """Channels never active on any finite value seen, (C,) bool (a channel with no finite value is not dead:
+        it is unknown)."""
+        assert self.active is not None and self.positions is not None
+        return (self.active == 0) & (self.positions > 0)
+
+    def known_channels(self) -> int:
+        """Channels with at least one finite value (those whose deadness is known)."""
+        assert self.positions is not None
+        return int((self.positions > 0).sum())
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self._samples) if self._samples else torch.zeros(0)
@@ -311,7 +341,7 @@ def activation_layers(
 def sum_counters(stats: Mapping[Site, ChannelStats], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Replace every site's counters by ``reduce`` of them (e.g. a sum over processes), in one call.
 
-    The counters of all sites are packed in a sorted order into one (3, sum of C) tensor, so every process must
+    The counters of all sites are packed in a sorted order into one (4, sum of C) tensor, so every process must
     hold the same sites with the same channel counts.
     """
     keys = sorted(stats)

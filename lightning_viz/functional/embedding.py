@@ -115,3 +115,18 @@ def subset_indices(size: int, count: int, seed: int) -> list[int]:
 
 def labels_or_none(labels: Sequence[int | None]) -> torch.Tensor | None:
     return None if any(lb is None for lb in labels) else torch.tensor(list(labels), dtype=torch.long)
+
+
+def finite_quality(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[float | None, float | None, int]:
+    """k-NN accuracy and silhouette over the rows whose code is finite (NaN/Inf codes are missing values).
+
+    Shape:
+        features: (N, D); labels: (N,). Returns (k-NN accuracy or None, silhouette or None, number of rows left out);
+        ``None`` when fewer than two rows are finite (all-NaN codes have no quality, not a quality of 0.66).
+    """
+    finite = torch.isfinite(features).all(dim=1)
+    left_out = int((~finite).sum())
+    if len(features) - left_out < 2:
+        return None, None, left_out
+    features, labels = features[finite], labels[finite]
+    return knn_accuracy(features, labels, k), silhouette(features, labels), left_out
