@@ -280,7 +280,7 @@ def test_sum_counters_reduces_every_site_in_one_call():
     stats[("b", 0)].update(torch.tensor([[0.0, 0.0, 2.0]]))
     shapes = []
     A.sum_counters(stats, lambda packed: (shapes.append(tuple(packed.shape)), packed * 3)[1])
-    assert shapes == [(3, 5)]
+    assert shapes == [(4, 5)]
     assert stats[("a", 0)].positions.tolist() == [3.0, 3.0]
     assert stats[("b", 0)].total.tolist() == [0.0, 0.0, 6.0]
 
