@@ -371,3 +371,47 @@ def test_a_diverged_network_is_diagnosed_as_divergence_not_dead_filters(tmp_path
     assert events.scalars("diagnosis/divergence")[-1][1] == 1.0
     assert all(v == 0.0 for _, v in events.scalars("diagnosis/dead_filters"))
     assert not [w for w in caught if "switched off" in str(w.message)]
+
+
+# ---- the samples the monitors scan represent the whole validation set ----
+
+
+def test_samples_scanned_cover_every_class_of_a_validation_set_sorted_by_class(tmp_path, pl_ns):
+    import glob
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(24)  # 96 samples: all of class 0 first, then 1, 2, 3
+    val = DataLoader(TensorDataset(torch.randn(96, 3, 16, 16, generator=gen), labels), batch_size=16)
+    train, _ = loaders(n=48)
+    embedding = lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca", subset_size=16)
+    exemplars = lightning_viz.ExemplarMonitor(every_n_epochs=1, max_samples=16)
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl_ns.Trainer(callbacks=[embedding, exemplars], logger=logger, **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(make_module(pl_ns, TinyCNN()), train, val)
+
+    for monitor in (embedding, exemplars):
+        _, kept, positions, seen = monitor._samples.samples(complete=True)
+        assert seen == 96 and len(positions) == 16
+        assert sorted(set(kept.tolist())) == [0, 1, 2, 3], type(monitor).__name__
+        assert max(positions) - min(positions) > 48  # spread over the pass, not its first batches
+    # what the user sees: the projector's metadata lists every class
+    (metadata,) = glob.glob(str(tmp_path / "run" / "version_0" / "**" / "metadata.tsv"), recursive=True)[-1:]
+    with open(metadata) as f:
+        true_labels = {line.split("\t")[0] for line in f.read().splitlines()[1:]}
+    assert true_labels == {"0", "1", "2", "3"}
+
+
+def test_one_monitor_instance_watches_one_fit_at_a_time(tmp_path, pl_ns):
+
+    monitor = lightning_viz.FilterMonitor()
+    module = make_module(pl_ns, TinyCNN())
+    first = pl_ns.Trainer(logger=pl_ns.loggers.TensorBoardLogger(str(tmp_path)), **trainer_kwargs(tmp_path))
+    second = pl_ns.Trainer(logger=pl_ns.loggers.TensorBoardLogger(str(tmp_path)), **trainer_kwargs(tmp_path))
+    first.state.status = type(first.state.status).RUNNING  # the first fit has not ended
+    monitor.setup(first, module, "fit")
+    with pytest.raises(RuntimeError, match="already watching the fit of another Trainer"):
+        monitor.setup(second, module, "fit")
+    first.state.status = type(first.state.status).INTERRUPTED  # a failed fit has ended: the instance is free
+    monitor.setup(second, module, "fit")
