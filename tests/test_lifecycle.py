@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
@@ -415,3 +417,5 @@ def test_one_monitor_instance_watches_one_fit_at_a_time(tmp_path, pl_ns):
         monitor.setup(second, module, "fit")
     first.state.status = type(first.state.status).INTERRUPTED  # a failed fit has ended: the instance is free
     monitor.setup(second, module, "fit")
+    monitor._sink = None
+    assert pickle.loads(pickle.dumps(monitor))._fit_trainer is None  # ddp_spawn pickles the callbacks

@@ -256,6 +256,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             state["probes"] = probes
         return state
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A process that `ddp_spawn` starts gets a pickled copy: the weak reference to a Trainer stays behind.
+        return {**self.__dict__, "_fit_trainer": None}
+
     def _start_fit(self, trainer: Any) -> None:
         """A fit begins. The same instances handed to another Trainer (a sweep) start from the state they were built
         with: nothing of an earlier fit (last step, histories, initial weights, probes) leaks into this one. A
