@@ -267,6 +267,8 @@ class CallSiteRecorder:
 
     def _hook(self, name: str) -> HookFn:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if _OUR_PASSES[0]:  # another monitor's pass while the Trainer's batches are watched: not training data
+                return
             index = self._calls.get(name, 0)
             self._calls[name] = index + 1
             self.max_calls[name] = max(self.max_calls.get(name, 0), index + 1)
@@ -405,6 +407,11 @@ def _ignore_log(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+#: How many of our own passes are running (inside :func:`silenced_logging`): statistics gathered from the Trainer's
+#: batches (:class:`CallSiteRecorder`) skip them.
+_OUR_PASSES = [0]
+
+
 @contextlib.contextmanager
 def silenced_logging(model: nn.Module) -> Iterator[None]:
     """Make a LightningModule's ``self.log`` / ``self.log_dict`` do nothing in the body.
@@ -417,11 +424,13 @@ def silenced_logging(model: nn.Module) -> Iterator[None]:
     names = [n for n in ("log", "log_dict") if hasattr(model, "_current_fx_name") and callable(getattr(model, n, None))]
     missing = object()
     saved = {n: model.__dict__.get(n, missing) for n in names}
+    _OUR_PASSES[0] += 1
     try:
         for name in names:
             object.__setattr__(model, name, _ignore_log)
         yield
     finally:
+        _OUR_PASSES[0] -= 1
         for name, value in saved.items():
             if value is missing:
                 model.__dict__.pop(name, None)

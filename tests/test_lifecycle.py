@@ -419,3 +419,21 @@ def test_one_monitor_instance_watches_one_fit_at_a_time(tmp_path, pl_ns):
     monitor.setup(second, module, "fit")
     monitor._sink = None
     assert pickle.loads(pickle.dumps(monitor))._fit_trainer is None  # ddp_spawn pickles the callbacks
+
+
+def test_call_sites_skip_our_own_passes():
+    from lightning_viz._hooks import CallSiteRecorder, silenced_logging
+
+    model = _SharedReLU()
+    seen: list[tuple[str, int]] = []
+    recorder = CallSiteRecorder({"relu": model.relu}, lambda name, index, out: seen.append((name, index)), root=model)
+    recorder.attach()
+    try:
+        model(torch.randn(2, 3, 8, 8))
+        model(torch.randn(2, 3, 8, 8))  # a second forward pass of the model: numbered afresh
+        with silenced_logging(model):  # a monitor's own pass while the Trainer's batches are watched
+            model(torch.randn(2, 3, 8, 8))
+    finally:
+        recorder.detach()
+    assert seen == [("relu", 0), ("relu", 1), ("relu", 0), ("relu", 1)]
+    assert recorder.site_name("relu", 1) == "relu#2"
