@@ -147,7 +147,7 @@ class FilterMonitor(VizCallback):
                 min_tile_pixels=self.min_tile_pixels,
             )
             row = render.filter_row(weight, scale, filters=self.filmstrip_filters, min_tile_pixels=self.min_tile_pixels)
-            strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
+            strip = self._filmstrips[name].push(render.epoch_label(epochs_done), row)
             sink.image(f"filters/{name}", grid, step)
             sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
         for stat, values in stats.items():
