@@ -273,15 +273,16 @@ def scatter(
     title: str = "",
     class_names: Sequence[str] | None = None,
     radius: int = 2,
+    legend: bool = True,
 ) -> np.ndarray:
     """A 2-D scatter plot of points coloured by class, with a legend. (N, 2) -> (H, W, 3) uint8.
 
-    Without labels every point is grey and there is no legend.
+    Without labels every point is grey and there is no legend (nor with ``legend=False``).
     """
     coords = np.asarray(coords, dtype=np.float64)
     margin, legend_w = 12, 0
     classes: list[int] = []
-    if labels is not None:
+    if labels is not None and legend:
         classes = sorted(int(c) for c in np.unique(labels))
         legend_w = 110
     canvas = Image.new("RGB", (size + legend_w, size + 16), (255, 255, 255))
@@ -662,20 +663,33 @@ def exemplar_rows(
     Shape:
         images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool. Returns (H', W', 3) uint8.
     """
-    k = found.shape[1]
     rows = []
     for ci, channel in enumerate(channels):
-        tiles = [
-            tile
-            for j in range(k)
-            if found[ci, j]
-            for tile in exemplar_tiles(
-                images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], tile_size, show_full=show_full
-            )
-        ]
+        tiles = _channel_exemplar_tiles(images, boxes, projections, found, ci, tile_size, show_full)
         if tiles:
             rows.append(label_left(tile_grid(torch.stack(tiles), ncol=len(tiles)), f"ch {channel}"))
     return stack_rows(rows) if rows else None
+
+
+def _channel_exemplar_tiles(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    projections: torch.Tensor,
+    found: torch.Tensor,
+    ci: int,
+    tile_size: int,
+    show_full: bool,
+) -> list[torch.Tensor]:
+    """The :func:`exemplar_tiles` of every found exemplar of the ``ci``-th channel (channel-major order)."""
+    k = found.shape[1]
+    return [
+        tile
+        for j in range(k)
+        if found[ci, j]
+        for tile in exemplar_tiles(
+            images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], tile_size, show_full=show_full
+        )
+    ]
 
 
 def exemplar_table(
@@ -837,7 +851,7 @@ def embedding_map(
     when = "untrained (init)" if epochs_done <= 0 else f"after epoch {epochs_done - 1}"
     size = CARD_WIDTH - (110 if labels is not None else 0)
     image = scatter(coords, labels, size=size, title=f"{reducer} of the code, {when}", class_names=class_names)
-    small = scatter(coords, labels, size=108, title=epoch_label(epochs_done), radius=1)
+    small = scatter(coords, labels, size=108, title=epoch_label(epochs_done), radius=1, legend=False)
     return image, small
 
 
@@ -1368,19 +1382,11 @@ def exemplar_panel(
     from collections import Counter
 
     width = width or CARD_WIDTH
-    k = found.shape[1]
     per_item = 3 if show_full else 2
     side = min(tile_size, (width - 1) // per_item - 1)
     rows = []
     for ci, channel in enumerate(channels):
-        tiles = [
-            tile
-            for j in range(k)
-            if found[ci, j]
-            for tile in exemplar_tiles(
-                images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], side, show_full=show_full
-            )
-        ]
+        tiles = _channel_exemplar_tiles(images, boxes, projections, found, ci, side, show_full)
         if not tiles:
             continue
         caption = f"ch {channel}"

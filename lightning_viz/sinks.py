@@ -543,13 +543,12 @@ def name_projector_steps(config: Any, tag: str) -> None:
     """Name ``tag``'s embeddings so the projector opens on the latest: it lists embeddings with metadata sorted by
     name and opens the first, so the newest step is ``"<tag>: latest (step N)"`` and the others
     ``"<tag>: step 00000N"`` ("l" sorts before "s"). Entries of other tags are left as they are."""
-    steps = {id(e): _projector_step(tag, e.tensor_path) for e in config.embeddings}
-    known = [s for s in steps.values() if s is not None]
+    steps = [_projector_step(tag, e.tensor_path) for e in config.embeddings]
+    known = [s for s in steps if s is not None]
     if not known:
         return
     newest = max(known)
-    for embedding in config.embeddings:
-        step = steps[id(embedding)]
+    for embedding, step in zip(config.embeddings, steps):
         if step is not None:
             embedding.tensor_name = f"{tag}: latest (step {step})" if step == newest else f"{tag}: step {step:08d}"
 

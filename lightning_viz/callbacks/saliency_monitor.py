@@ -108,7 +108,8 @@ class SaliencyMonitor(VizCallback):
 
     Grid (tag ``saliency/grid``): a row per probe and target class, a column for the input and one per method. Each
     probe is explained for its true class (when labels are known) and, when the prediction differs, for the
-    predicted class in a second row; row labels give both and the predicted probability. Filmstrips
+    predicted class in a second row; a caption over each row gives both, by class name where the data names its
+    classes, and the predicted probability. Filmstrips
     (``saliency/filmstrip/probe_XX``): the first row of the first ``filmstrip_probes`` probes over logged epochs.
 
     Columns: ``gradient``, ``smoothgrad``, ``gradcam``, ``fullgrad``: heat maps over the grayscale image, each scaled
@@ -131,7 +132,8 @@ class SaliencyMonitor(VizCallback):
         occlusion_window, occlusion_stride, occlusion_baseline: the occluding square, its step and its value.
         occlusion_layer: optionally, a layer whose strongest channel's total activation is mapped too.
         batch_size: images per forward/backward pass (SmoothGrad copies, occluded images are batched too).
-        max_probes: at most this many probes are explained. tile_size: side of each tile in pixels.
+        max_probes: at most this many probes are explained. tile_size: side of each tile in pixels (smaller when
+            the columns would not fit TensorBoard's 350 px card; the grid carries its colour bars and class key).
         head: how the outputs read as classes (:func:`~lightning_viz.functional.saliency.head_outputs`): ``softmax``,
             ``sigmoid`` (one logit, class 1 if ``logit > 0``), ``multilabel`` (a sigmoid per class); ``auto``: by size.
         filmstrip_probes, filmstrip_length: how many probes get a filmstrip, and how many epochs it shows.
