@@ -645,32 +645,6 @@ def exemplar_tiles(
     return tiles
 
 
-def exemplar_rows(
-    images: torch.Tensor,
-    boxes: torch.Tensor,
-    projections: torch.Tensor,
-    found: torch.Tensor,
-    channels: Sequence[int],
-    tile_size: int,
-    *,
-    show_full: bool = False,
-) -> np.ndarray | None:
-    """One row per channel, labelled ``ch N``, with :func:`exemplar_tiles` for each of its exemplars.
-
-    Exemplars are ordered channel-major (channel ``c``'s ``j``-th exemplar at ``c * k + j``); those with
-    ``found[c, j]`` false (fewer samples than ``k``) are left out. Returns ``None`` when no channel has one.
-
-    Shape:
-        images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool. Returns (H', W', 3) uint8.
-    """
-    rows = []
-    for ci, channel in enumerate(channels):
-        tiles = _channel_exemplar_tiles(images, boxes, projections, found, ci, tile_size, show_full)
-        if tiles:
-            rows.append(label_left(tile_grid(torch.stack(tiles), ncol=len(tiles)), f"ch {channel}"))
-    return stack_rows(rows) if rows else None
-
-
 def _channel_exemplar_tiles(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -1372,12 +1346,16 @@ def exemplar_panel(
     classes: Sequence[Sequence[str]] | None = None,
     width: int | None = None,
 ) -> np.ndarray | None:
-    """:func:`exemplar_rows` at card width: per channel a caption (``ch 5``, and its exemplars' classes when
-    ``classes`` gives them, most frequent first), then its exemplars' tiles wrapped into rows, never splitting one
-    exemplar's tiles. Returns ``None`` when no channel has an exemplar.
+    """Exemplars at card width: per channel a caption (``ch 5``, and its exemplars' classes when ``classes`` gives
+    them, most frequent first), then its exemplars' :func:`exemplar_tiles` wrapped into rows, never splitting one
+    exemplar's tiles, then a line saying what the tiles are. Returns ``None`` when no channel has an exemplar.
+
+    Exemplars are ordered channel-major (channel ``c``'s ``j``-th exemplar at ``c * k + j``); those with
+    ``found[c, j]`` false (fewer samples than ``k``) are left out.
 
     Shape:
-        as :func:`exemplar_rows`; classes: per channel, the class name of each found exemplar.
+        images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool; classes: per channel, the
+        class name of each found exemplar. Returns (H', W', 3) uint8, at most ``width`` (default 350) wide.
     """
     from collections import Counter
 
