@@ -274,8 +274,10 @@ def scatter(
     class_names: Sequence[str] | None = None,
     radius: int = 2,
     legend: bool = True,
+    legend_width: int = 110,
 ) -> np.ndarray:
-    """A 2-D scatter plot of points coloured by class, with a legend. (N, 2) -> (H, W, 3) uint8.
+    """A 2-D scatter plot of points coloured by class, with a legend ``legend_width`` pixels wide (names cut to fit).
+    (N, 2) -> (H, W, 3) uint8.
 
     Without labels every point is grey and there is no legend (nor with ``legend=False``).
     """
@@ -284,7 +286,7 @@ def scatter(
     classes: list[int] = []
     if labels is not None and legend:
         classes = sorted(int(c) for c in np.unique(labels))
-        legend_w = 110
+        legend_w = legend_width
     canvas = Image.new("RGB", (size + legend_w, size + 16), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:
@@ -304,7 +306,9 @@ def scatter(
         top = 20 + row * 13
         draw.rectangle((size + 6, top, size + 14, top + 8), fill=colour)
         name = class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
-        draw.text((size + 18, top - 2), name[:14], fill=(0, 0, 0))
+        while len(name) > 1 and _text_width(name, _font()) > legend_w - 20:
+            name = name[:-2] + "…"
+        draw.text((size + 18, top - 2), name, fill=(0, 0, 0), font=_font())
     return np.asarray(canvas)
 
 
@@ -823,8 +827,13 @@ def embedding_map(
         coords: (N, 2); labels: (N,) class indices or None (grey points).
     """
     when = "untrained (init)" if epochs_done <= 0 else f"after epoch {epochs_done - 1}"
-    size = CARD_WIDTH - (110 if labels is not None else 0)
-    image = scatter(coords, labels, size=size, title=f"{reducer} of the code, {when}", class_names=class_names)
+    legend = 0
+    if labels is not None:  # as wide as the longest name shown needs, between 80 and 170 pixels
+        shown = [class_names[c] if class_names is not None and c < len(class_names) else f"class {c}" for c in
+                 sorted(int(c) for c in np.unique(labels))][:40]  # fmt: skip
+        legend = min(170, max(80, max(_text_width(n, _font()) for n in shown) + 24))
+    image = scatter(coords, labels, size=CARD_WIDTH - legend, title=f"{reducer} of the code, {when}",
+                    class_names=class_names, legend_width=legend or 110)  # fmt: skip
     small = scatter(coords, labels, size=108, title=epoch_label(epochs_done), radius=1, legend=False)
     return image, small
 

@@ -74,11 +74,14 @@ def test_embedding_map_and_its_filmstrip_frame():
     labels = np.arange(40) % 4
     image, frame = render.embedding_map(coords, labels, reducer="umap", epochs_done=3, class_names=list("abcd"))
     assert image.dtype == frame.dtype == np.uint8
-    assert image.shape == (240 + 16, render.CARD_WIDTH, 3) and frame.shape == (108 + 16, 108, 3)
+    assert image.shape == (270 + 16, render.CARD_WIDTH, 3) and frame.shape == (108 + 16, 108, 3)  # legend: 80 px
     expected = render.scatter(
-        coords, labels, size=240, title="umap of the code, after epoch 2", class_names=list("abcd")
+        coords, labels, size=270, title="umap of the code, after epoch 2", class_names=list("abcd"), legend_width=80
     )
     assert np.array_equal(image, expected)
+    long_names = ["immunohistochemistry", "hubble_deep_field", "c", "d"]
+    wide, _ = render.embedding_map(coords, labels, reducer="umap", epochs_done=3, class_names=long_names)
+    assert wide.shape[1] == render.CARD_WIDTH and wide.shape[0] < image.shape[0]  # a wider legend, a smaller plot
     grey, _ = render.embedding_map(coords, None, reducer="pca", epochs_done=0)
     assert grey.shape == (render.CARD_WIDTH + 16, render.CARD_WIDTH, 3)  # no legend without labels
     assert (np.abs(grey[..., 0].astype(int) - grey[..., 2].astype(int)) <= 60).all()
