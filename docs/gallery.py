@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PICTURES = {
     "filters": "filters/filmstrip/model.conv1",
     "activations": "activations/maps/model.relu1",
-    "dead_history": "activations/dead_history/model.relu3",
+    "dead_history": "activations/dead_channels_by_layer",
     "saliency": "saliency/grid",
     "embedding": "embedding/map_filmstrip",
     "neighbours": "embedding/neighbours",

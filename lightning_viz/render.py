@@ -273,17 +273,20 @@ def scatter(
     title: str = "",
     class_names: Sequence[str] | None = None,
     radius: int = 2,
+    legend: bool = True,
+    legend_width: int = 110,
 ) -> np.ndarray:
-    """A 2-D scatter plot of points coloured by class, with a legend. (N, 2) -> (H, W, 3) uint8.
+    """A 2-D scatter plot of points coloured by class, with a legend ``legend_width`` pixels wide (names cut to fit).
+    (N, 2) -> (H, W, 3) uint8.
 
-    Without labels every point is grey and there is no legend.
+    Without labels every point is grey and there is no legend (nor with ``legend=False``).
     """
     coords = np.asarray(coords, dtype=np.float64)
     margin, legend_w = 12, 0
     classes: list[int] = []
-    if labels is not None:
+    if labels is not None and legend:
         classes = sorted(int(c) for c in np.unique(labels))
-        legend_w = 110
+        legend_w = legend_width
     canvas = Image.new("RGB", (size + legend_w, size + 16), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:
@@ -303,7 +306,9 @@ def scatter(
         top = 20 + row * 13
         draw.rectangle((size + 6, top, size + 14, top + 8), fill=colour)
         name = class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
-        draw.text((size + 18, top - 2), name[:14], fill=(0, 0, 0))
+        while len(name) > 1 and _text_width(name, _font()) > legend_w - 20:
+            name = name[:-2] + "…"
+        draw.text((size + 18, top - 2), name, fill=(0, 0, 0), font=_font())
     return np.asarray(canvas)
 
 
@@ -359,6 +364,10 @@ class Filmstrip:
     def columns(self, gap: int = 4) -> np.ndarray:
         """Image frames side by side (each already carries its own label)."""
         return hstack([frame.numpy() for _, frame in self.frames], gap=gap)
+
+    def images(self) -> list[tuple[str, np.ndarray]]:
+        """The frames as (label, image) pairs, oldest first, for a layout of the caller's choice."""
+        return [(label, frame.numpy()) for label, frame in self.frames]
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -640,38 +649,25 @@ def exemplar_tiles(
     return tiles
 
 
-def exemplar_rows(
+def _channel_exemplar_tiles(
     images: torch.Tensor,
     boxes: torch.Tensor,
     projections: torch.Tensor,
     found: torch.Tensor,
-    channels: Sequence[int],
+    ci: int,
     tile_size: int,
-    *,
-    show_full: bool = False,
-) -> np.ndarray | None:
-    """One row per channel, labelled ``ch N``, with :func:`exemplar_tiles` for each of its exemplars.
-
-    Exemplars are ordered channel-major (channel ``c``'s ``j``-th exemplar at ``c * k + j``); those with
-    ``found[c, j]`` false (fewer samples than ``k``) are left out. Returns ``None`` when no channel has one.
-
-    Shape:
-        images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool. Returns (H', W', 3) uint8.
-    """
+    show_full: bool,
+) -> list[torch.Tensor]:
+    """The :func:`exemplar_tiles` of every found exemplar of the ``ci``-th channel (channel-major order)."""
     k = found.shape[1]
-    rows = []
-    for ci, channel in enumerate(channels):
-        tiles = [
-            tile
-            for j in range(k)
-            if found[ci, j]
-            for tile in exemplar_tiles(
-                images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], tile_size, show_full=show_full
-            )
-        ]
-        if tiles:
-            rows.append(label_left(tile_grid(torch.stack(tiles), ncol=len(tiles)), f"ch {channel}"))
-    return stack_rows(rows) if rows else None
+    return [
+        tile
+        for j in range(k)
+        if found[ci, j]
+        for tile in exemplar_tiles(
+            images[ci * k + j], boxes[ci * k + j], projections[ci * k + j], tile_size, show_full=show_full
+        )
+    ]
 
 
 def exemplar_table(
@@ -764,23 +760,56 @@ def neighbour_strips(
     neighbours: Sequence[torch.Tensor],
     same_class: Sequence[torch.Tensor | None],
     tile: int = 40,
+    *,
+    names: tuple[torch.Tensor | None, Sequence[str] | None] = (None, None),
+    width: int | None = None,
 ) -> np.ndarray:
-    """One row per probe: the probe (black frame), then its nearest neighbours, nearest first, framed green when they
-    share the probe's class, red otherwise, grey when either label is unknown; each row labelled ``probe i``.
+    """One row per probe under its caption (``probe 0: cat`` from ``names`` = (probe labels, class names), else
+    ``probe 0``): the probe (black frame), then
+    its nearest neighbours, nearest first, framed green when they share the probe's class, red otherwise, grey when
+    either label is unknown. Tiles are ``tile`` pixels, smaller when a row would not fit ``width`` (default
+    :data:`CARD_WIDTH`).
 
     Shape:
         probes: (P, C, H, W); neighbours: P tensors (k, C, H, W); same_class: P bool tensors (k,) or None.
         Returns (H', W', 3) uint8.
     """
+    from lightning_viz._classes import class_name
+
+    labels, class_names = names
+    captions = [
+        f"probe {p}" + (f": {class_name(int(labels[p]), class_names)}" if labels is not None else "")
+        for p in range(len(probes))
+    ]
+    width = width or CARD_WIDTH
     rows = []
     for p, (probe, near, same) in enumerate(zip(probes, neighbours, same_class)):
-        tiles = resize_tiles(torch.stack([display_image(im) for im in torch.cat([probe[None], near])]), tile)
-        colours = torch.tensor(UNKNOWN_CLASS_FRAME).repeat(len(tiles), 1)
-        colours[0] = torch.tensor(PROBE_FRAME)
-        if same is not None:
-            colours[1:] = torch.where(same.view(-1, 1), torch.tensor(SAME_CLASS_FRAME), torch.tensor(OTHER_CLASS_FRAME))
-        rows.append(label_left(tile_grid(frame(tiles, colours), ncol=len(tiles)), f"probe {p}"))
-    return stack_rows(rows)
+        side = fit_tile_side(len(near) + 1, tile, width=width)
+        rows.append((captions[p], framed_neighbours(probe, near, same, side)))
+    key = "frames: black probe, green same class, red other class"
+    return stack_rows([caption_strips(rows, width=width), text_strip(key, width)], gap=2)
+
+
+def neighbours_of(
+    probes: torch.Tensor,
+    probe_labels: torch.Tensor | None,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    nearest: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """:func:`neighbour_strips` of each probe's ``nearest`` images (indices into ``images``, nearest first), framed by
+    whether they share the probe's class, captioned with the probe's class name.
+
+    Shape:
+        probes: (P, C, H, W); probe_labels: (P,) or None; images: (N, C, H, W); labels: (N,) or None; nearest: (P, k).
+    """
+    neighbours, same = [], []
+    for p, near in enumerate(nearest):
+        neighbours.append(images[near])
+        known = labels is not None and probe_labels is not None
+        same.append(labels[near] == probe_labels[p] if known else None)  # type: ignore[index]
+    return neighbour_strips(probes, neighbours, same, names=(probe_labels, class_names))
 
 
 def embedding_map(
@@ -791,13 +820,21 @@ def embedding_map(
     epochs_done: int,
     class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The 2-D map of the code (coloured by class, with a legend) and its small filmstrip frame, both uint8 (H, W, 3).
+    """The 2-D map of the code (coloured by class, with a legend; :data:`CARD_WIDTH` wide) and its small filmstrip
+    frame (labelled with :func:`epoch_label`), both uint8 (H, W, 3).
 
     Shape:
         coords: (N, 2); labels: (N,) class indices or None (grey points).
     """
-    image = scatter(coords, labels, title=f"{reducer} of the code, epoch {epochs_done}", class_names=class_names)
-    small = scatter(coords, labels, size=160, title=f"ep {epochs_done}", radius=1)
+    when = "untrained (init)" if epochs_done <= 0 else f"after epoch {epochs_done - 1}"
+    legend = 0
+    if labels is not None:  # as wide as the longest name shown needs, between 80 and 170 pixels
+        shown = [class_names[c] if class_names is not None and c < len(class_names) else f"class {c}" for c in
+                 sorted(int(c) for c in np.unique(labels))][:40]  # fmt: skip
+        legend = min(170, max(80, max(_text_width(n, _font()) for n in shown) + 24))
+    image = scatter(coords, labels, size=CARD_WIDTH - legend, title=f"{reducer} of the code, {when}",
+                    class_names=class_names, legend_width=legend or 110)  # fmt: skip
+    small = scatter(coords, labels, size=108, title=epoch_label(epochs_done), radius=1, legend=False)
     return image, small
 
 
@@ -981,6 +1018,8 @@ def numbered_grid(
     draw = ImageDraw.Draw(canvas)
     th, tw = tiles.shape[-2] * upscale, tiles.shape[-1] * upscale
     for i, label in enumerate(labels):
+        if not label:
+            continue
         x, y = pad + (i % ncol) * (tw + pad), pad + (i // ncol) * (th + pad)
         left, top, right, bottom = draw.textbbox((x + 2, y + 1), label, font=font)
         draw.rectangle((x, y, min(right + 2, x + tw - 1), min(bottom + 2, y + th - 1)), fill=(0, 0, 0))
@@ -1045,3 +1084,304 @@ def log_heatmap(
         draw.line([(x, bar_top + 12), (x, bar_top + 16)], fill=(0, 0, 0))
         draw.text((max(0, x - 10), bar_top + 17), f"1e{int(low) + d}", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+# ------------------------------------------------------------------------------------ card-sized panels (issue 17)
+# Every image below is laid out for TensorBoard's card (:data:`CARD_WIDTH` pixels): tiles shrink and rows wrap so
+# nothing is scaled down on screen, text is :data:`MIN_TEXT_PX` tall, and each heat map carries its colour bar.
+
+#: Image tags (prefixes) that may be wider than :data:`CARD_WIDTH`: view them with TensorBoard's "show actual image
+#: size" toggle. Empty for the default suite: every image it writes fits the card (the README lists this too).
+ACTUAL_SIZE_TAGS: tuple[str, ...] = ()
+
+
+def epoch_label(epochs_done: int) -> str:
+    """A frame's label in Lightning's counting: ``"init"`` for the untrained baseline (no epoch done), ``"ep N"``
+    after Lightning's epoch ``N`` (0-based: ``epochs_done`` = N + 1)."""
+    return "init" if epochs_done <= 0 else f"ep {epochs_done - 1}"
+
+
+def fit_tile_side(columns: int, wanted: int, *, width: int = CARD_WIDTH, left: int = 0, pad: int = 1) -> int:
+    """The side of ``columns`` tiles in a row (``pad`` apart, after a ``left`` margin) so the row fits ``width``:
+    ``wanted`` or smaller, at least 8 pixels."""
+    room = (width - left - pad) // max(1, columns) - pad
+    return max(8, min(int(wanted), room))
+
+
+def text_strip(
+    text: str, width: int, *, size: int = MIN_TEXT_PX, colour: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
+    """One line of ``text`` on white, ``width`` pixels wide (cut with an ellipsis when it does not fit)."""
+    font = label_font(size)
+    while len(text) > 1 and _text_width(text, font) > width - 4:
+        text = text[:-2] + "…"
+    canvas = Image.new("RGB", (width, size + 5), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((2, 1), text, fill=colour, font=font)
+    return np.asarray(canvas)
+
+
+def vertical_header(labels: Sequence[str], tile_width: int, *, left: int = 0, pad: int = 1) -> np.ndarray:
+    """Column titles written bottom-to-top above columns ``tile_width`` wide (``pad`` apart, after ``left``), so
+    a long title ("smoothgrad") is never cut by a narrow column. Returns (H, W, 3) uint8."""
+    font = label_font(MIN_TEXT_PX)
+    height = max([_text_width(label, font) for label in labels] + [8]) + 6
+    width = left + pad + len(labels) * (tile_width + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    for i, label in enumerate(labels):
+        word = Image.new("RGB", (height, MIN_TEXT_PX + 4), (255, 255, 255))
+        ImageDraw.Draw(word).text((2, 0), label, fill=(0, 0, 0), font=font)
+        turned = word.rotate(90, expand=True)
+        x = left + pad + i * (tile_width + pad) + max(0, (tile_width - turned.width) // 2)
+        canvas.paste(turned, (x, 0))
+    return np.asarray(canvas)
+
+
+def labelled_rows(rows: Sequence[tuple[str, np.ndarray]], *, label_width: int = 36) -> np.ndarray:
+    """Images stacked top to bottom, each with a short label (an epoch) left of it in a legible font."""
+    font = label_font(MIN_TEXT_PX)
+    out = []
+    for label, image in rows:
+        h = max(image.shape[0], MIN_TEXT_PX + 4)
+        canvas = Image.new("RGB", (label_width + image.shape[1], h), (255, 255, 255))
+        canvas.paste(Image.fromarray(image), (label_width, 0))
+        ImageDraw.Draw(canvas).text((2, max(0, (h - MIN_TEXT_PX) // 2 - 1)), label, fill=(0, 0, 0), font=font)
+        out.append(np.asarray(canvas))
+    return stack_rows(out, gap=1)
+
+
+def column_filmstrip(
+    titles: Sequence[str], frames: Sequence[tuple[str, np.ndarray]], tile_width: int, *, label_width: int = 36
+) -> np.ndarray:
+    """A filmstrip of tile rows (one per logged epoch, labelled) under vertical column titles."""
+    head = vertical_header(titles, tile_width, left=label_width)
+    return stack_rows([head, labelled_rows(frames, label_width=label_width)], gap=0)
+
+
+def _bin_channels(rate: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Firing rates (C,) folded into ``bins`` columns: their mean rate, and whether any channel in a column is dead."""
+    c = rate.numel()
+    index = (torch.arange(c) * bins // max(1, c)).clamp(max=bins - 1)
+    rate = rate.detach().float().cpu().flatten()
+    finite = torch.nan_to_num(rate, nan=0.0)
+    sums = torch.zeros(bins).index_add_(0, index, finite)
+    counts = torch.zeros(bins).index_add_(0, index, torch.ones(c))
+    dead = torch.zeros(bins).index_add_(0, index, (rate == 0).float()) > 0
+    return sums / counts.clamp(min=1), dead
+
+
+def dead_history_panel(
+    layers: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], *, width: int = CARD_WIDTH, row_height: int = 9
+) -> np.ndarray:
+    """Every layer's firing-rate history in one image: per layer a title (name, channels, dead now), then a row per
+    logged epoch (labelled), one column per channel coloured by firing rate, dead channels in :data:`DEAD_COLOUR`
+    (layers wider than the card fold neighbouring channels into one column, red if any of them is dead); a colour bar
+    at the bottom.
+
+    Shape:
+        layers: (layer name, [(epoch label, firing rates (C,) in [0, 1]), ...] oldest first). Returns (H, width, 3).
+    """
+    if not layers:
+        raise ValueError("`layers` is empty.")
+    label_width = 36
+    room = width - label_width - 2
+    blocks = []
+    for name, frames in layers:
+        if not frames:
+            continue
+        channels = frames[-1][1].numel()
+        dead_now = int((frames[-1][1] == 0).sum())
+        blocks.append(text_strip(f"{name}: {channels} ch, {dead_now} dead", width))
+        bins = min(channels, room)
+        rows = []
+        for label, rate in frames:
+            mean, dead = _bin_channels(rate, bins)
+            colours = apply_colormap(mean.view(1, -1), "viridis")
+            colours[:, 0, dead] = torch.tensor(DEAD_COLOUR).view(3, 1)
+            strip = Image.fromarray(to_uint8(colours)).resize((room, row_height), Image.Resampling.NEAREST)
+            rows.append((label, np.asarray(strip)))
+        blocks.append(labelled_rows(rows, label_width=label_width))
+    bar = colour_bar(width, "viridis", "firing rate", marks=[("dead", DEAD_COLOUR)])
+    return stack_rows([*blocks, bar], gap=2)
+
+
+def activation_panel(
+    probe: torch.Tensor,
+    maps: torch.Tensor,
+    scale: float,
+    dead: torch.Tensor | None,
+    channels: Sequence[int],
+    *,
+    title: str = "",
+    width: int = CARD_WIDTH,
+    ncol: int = 8,
+) -> np.ndarray:
+    """The probe image beside the title, then one numbered tile per channel (:func:`activation_tiles`: one scale for
+    all, dead channels framed red), then the colour bar with the scale's value.
+
+    Shape:
+        probe: (3, H, W) display image in [0, 1]; maps: (C, h, w); dead: (C,) bool; ``len(channels) == C``.
+        Returns (H', width, 3) uint8.
+    """
+    tiles = activation_tiles(maps, scale, dead)
+    side = fit_tile_side(ncol, 96, width=width)
+    grid = numbered_grid(resize_tiles(tiles, side), [str(c) for c in channels], ncol=ncol, max_side=10_000)
+    thumb = to_uint8(fit_tile(probe.detach().float().cpu(), 56))
+    caption = np.concatenate(
+        [text_strip(title, width - 60), text_strip("probe image; tiles: channel maps", width - 60)], axis=0
+    )
+    top = hstack([thumb, caption], gap=4)
+    marks = [("dead", DEAD_COLOUR)] if dead is not None and bool(dead.any()) else []
+    bar = colour_bar(width, "inferno", "activation, one scale for all channels", high=f"{scale:.3g}", marks=marks)
+    return stack_rows([top, grid, bar], gap=3)
+
+
+def row_caption(probe: int, target: int, probs: torch.Tensor, labels: torch.Tensor | None, names: Any = None) -> str:
+    """One line naming a saliency row: the probe, the class explained (true or predicted, by name) and the prediction
+    with its probability (``probs``: that probe's class probabilities (K,); ``names``: class names or ``None``)."""
+    from lightning_viz._classes import class_name
+
+    pred = int(probs.argmax())
+    p = float(probs[pred])
+    if labels is not None and target == int(labels[probe]):
+        return f"p{probe}: true {class_name(target, names)}, pred {class_name(pred, names)} {p:.2f}"
+    return f"p{probe}: pred {class_name(pred, names)} {p:.2f} (explained)"
+
+
+def saliency_panel(
+    tiles: torch.Tensor,
+    titles: Sequence[str],
+    row_captions: Sequence[str],
+    *,
+    bars: Sequence[str] = (),
+    key: tuple[Sequence[int], Sequence[str]] | None = None,
+    width: int = CARD_WIDTH,
+) -> np.ndarray:
+    """The saliency grid at card width: vertical column titles, a caption line above each row of tiles, then a colour
+    bar per scale in ``bars`` (names of :data:`COLOUR_SCALES`) and the class ``key`` (indices, names) of class maps.
+
+    Shape:
+        tiles: (R, M, 3, s, s) in [0, 1]. Returns (H, W, 3) uint8, W <= ``width`` when M * (s + 1) + 1 <= width.
+    """
+    side = tiles.shape[-1]
+    parts = [vertical_header(titles, side)]
+    row_width = max(width, len(titles) * (side + 1) + 1)
+    for row, caption in zip(tiles, row_captions):
+        parts.append(text_strip(caption, row_width))
+        parts.append(tile_row(row))
+    for scale in bars:
+        colormap, low, high, meaning = COLOUR_SCALES[scale]
+        parts.append(colour_bar(width, colormap, meaning, low=low, high=high))
+    if key is not None and len(key[0]):
+        parts.append(text_strip("occl. top: class predicted with each square occluded", width))
+        parts.append(class_key(list(key[0]), list(key[1]), width=width))
+    return stack_rows(parts, gap=1)
+
+
+def caption_strips(
+    rows: Sequence[tuple[str, torch.Tensor]], *, tiles_per_item: int = 1, width: int = CARD_WIDTH
+) -> np.ndarray:
+    """Rows of tiles, each under a caption line, wrapped to ``width`` (never splitting the ``tiles_per_item`` tiles
+    of one item, e.g. an exemplar's crop and projection).
+
+    Shape:
+        rows: (caption, tiles (N, 3, s, s) in [0, 1]). Returns (H, W, 3) uint8.
+    """
+    parts = []
+    for caption, tiles in rows:
+        side = tiles.shape[-1]
+        per_row = max(tiles_per_item, (width - 1) // (side + 1) // tiles_per_item * tiles_per_item)
+        parts.append(text_strip(caption, width))
+        parts.append(tile_grid(tiles, ncol=min(per_row, len(tiles))))
+    return stack_rows(parts, gap=1)
+
+
+def framed_neighbours(probe: torch.Tensor, near: torch.Tensor, same: torch.Tensor | None, side: int) -> torch.Tensor:
+    """A probe (black frame) and its neighbours (green: same class, red: other, grey: unknown) as framed tiles.
+
+    Shape:
+        probe: (C, H, W); near: (k, C, H, W); same: (k,) bool or None. Returns (k + 1, 3, side, side).
+    """
+    tiles = resize_tiles(torch.stack([display_image(im) for im in torch.cat([probe[None], near])]), side)
+    colours = torch.tensor(UNKNOWN_CLASS_FRAME).repeat(len(tiles), 1)
+    colours[0] = torch.tensor(PROBE_FRAME)
+    if same is not None:
+        colours[1:] = torch.where(same.view(-1, 1), torch.tensor(SAME_CLASS_FRAME), torch.tensor(OTHER_CLASS_FRAME))
+    return frame(tiles, colours)
+
+
+def grid_filmstrip(frames: Sequence[tuple[str, np.ndarray]], *, width: int = CARD_WIDTH, gap: int = 4) -> np.ndarray:
+    """Small frames (each carrying its own label) wrapped into rows ``width`` wide, oldest first."""
+    images = [f for _, f in frames]
+    per_row = max(1, (width + gap) // (max(f.shape[1] for f in images) + gap))
+    rows = [hstack(images[i : i + per_row], gap=gap) for i in range(0, len(images), per_row)]
+    return stack_rows(rows, gap=gap)
+
+
+def featurevis_panel(
+    images: torch.Tensor, labels: Sequence[str], tile_size: int, *, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature-visualisation images at card width: per starting noise a caption, then its images wrapped into rows,
+    each tile labelled (``ch 5``, ``class 3``); and the first noise's images as one small row for a filmstrip
+    (:func:`column_filmstrip`). A grayscale network's images stay gray (one channel is drawn as gray, never coloured).
+
+    Shape:
+        images: (S * len(labels), C, h, w) float in [0, 1], seed-major. Returns two (H, W, 3) uint8 images.
+    """
+    width = width or CARD_WIDTH
+    per_seed = len(labels)
+    side = min(tile_size, width - 2)
+    ncol = max(1, (width - 1) // (side + 1))
+    tiles = resize_tiles(to_rgb(images.detach().float().cpu()), side)
+    parts = []
+    seeds = len(tiles) // per_seed
+    for s in range(seeds):
+        if seeds > 1:
+            parts.append(text_strip(f"starting noise {s}", width))
+        chunk = tiles[s * per_seed : (s + 1) * per_seed]
+        parts.append(numbered_grid(chunk, list(labels), ncol=min(ncol, per_seed), max_side=10_000))
+    small = fit_tile_side(per_seed, tile_size, width=width, left=36)
+    return stack_rows(parts, gap=2), tile_row(tiles[:per_seed], small)
+
+
+def exemplar_panel(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    projections: torch.Tensor,
+    found: torch.Tensor,
+    channels: Sequence[int],
+    tile_size: int,
+    *,
+    show_full: bool = False,
+    classes: Sequence[Sequence[str]] | None = None,
+    width: int | None = None,
+) -> np.ndarray | None:
+    """Exemplars at card width: per channel a caption (``ch 5``, and its exemplars' classes when ``classes`` gives
+    them, most frequent first), then its exemplars' :func:`exemplar_tiles` wrapped into rows, never splitting one
+    exemplar's tiles, then a line saying what the tiles are. Returns ``None`` when no channel has an exemplar.
+
+    Exemplars are ordered channel-major (channel ``c``'s ``j``-th exemplar at ``c * k + j``); those with
+    ``found[c, j]`` false (fewer samples than ``k``) are left out.
+
+    Shape:
+        images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool; classes: per channel, the
+        class name of each found exemplar. Returns (H', W', 3) uint8, at most ``width`` (default 350) wide.
+    """
+    from collections import Counter
+
+    width = width or CARD_WIDTH
+    per_item = 3 if show_full else 2
+    side = min(tile_size, (width - 1) // per_item - 1)
+    rows = []
+    for ci, channel in enumerate(channels):
+        tiles = _channel_exemplar_tiles(images, boxes, projections, found, ci, side, show_full)
+        if not tiles:
+            continue
+        caption = f"ch {channel}"
+        if classes is not None and classes[ci]:
+            counts = Counter(classes[ci]).most_common()
+            caption += ": " + ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts)
+        rows.append((caption, torch.stack(tiles)))
+    if not rows:
+        return None
+    key = "per exemplar: its crop, then what the channel sees (grey = 0)"
+    return stack_rows([caption_strips(rows, tiles_per_item=per_item, width=width), text_strip(key, width)], gap=2)

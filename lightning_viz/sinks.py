@@ -519,17 +519,38 @@ def write_projector_step(
     del config.embeddings[:]
     config.embeddings.extend(kept)
     info = config.embeddings.add()
-    info.tensor_name = f"{tag}:{step:08d}"
     info.tensor_path = os.path.join(subdir, "tensors.tsv")
     info.metadata_path = os.path.join(subdir, "metadata.tsv")
     if thumbnails is not None:
         info.sprite.image_path = os.path.join(subdir, "sprite.png")
         info.sprite.single_image_dim.extend([thumbnails.shape[-1], thumbnails.shape[-2]])
+    name_projector_steps(config, tag)
     tmp = config_path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text_format.MessageToString(config))
     os.replace(tmp, config_path)
     return os.path.join(path, "tensors.tsv")
+
+
+def _projector_step(tag: str, tensor_path: str) -> int | None:
+    parts = tensor_path.replace(os.sep, "/").split("/")
+    if len(parts) == 3 and parts[0] == tag and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def name_projector_steps(config: Any, tag: str) -> None:
+    """Name ``tag``'s embeddings so the projector opens on the latest: it lists embeddings with metadata sorted by
+    name and opens the first, so the newest step is ``"<tag>: latest (step N)"`` and the others
+    ``"<tag>: step 00000N"`` ("l" sorts before "s"). Entries of other tags are left as they are."""
+    steps = [_projector_step(tag, e.tensor_path) for e in config.embeddings]
+    known = [s for s in steps if s is not None]
+    if not known:
+        return
+    newest = max(known)
+    for embedding, step in zip(config.embeddings, steps):
+        if step is not None:
+            embedding.tensor_name = f"{tag}: latest (step {step})" if step == newest else f"{tag}: step {step:08d}"
 
 
 # ---- TensorBoard custom-scalars layout ----

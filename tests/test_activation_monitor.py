@@ -89,8 +89,8 @@ def test_planted_dead_channels_are_exactly_reported(tmp_path, pl_ns):
     assert events.scalars("activations/sparsity/model.relu")[-1][1] == pytest.approx(expected, abs=1e-6)
     for tag in ("activations/firing_rate/model.relu", "activations/values/model.relu"):
         assert tag in events.tags["histograms"]
-    assert events.image_steps("activations/dead_history/model.relu") == [4, 8, 12]
-    history = events.image("activations/dead_history/model.relu")
+    assert events.image_steps("activations/dead_channels_by_layer") == [4, 8, 12]  # one picture for the model
+    history = events.image("activations/dead_channels_by_layer")
     red = (history[..., 0] > 200) & (history[..., 1] < 30) & (history[..., 2] < 60)
     assert red.any()
     assert events.image_steps("activations/maps/model.relu") == [4, 8, 12]

@@ -264,7 +264,7 @@ def test_report_is_one_self_contained_page_per_run(scenario_runs, tmp_path):
     assert "CRITICAL: dead filters" in text and "never fire on the validation data" in text
     assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert all(link.startswith("data:") for link in page.links) and page.scripts == 0
-    assert "activations/dead_history/model.4" in text
+    assert "activations/dead_channels_by_layer" in text
 
 
 def test_report_escapes_what_it_reads(tmp_path):

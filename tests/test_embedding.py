@@ -176,7 +176,8 @@ def test_projector_files_for_every_step_also_after_resume(tmp_path, pl_ns):
     )
     assert second._indices == first._indices and len(first._indices) == 50  # the same subset after resuming
     embeddings = _read_projector(str(tmp_path / "run" / "version_0"))
-    assert [name for name, *_ in embeddings] == [f"embedding:{s:08d}" for s in (0, 1, 2, 3, 4)]
+    names = [name for name, *_ in embeddings]
+    assert names == [*(f"embedding: step {s:08d}" for s in (0, 1, 2, 3)), "embedding: latest (step 4)"]
     for _, shape, metadata, sprite_size, single in embeddings:
         assert shape == (50, 8)
         assert metadata[0] == "label\tpredicted" and len(metadata) == 51

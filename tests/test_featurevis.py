@@ -131,7 +131,8 @@ def test_monitor_logs_grid_and_filmstrip_and_leaves_training_alone(tmp_path, pl_
     assert events.image_steps("featurevis/model.conv2") == [0, 2, 4]
     assert events.image_steps("featurevis/filmstrip/model.conv2") == [0, 2, 4]
     grid = events.image("featurevis/model.conv2")
-    assert grid.shape[0] == 14 + 2 * (64 + 2)  # header + a row per seed
+    caption, rows = 11 + 5, -(-16 // (349 // 65))  # per seed: "starting noise s", then 16 tiles wrapped, 5 a row
+    assert grid.shape == (2 * (caption + rows * 65 + 1) + 3 * 2, 350, 3)  # TensorBoard's card, 5 * 65 + 1 px of tiles
     assert len(bus_for(trainer).latest(FeatureVisStats)["model.conv2"].channels) == 16
     assert hook_count(module) == hooks and all(p.grad is None for p in module.parameters())
 

@@ -153,7 +153,11 @@ def test_state_dict_roundtrip_keeps_initial_weights_and_filmstrip(tmp_path, pl_n
     restored = FilterMonitor()
     restored.load_state_dict(state)
     assert torch.equal(restored._initial["model.conv1"], monitor._initial["model.conv1"])
-    assert [label for label, _ in restored._filmstrips["model.conv1"].frames] == ["ep 0", "ep 1", "ep 2"]
+    assert [label for label, _ in restored._filmstrips["model.conv1"].frames] == [
+        "init",
+        "ep 0",
+        "ep 1",
+    ]  # Lightning's count
     assert restored.state_key == monitor.state_key
 
 
@@ -173,7 +177,7 @@ def test_resume_continues_same_evidence(tmp_path, pl_ns):
     trainer2.fit(make_module(pl_ns), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     events = Events(str(tmp_path / "run"))
     assert events.image_steps("filters/model.conv1") == [0, 4, 8, 12]  # no second baseline, steps increase
-    assert [label for label, _ in first._filmstrips["model.conv1"].frames] == ["ep 0", "ep 1", "ep 2", "ep 3"]
+    assert [label for label, _ in first._filmstrips["model.conv1"].frames] == ["init", "ep 0", "ep 1", "ep 2"]
     dist = [v for _, v in events.scalars("filters/distance_from_init/model.conv1")]
     assert dist[0] == 0 and all(b > a for a, b in zip(dist, dist[1:]))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from types import SimpleNamespace
 
@@ -159,3 +161,208 @@ def test_class_names_come_from_the_data_or_the_datamodule():
     assert (
         class_name(1, ["cat", "dog"]) == "dog" and class_name(7, ["cat", "dog"]) == "7" and class_name(3, None) == "3"
     )
+
+
+# ------------------------------------------------------------------------------------------ the default suite, as seen
+def _tb_order(a: str, b: str) -> int:
+    """TensorBoard's tag order (its Time Series ``compareTagNames``): digit runs compare as numbers, '/' and digits
+    sort before other characters, everything else by character code."""
+
+    def special(ch: str) -> bool:
+        return ch == "/" or ch.isdigit()
+
+    i = j = 0
+    while True:
+        if i == len(a):
+            return 0 if j == len(b) else -1
+        if j == len(b):
+            return 1
+        if a[i].isdigit() and b[j].isdigit():
+            si, sj = i, j
+            while i < len(a) and a[i].isdigit():
+                i += 1
+            while j < len(b) and b[j].isdigit():
+                j += 1
+            x, y = int(a[si:i]), int(b[sj:j])
+            if x != y:
+                return -1 if x < y else 1
+            continue
+        if special(a[i]) != special(b[j]):
+            return -1 if special(a[i]) else 1
+        if a[i] != b[j]:
+            return -1 if a[i] < b[j] else 1
+        i += 1
+        j += 1
+
+
+def _time_series_groups(tags: list[str]) -> list[tuple[str, list[str]]]:
+    """The Time Series tab's groups in display order: tags sorted as TensorBoard does, grouped by their first part."""
+    import functools
+
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(tags, key=functools.cmp_to_key(_tb_order)):
+        groups.setdefault(tag.split("/", 1)[0], []).append(tag)
+    return list(groups.items())
+
+
+def _ramp_rows(image: np.ndarray, colormap: str, min_length: int = 150) -> list[int]:
+    """Rows of ``image`` holding a colour bar of ``colormap``: a run of at least ``min_length`` pixels whose colours
+    follow the map from its low end to its high end."""
+    lut = (render.apply_colormap(torch.linspace(0, 1, 256).view(1, -1), colormap)[:, 0].T * 255).numpy()
+    rows = []
+    for y in range(image.shape[0]):
+        row = image[y].astype(float)
+        dist = ((row[:, None, :] - lut[None]) ** 2).sum(-1)
+        index, err = dist.argmin(1), np.sqrt(dist.min(1))
+        on = np.flatnonzero(err < 12)
+        if len(on) >= min_length:
+            run = index[on[0] : on[-1] + 1]
+            if run[-1] - run[0] > 200 and (np.diff(run) >= -3).mean() > 0.95:
+                rows.append(y)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    """The default suite on a tiny CNN, 2 epochs, classes named on the dataset: (Events, log dir, the callbacks)."""
+    import pytorch_lightning as pl
+    from conftest import Events, loaders, make_module, trainer_kwargs
+
+    import lightning_viz
+
+    tmp = tmp_path_factory.mktemp("suite")
+    train, val = loaders(n=64)
+    train.dataset.classes = val.dataset.classes = ["cat", "dog", "bird", "fish"]
+    callbacks = lightning_viz.default_suite(
+        budget=None,
+        max_overhead=100.0,
+        saliency={"smoothgrad_samples": 4},
+        embedding={"every_n_epochs": 1, "reducer": "pca"},
+        featurevis={"steps": 8, "max_channels": 4},
+        exemplars={"max_samples": 64, "max_channels": 4},
+    )
+    logger = pl.loggers.TensorBoardLogger(str(tmp), name="run", version=0)
+    trainer = pl.Trainer(callbacks=callbacks, logger=logger, **trainer_kwargs(tmp))
+    trainer.fit(make_module(pl), train, val)
+    return Events(str(tmp / "run")), str(tmp / "run" / "version_0"), callbacks
+
+
+def test_every_image_of_the_default_suite_fits_tensorboards_card(suite_run):
+    events, _, _ = suite_run
+    tags = events.tags["images"]
+    assert len(tags) >= 12
+    for tag in tags:
+        if tag.startswith(render.ACTUAL_SIZE_TAGS) and render.ACTUAL_SIZE_TAGS:
+            continue
+        for index in range(len(events.image_steps(tag))):
+            width = events.image(tag, index).shape[1]
+            assert width <= render.CARD_WIDTH, f"{tag} is {width} px wide: TensorBoard would shrink its labels"
+
+
+def test_tensorboard_opens_on_pictures_one_dead_history_per_model_and_latest_projector(suite_run):
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    events, log_dir, _ = suite_run
+    cards = events.tags["scalars"] + events.tags["images"] + events.tags["histograms"]
+    groups = _time_series_groups(cards)
+    first_cards = [tags[0] for _, tags in groups[:2]]  # TensorBoard expands the first two groups
+    assert not any("dead_count" in tag for tag in first_cards), first_cards
+    assert groups[0][1][0] == "activations/dead_channels_by_layer"  # a picture of every layer, not a flat chart
+    dead_pictures = [t for t in events.tags["images"] if "dead" in t]
+    assert dead_pictures == ["activations/dead_channels_by_layer"]  # one card per model, not one per layer
+    config = ProjectorConfig()
+    with open(os.path.join(log_dir, "projector_config.pbtxt")) as f:
+        text_format.Merge(f.read(), config)
+    steps = [int(e.tensor_path.split("/")[1]) for e in config.embeddings]
+    opened = min(config.embeddings, key=lambda e: e.tensor_name)  # the projector sorts by name, opens the first
+    assert int(opened.tensor_path.split("/")[1]) == max(steps) and len(steps) >= 2
+
+
+def test_class_names_replace_numbers_wherever_a_class_is_shown(suite_run):
+    events, log_dir, callbacks = suite_run
+    meta = sorted(glob.glob(os.path.join(log_dir, "embedding", "*", "metadata.tsv")))[-1]
+    with open(meta) as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    assert {r[0] for r in rows} <= {"cat", "dog", "bird", "fish"} and {r[1] for r in rows} <= {
+        "cat",
+        "dog",
+        "bird",
+        "fish",
+    }
+    names = {"cat", "dog", "bird", "fish"}
+    exemplars = next(c for c in callbacks if type(c).__name__ == "ExemplarMonitor")
+    assert exemplars._class_names == ["cat", "dog", "bird", "fish"]
+    saliency = next(c for c in callbacks if type(c).__name__ == "SaliencyMonitor")
+    labels = saliency.probes.labels
+    probs = torch.tensor([0.1, 0.7, 0.1, 0.1])
+    caption = render.row_caption(0, int(labels[0]), probs, labels, ["cat", "dog", "bird", "fish"])
+    assert (
+        caption.startswith(f"p0: true {['cat', 'dog', 'bird', 'fish'][int(labels[0])]}") and "pred dog 0.70" in caption
+    )
+    assert names  # the pictures: legend, neighbour captions and the occlusion key are drawn from the same names
+
+
+def test_colour_bars_under_heat_maps_with_the_scale_meaning(suite_run):
+    events, _, _ = suite_run
+    grid = events.image("saliency/grid")
+    saliency_bar, probability_bar = _ramp_rows(grid, "inferno"), _ramp_rows(grid, "viridis")
+    assert saliency_bar and probability_bar  # "per-map 99th percentile" and "probability 0-1"
+    assert min(saliency_bar) > 0.6 * grid.shape[0]  # under the tiles
+    for tag in ("activations/maps/model.relu1", "activations/maps/model.relu2"):
+        assert _ramp_rows(events.image(tag), "inferno"), tag
+    history = events.image("activations/dead_channels_by_layer")
+    assert _ramp_rows(history, "viridis")
+    assert history.shape[1] == render.CARD_WIDTH
+
+
+def test_epoch_labels_follow_lightnings_count():
+    assert [render.epoch_label(e) for e in (0, 1, 2, 10)] == ["init", "ep 0", "ep 1", "ep 9"]
+
+
+def test_filmstrip_frames_are_labelled_init_then_lightning_epochs(suite_run):
+    _, _, callbacks = suite_run
+    filters = next(c for c in callbacks if type(c).__name__ == "FilterMonitor")
+    (strip,) = filters._filmstrips.values()
+    assert [label for label, _ in strip.frames] == ["init", "ep 0", "ep 1"]
+
+
+def test_dead_history_of_a_fifteen_layer_model_is_one_card_wide_image():
+    layers = [
+        (f"features.{i}.relu", [("init", torch.rand(16 * (i + 1))), ("ep 0", torch.zeros(16 * (i + 1)))])
+        for i in range(15)
+    ]
+    image = render.dead_history_panel(layers)
+    assert image.shape[1] == render.CARD_WIDTH and image.shape[0] > 15 * 20
+    red = (image[..., 0] > 200) & (image[..., 1] < 30) & (image[..., 2] < 30)
+    assert red.sum() > 15 * 250  # every layer's dead row, folded to the card's width, is red
+
+
+def test_saliency_headers_are_never_cut():
+    tiles = torch.rand(1, 9, 3, 30, 30)
+    titles = [
+        "input",
+        "gradient",
+        "smoothgrad",
+        "guided bp",
+        "deconvnet",
+        "Grad-CAM",
+        "FullGrad",
+        "occl. prob",
+        "occl. top",
+    ]
+    head = render.vertical_header(titles, 30)
+    font = render.label_font(render.MIN_TEXT_PX)
+    longest = max(render._text_width(t, font) for t in titles)
+    assert head.shape[0] >= longest  # written upright along the column: every letter of "smoothgrad" shows
+    panel = render.saliency_panel(tiles, titles, ["p0: true cat, pred dog 0.70"], bars=["saliency", "occlusion"])
+    assert panel.shape[1] <= render.CARD_WIDTH
+
+
+def test_featurevis_of_a_grayscale_network_is_gray():
+    images = torch.rand(4, 1, 12, 12)
+    grid, row = render.featurevis_panel(images, ["ch 0", "ch 1", "ch 2", "ch 3"], 64)
+    for image in (grid, row):
+        plain = image.astype(int)
+        assert (plain[..., 0] == plain[..., 1]).all() and (plain[..., 1] == plain[..., 2]).all()
+    assert grid.shape[1] <= render.CARD_WIDTH

@@ -37,21 +37,29 @@ def test_sprite_tile_side_keeps_the_sheet_within_the_projector_limit(count, want
     assert side == expected and side * int(np.ceil(np.sqrt(count))) <= render.SPRITE_LIMIT == 8192
 
 
-def _frame_colour(strip: np.ndarray, row_top: int, column: int, tile: int = 40) -> tuple[int, ...]:
-    left = 64 + 1 + column * (tile + 1)  # label margin, grid padding
-    return tuple(int(v) for v in strip[row_top + 1, left + tile // 2])
+def _frame_colour(strip: np.ndarray, grid_top: int, column: int, tile: int = 40) -> tuple[int, ...]:
+    left = 1 + column * (tile + 1)  # grid padding
+    return tuple(int(v) for v in strip[grid_top + 1, left + tile // 2])
 
 
 def test_neighbour_strips_frame_probe_black_same_green_other_red_unknown_grey():
     probes, near = _images(2), [_images(3), _images(3)]
     same = [torch.tensor([True, False, True]), None]
-    strip = render.neighbour_strips(probes, near, same)
-    row = 40 + 2  # tile plus grid padding
-    assert strip.dtype == np.uint8 and strip.shape == (2 * row + 2, 64 + 4 * 41 + 1, 3)
+    strip = render.neighbour_strips(probes, near, same, names=(torch.tensor([2, 0]), ["cat", "dog", "bird"]))
+    assert strip.dtype == np.uint8 and strip.shape[1] == render.CARD_WIDTH
+    caption = render.MIN_TEXT_PX + 5 + 1  # a caption line above each row of tiles
+    row = caption + 40 + 2 + 1  # caption, tile plus grid padding, gap
     green, red, grey = (26, 178, 26), (230, 26, 26), (128, 128, 128)
-    assert [_frame_colour(strip, 0, c) for c in range(4)] == [(0, 0, 0), green, red, green]
-    assert [_frame_colour(strip, row + 2, c) for c in range(4)] == [(0, 0, 0), grey, grey, grey]
-    assert (strip[:, :3] == 255).all()  # the label margin is white at its left edge
+    assert [_frame_colour(strip, caption, c) for c in range(4)] == [(0, 0, 0), green, red, green]
+    assert [_frame_colour(strip, row + caption, c) for c in range(4)] == [(0, 0, 0), grey, grey, grey]
+    assert (strip[:caption, :] < 100).any()  # the caption "probe 0: bird" is written above the first row
+    assert not render.neighbour_strips(probes, near, same).shape[0] < strip.shape[0]
+
+
+def test_neighbour_strips_shrink_tiles_to_fit_the_card():
+    probes, near = _images(1), [_images(12)]
+    strip = render.neighbour_strips(probes, near, [None], tile=64)
+    assert strip.shape[1] == render.CARD_WIDTH  # 13 tiles of 64 px would be 846 px wide
 
 
 def test_neighbour_strips_do_not_modify_their_inputs():
@@ -66,19 +74,24 @@ def test_embedding_map_and_its_filmstrip_frame():
     labels = np.arange(40) % 4
     image, frame = render.embedding_map(coords, labels, reducer="umap", epochs_done=3, class_names=list("abcd"))
     assert image.dtype == frame.dtype == np.uint8
-    assert image.shape == (480 + 16, 480 + 110, 3) and frame.shape == (160 + 16, 160 + 110, 3)
-    assert np.array_equal(
-        image, render.scatter(coords, labels, title="umap of the code, epoch 3", class_names=list("abcd"))
+    assert image.shape == (270 + 16, render.CARD_WIDTH, 3) and frame.shape == (108 + 16, 108, 3)  # legend: 80 px
+    expected = render.scatter(
+        coords, labels, size=270, title="umap of the code, after epoch 2", class_names=list("abcd"), legend_width=80
     )
+    assert np.array_equal(image, expected)
+    long_names = ["immunohistochemistry", "hubble_deep_field", "c", "d"]
+    wide, _ = render.embedding_map(coords, labels, reducer="umap", epochs_done=3, class_names=long_names)
+    assert wide.shape[1] == render.CARD_WIDTH and wide.shape[0] < image.shape[0]  # a wider legend, a smaller plot
     grey, _ = render.embedding_map(coords, None, reducer="pca", epochs_done=0)
-    assert grey.shape == (496, 480, 3)  # no legend without labels
+    assert grey.shape == (render.CARD_WIDTH + 16, render.CARD_WIDTH, 3)  # no legend without labels
     assert (np.abs(grey[..., 0].astype(int) - grey[..., 2].astype(int)) <= 60).all()
 
 
-def test_map_filmstrip_draws_frames_side_by_side():
-    strip = render.Filmstrip(2)
-    for epoch in range(3):
+def test_map_filmstrip_wraps_frames_into_rows_at_card_width():
+    strip = render.Filmstrip(4)
+    for epoch in range(5):
         _, frame = render.embedding_map(np.zeros((3, 2)), np.arange(3), reducer="pca", epochs_done=epoch)
-        strip.push(f"ep {epoch}", frame)
-    assert [label for label, _ in strip.frames] == ["ep 1", "ep 2"]
-    assert strip.columns().shape == (176, 2 * 270 + 4, 3)
+        strip.push("", frame)
+    assert len(strip) == 4
+    image = render.grid_filmstrip(strip.images())
+    assert image.shape == (2 * 124 + 4, 3 * 108 + 2 * 4, 3)  # three frames per row, then the fourth

@@ -53,21 +53,22 @@ def test_exemplar_tiles_show_the_crop_and_its_projection():
     assert torch.equal(full[:, 4, 4:8], YELLOW.view(3, 1).expand(3, 4))  # the outline, enlarged twice
 
 
-def test_exemplar_rows_one_labelled_row_per_channel_without_missing_exemplars():
+def test_exemplar_panel_one_captioned_block_per_channel_without_missing_exemplars():
     k, size = 3, 8
     images = torch.rand(2 * k, 1, 12, 12, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[0, 0, 6, 6]]).repeat(2 * k, 1)
     found = torch.tensor([[True, True, False], [True, False, False]])
-    grid = render.exemplar_rows(images, boxes, images, found, [5, 9], size)
-    assert grid.dtype == np.uint8
+    grid = render.exemplar_panel(images, boxes, images, found, [5, 9], size, classes=[["cat", "cat"], ["dog"]])
+    assert grid.dtype == np.uint8 and grid.shape[1] == render.CARD_WIDTH
+    caption = render.MIN_TEXT_PX + 5 + 1
     row_height = size + 2  # one tile plus the grid's padding
-    assert grid.shape == (2 * row_height + 2, 64 + 1 + 4 * (size + 1), 3)  # two rows, 2 x 2 tiles in the first
-    second_row = grid[row_height + 2 :, 64:]
-    assert (second_row[:, 2 * (size + 1) + 1 :] == 255).all()  # channel 9 has one exemplar: two tiles, then white
-    assert (grid[:, :64] < 128).any()  # the `ch N` label
-    assert render.exemplar_rows(images, boxes, images, torch.zeros(2, k, dtype=torch.bool), [5, 9], size) is None
-    with_full = render.exemplar_rows(images, boxes, images, found, [5, 9], size, show_full=True)
-    assert with_full.shape[1] == 64 + 1 + 6 * (size + 1)
+    second_tiles = grid[caption + row_height + 1 + caption : caption + row_height + 1 + caption + row_height]
+    assert (second_tiles[:, 2 * (size + 1) + 1 :] == 255).all()  # channel 9 has one exemplar: two tiles, then white
+    assert (grid[:caption] < 128).any()  # the caption "ch 5: cat x2"
+    assert render.exemplar_panel(images, boxes, images, torch.zeros(2, k, dtype=torch.bool), [5, 9], size) is None
+    wide = render.exemplar_panel(images.repeat(10, 1, 1, 1), boxes.repeat(10, 1), images.repeat(10, 1, 1, 1),
+                                 torch.ones(2, 3 * 10, dtype=torch.bool), [5, 9], 40, show_full=True)  # fmt: skip
+    assert wide.shape[1] == render.CARD_WIDTH  # 90 tiles of 40 px wrap into rows, three tiles per exemplar
 
 
 def test_exemplar_table_lists_dataset_indices_and_scores():

@@ -55,8 +55,9 @@ def test_resume_continues_with_the_same_probes_state_and_steps(tmp_path, pl_ns):
     assert [e for e, _ in diagnosis._history["train_loss"]] == [1, 2, 3, 4]  # history carried over the resume
     with open(tmp_path / "run" / "version_0" / "projector_config.pbtxt") as f:
         config = f.read()
-    for step in (0, 3, 6, 9, 12):
-        assert f'tensor_name: "embedding:{step:08d}"' in config
+    for step in (0, 3, 6, 9):
+        assert f'tensor_name: "embedding: step {step:08d}"' in config
+    assert 'tensor_name: "embedding: latest (step 12)"' in config
 
 
 def _rss_bytes() -> int:

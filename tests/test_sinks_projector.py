@@ -46,7 +46,7 @@ def test_metadata_sprite_and_tensor_path_of_one_step(tmp_path):
     assert tsv == os.path.join(str(tmp_path), "embedding", "00000003", "tensors.tsv")
     config = _config(str(tmp_path))
     (info,) = config.embeddings
-    assert info.tensor_name == "embedding:00000003" and info.tensor_path == "embedding/00000003/tensors.tsv"
+    assert info.tensor_name == "embedding: latest (step 3)" and info.tensor_path == "embedding/00000003/tensors.tsv"
     with open(tmp_path / info.metadata_path) as f:
         rows = f.read().splitlines()
     assert rows[0] == "label\tpredicted" and rows[1:4] == ["c0\t?", "c1\t?", "c2\t?"] and len(rows) == 11
@@ -65,7 +65,9 @@ def test_config_lists_every_step_also_after_a_second_writer_process(tmp_path):
     subprocess.run([sys.executable, "-c", code, log_dir], check=True, env=env)
     _write(log_dir, 3, thumbs=False)
     config = _config(log_dir)
-    assert [e.tensor_name for e in config.embeddings] == [f"embedding:{s:08d}" for s in range(4)]
+    names = [e.tensor_name for e in config.embeddings]
+    assert names == [*(f"embedding: step {s:08d}" for s in range(3)), "embedding: latest (step 3)"]
+    assert sorted(names)[0] == "embedding: latest (step 3)"  # the projector sorts by name and opens the first
     assert config.embeddings[3].sprite.image_path == ""  # no thumbnails, no sprite
     assert not os.path.exists(os.path.join(log_dir, "projector_config.pbtxt.tmp"))
 

@@ -103,7 +103,7 @@ def test_projector(server):
     assert run in runs
     info = _get(base, "/data/plugin/projector/info", run=run)
     names = [e["tensorName"] for e in info["embeddings"]]
-    assert names == ["embedding:00000000", "embedding:00000012"]
+    assert names == ["embedding: step 00000000", "embedding: latest (step 12)"]
     tensor = _get(base, "/data/plugin/projector/tensor", run=run, name=names[-1], num_rows=5)
     assert isinstance(tensor, bytes) and len(tensor) == 5 * 64 * 4  # float32 rows of the 64-d code
     metadata = _get(base, "/data/plugin/projector/metadata", run=run, name=names[-1], num_rows=3)

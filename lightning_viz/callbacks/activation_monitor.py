@@ -21,6 +21,10 @@ from lightning_viz.functional.activations import Site
 from lightning_viz.probes import ProbeSet
 from lightning_viz.records import ActivationStats
 
+#: One image of every layer's firing-rate history ("dead_channels_..." sorts before the per-layer "dead_count/..."
+#: charts, so TensorBoard's Time Series opens the group on this picture).
+DEAD_HISTORY_TAG = "activations/dead_channels_by_layer"
+
 if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
     import lightning.pytorch as pl
 
@@ -43,10 +47,12 @@ class ActivationMonitor(VizCallback):
     Logged per site: scalars ``activations/sparsity/<site>`` (share of values <= 0), ``activations/mean/<site>``
     and, for the ReLU family, ``activations/dead_fraction/<site>`` and ``activations/dead_count/<site>``; histograms
     ``activations/firing_rate/<site>`` (per channel) and ``activations/values/<site>`` (a bounded random sample);
-    image ``activations/dead_history/<site>`` (rows = logged epochs, columns = channels coloured by firing rate,
-    dead channels red); text ``activations/dead_channels`` (dead channel indices per site); and image
-    ``activations/maps/<site>`` for the map layers: each channel's map of one probe image as a tile, on one colour
-    scale per site and call (stated as ``activations/map_scale/<site>``), dead channels framed in red.
+    one image ``activations/dead_channels_by_layer`` for the whole model (per layer: rows = logged epochs, columns =
+    channels coloured by firing rate, dead channels red; a colour bar; its tag sorts before the per-layer charts in
+    TensorBoard); text ``activations/dead_channels`` (dead channel indices per site); and image
+    ``activations/maps/<site>`` for the map layers: the probe image, then each channel's map of it as a numbered tile,
+    on one colour scale per site and call (its colour bar states the value; also ``activations/map_scale/<site>``),
+    dead channels framed in red.
 
     Args:
         layers: names of activation modules (``nn.ReLU``, ``nn.GELU``, ...); default: all of them.
@@ -277,6 +283,9 @@ class ActivationMonitor(VizCallback):
         dead_rows = [row for row in dead if isinstance(row, tuple)]
         if dead_rows and self._sink is not None:
             self._sink.text("activations/dead_channels", render.dead_channel_table(dead_rows, epochs_done, step), step)
+            # one picture for the whole model (its tag sorts before the per-layer charts), not one card per layer
+            layers = [(site, self._history[site].frames) for site, _, _ in dead_rows]
+            self._sink.image(DEAD_HISTORY_TAG, render.dead_history_panel(layers), step)
         self._guard("maps", self._log_maps, trainer, pl_module, sites, step)
 
     def _log_site(self, site: str, key: Site, step: int, epochs_done: int) -> tuple[str, list[int], int] | None:
@@ -308,8 +317,7 @@ class ActivationMonitor(VizCallback):
             scalars[f"activations/dead_fraction/{site}"] = record["dead_fraction"]
             scalars[f"activations/dead_count/{site}"] = record["dead_count"]
             row = (site, indices, channels)
-            history = self._history[site].push(f"ep {epochs_done}", rate)
-            sink.image(f"activations/dead_history/{site}", render.firing_history(history.frames), step)
+            self._history[site].push(render.epoch_label(epochs_done), rate)
             record["dead_channels"] = tuple(indices)
         sink.scalars(scalars, step)
         sink.histogram(f"activations/firing_rate/{site}", rate[torch.isfinite(rate)], step)
@@ -329,6 +337,7 @@ class ActivationMonitor(VizCallback):
         if not self._map_modules or self._sink is None or not self._sink.writes_images:
             return
         image = self._probe_image(trainer).to(model_device(pl_module))
+        shown = render.display_image(image[0])
         modules = {n: self._modules[n] for n in self._map_modules}
         captured = A.site_maps(pl_module, modules, image, self._stats.layouts)
         for site, key in sites:
@@ -337,7 +346,9 @@ class ActivationMonitor(VizCallback):
             maps = captured[key][: self.max_channels]
             scale = A.map_scale(maps)
             dead = self._stats[key].dead_mask()[: len(maps)] if self._dead_defined.get(key[0]) else None
-            self._sink.image(f"activations/maps/{site}", render.activation_grid(maps, scale, dead), step)
+            title = f"{site}: probe {self.map_probe}"
+            panel = render.activation_panel(shown, maps, scale, dead, range(len(maps)), title=title)
+            self._sink.image(f"activations/maps/{site}", panel, step)
             self._sink.scalars({f"activations/map_scale/{site}": scale}, step)
 
     def _extra_state(self) -> dict[str, Any]:

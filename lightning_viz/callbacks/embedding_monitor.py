@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
+from lightning_viz._classes import find_class_names
 from lightning_viz._hooks import ValidationCodeCapture, capture
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
@@ -61,8 +62,9 @@ class EmbeddingMonitor(VizCallback):
         num_neighbours: neighbours shown per probe (was ``neighbours``); probes: the probe images (default: 6
             chosen from the validation data).
         knn_neighbours: neighbours that vote in the k-NN accuracy (was ``knn_k``).
-        batch_size: samples per forward pass; filmstrip_length: maps in the filmstrip.
-        class_names: optional names for the legend and metadata.
+        batch_size: samples per forward pass.
+        filmstrip_length: maps in the filmstrip.
+        class_names: names for the legend, neighbour strips and projector; default: found on the data or datamodule.
         **kwargs: ``every_n_epochs`` (default 3), ``on_error``, ``log_baseline``, ``seed``, ``max_overhead``.
     """
 
@@ -114,7 +116,7 @@ class EmbeddingMonitor(VizCallback):
         self.knn_neighbours = knn_neighbours
         self.batch_size = batch_size
         self.filmstrip_length = filmstrip_length
-        self.class_names = check.class_names("class_names", class_names)
+        self.class_names = self._class_names = check.class_names("class_names", class_names)  # or found on the data
         self._module: nn.Module | None = None
         self._use_input = False
         self._reference: np.ndarray | None = None
@@ -200,7 +202,7 @@ class EmbeddingMonitor(VizCallback):
         return render.sprite_tile_side(count, wanted)
 
     def _names(self, classes: torch.Tensor | None) -> list[str] | None:
-        names = self.class_names or []
+        names = self._class_names or []
         return None if classes is None else [names[c] if c < len(names) else str(c) for c in classes.tolist()]
 
     # --------------------------------------------------------------------------------------------------- log
@@ -208,6 +210,7 @@ class EmbeddingMonitor(VizCallback):
         sink = self._sink
         assert sink is not None
         projector = self.projector and sink.writes_images
+        self._class_names = self.class_names or find_class_names(trainer, pl_module)
         images, features, labels, predicted = self._gather(trainer, pl_module)
         thumbs = render.thumbnails(images, self._thumb_size(len(images), max(images.shape[-2:]))) if projector else None
         if labels is None:
@@ -234,12 +237,8 @@ class EmbeddingMonitor(VizCallback):
         assert self._sink is not None and self.probes.images is not None
         probe_images = self.probes.images
         idx, _ = E.nearest_neighbours(self._features(model, probe_images)[0], features, self.num_neighbours)
-        neighbours, same = [], []
-        for p, near in enumerate(idx):
-            neighbours.append(images[near])
-            probe_label = self.probes.labels[p] if self.probes.labels is not None else None
-            same.append(labels[near] == probe_label if labels is not None and probe_label is not None else None)
-        self._sink.image("embedding/neighbours", render.neighbour_strips(probe_images, neighbours, same), step)
+        strips = render.neighbours_of(probe_images, self.probes.labels, images, labels, idx, self._class_names)
+        self._sink.image("embedding/neighbours", strips, step)
 
     # --------------------------------------------------------------------------------- off-path projection
     def _submit(self, features: torch.Tensor, labels: Any, step: int, epochs_done: int, tsv: str | None) -> bool:
@@ -266,11 +265,11 @@ class EmbeddingMonitor(VizCallback):
             coords = E.procrustes_align(coords, self._reference)
         self._reference = coords
         image, frame = render.embedding_map(
-            coords, labels, reducer=self.reducer, epochs_done=epochs_done, class_names=self.class_names
+            coords, labels, reducer=self.reducer, epochs_done=epochs_done, class_names=self._class_names
         )
         assert (sink := self._sink) is not None
         sink.image("embedding/map", image, step)
-        sink.image("embedding/map_filmstrip", self._maps.push(f"ep {epochs_done}", frame).columns(), step)
+        sink.image("embedding/map_filmstrip", render.grid_filmstrip(self._maps.push("", frame).images()), step)
         sink.scalars({"embedding/projection_seconds": projection.seconds}, step)
         sink.flush()
 

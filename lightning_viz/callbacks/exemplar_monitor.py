@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_viz import _validate as check
 from lightning_viz import render
+from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._hooks import capture
 from lightning_viz._layers import check_channel_range, evenly_spaced, model_device, resolve_layers
 from lightning_viz.callbacks.base import VizCallback
@@ -90,6 +91,8 @@ class ExemplarMonitor(VizCallback):
         self.tile_size = tile_size
         self.batch_size = batch_size
         self._modules: dict[str, nn.Module] = {}
+        self._labels: torch.Tensor | None = None  # the scanned samples' labels, and the class names, of this call
+        self._class_names: list[str] | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "channels": self.channels}
@@ -124,7 +127,8 @@ class ExemplarMonitor(VizCallback):
         return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        kept, _, indices, _ = self._samples.samples(complete=True)
+        kept, labels, indices, _ = self._samples.samples(complete=True)
+        self._labels, self._class_names = labels, find_class_names(trainer, pl_module)  # for the captions
         scan = self._scan(pl_module, kept, indices)
         for name in self._modules:
             self._guard(f"layer {name}", self._log_layer, pl_module, kept, indices, name, scan, step, epochs_done)
@@ -169,8 +173,12 @@ class ExemplarMonitor(VizCallback):
         channels, top = scan.channels[name], scan.tops[name]
         images, boxes, projections = self._explain(pl_module, kept, indices, name, channels, top, scan.image_shape)
         found = torch.isfinite(top.scores)
-        grid = render.exemplar_rows(
-            images, boxes, projections, found, channels, self.tile_size, show_full=self.show_full
+        classes = None
+        if self._labels is not None:
+            ids = [[int(top.ids[ci, j]) for j in range(found.shape[1]) if found[ci, j]] for ci in range(len(channels))]
+            classes = [[class_name(int(self._labels[i]), self._class_names) for i in row] for row in ids]
+        grid = render.exemplar_panel(
+            images, boxes, projections, found, channels, self.tile_size, show_full=self.show_full, classes=classes
         )
         if grid is not None:
             sink.image(f"exemplars/{name}", grid, step)  # the sink caps its size (`max_image_side`)

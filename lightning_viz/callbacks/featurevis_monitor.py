@@ -217,10 +217,10 @@ class FeatureVisMonitor(VizCallback):
             )
         )
         labels = [f"{'class' if self.objective in _CLASS_OBJECTIVES else 'ch'} {t}" for t in targets]
-        grid, first_seed = render.featurevis_grid(result.images, labels, self.tile_size)
+        grid, first_seed = render.featurevis_panel(result.images, labels, self.tile_size)
         sink.image(f"featurevis/{tag}", grid, step)
-        strip = self._filmstrips[tag].push(f"ep {epochs_done}", first_seed).rows()
-        sink.image(f"featurevis/filmstrip/{tag}", render.with_header(labels, self.tile_size, [strip]), step)
+        strip = self._filmstrips[tag].push(render.epoch_label(epochs_done), first_seed).images()
+        sink.image(f"featurevis/filmstrip/{tag}", render.column_filmstrip(labels, strip, first_seed.shape[0] - 2), step)
 
     def _optimise(
         self,

@@ -175,10 +175,15 @@ class FilterMonitor(VizCallback):
                 max_channels=self.max_input_channels,
                 min_tile_pixels=self.min_tile_pixels,
             )
-            row = render.filter_row(weight, scale, filters=self.filmstrip_filters, min_tile_pixels=self.min_tile_pixels)
-            strip = self._filmstrips[name].push(f"ep {epochs_done}", row)
+            # the filmstrip's row fits TensorBoard's card: whole-pixel enlargements of the kernel, as many as fit
+            kernel = max(weight.shape[-2:])
+            fit = render.fit_tile_side(min(self.filmstrip_filters, len(weight)), self.min_tile_pixels, left=36)
+            row = render.filter_row(
+                weight, scale, filters=self.filmstrip_filters, min_tile_pixels=fit // kernel * kernel
+            )
+            strip = self._filmstrips[name].push(render.epoch_label(epochs_done), row)
             sink.image(f"filters/{name}", grid, step)
-            sink.image(f"filters/filmstrip/{name}", strip.rows(), step)
+            sink.image(f"filters/filmstrip/{name}", render.labelled_rows(strip.images()), step)
         for stat, values in stats.items():
             sink.histogram(f"filters/per_filter/{stat}/{name}", values, step)
         scalars = {f"filters/{stat}/{name}": mean for stat, mean in means.items() if mean is not None}

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
+from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
@@ -75,23 +76,28 @@ def _occlusion(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
 
 #: The methods, in the order their columns appear: a new method is one entry here.
 TABLE = (
-    Method("gradient", True, _gradient, (Column("map", "grad", render.heat_tiles),)),
-    Method("smoothgrad", True, _smoothgrad, (Column("map", "smooth", render.heat_tiles),)),
-    Method("guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided", render.signed_tiles, False),)),
-    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconv", render.signed_tiles, False),)),
-    Method("gradcam", True, _gradcam, (Column("map", "gradcam", render.heat_tiles),)),
-    Method("fullgrad", False, _fullgrad, (Column("map", "fullgrad", render.heat_tiles),)),  # needs BatchNorm biases
+    Method("gradient", True, _gradient, (Column("map", "gradient", render.heat_tiles),)),
+    Method("smoothgrad", True, _smoothgrad, (Column("map", "smoothgrad", render.heat_tiles),)),
+    Method(
+        "guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided bp", render.signed_tiles, False),)
+    ),
+    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconvnet", render.signed_tiles, False),)),
+    Method("gradcam", True, _gradcam, (Column("map", "Grad-CAM", render.heat_tiles),)),
+    Method("fullgrad", False, _fullgrad, (Column("map", "FullGrad", render.heat_tiles),)),  # needs BatchNorm biases
     Method(
         "occlusion",
         True,
         _occlusion,
         (
-            Column("probability", "occl p", render.probability_tiles),
-            Column("top_class", "occl top", render.class_map_tiles, False),
-            Column("layer_total", "occl act", render.heat_tiles),
+            Column("probability", "occl. prob", render.probability_tiles),
+            Column("top_class", "occl. top", render.class_map_tiles, False),
+            Column("layer_total", "occl. act", render.heat_tiles),
         ),
     ),
 )
+#: The colour bar each column's title needs under the grid (heat maps, occlusion probabilities).
+_BARS = {"gradient": "saliency", "smoothgrad": "saliency", "Grad-CAM": "saliency", "FullGrad": "saliency",
+         "occl. act": "saliency", "occl. prob": "occlusion"}  # fmt: skip
 _BY_NAME = {method.name: method for method in TABLE}
 #: Available methods, in the order their columns appear.
 METHODS = tuple(_BY_NAME)
@@ -102,7 +108,8 @@ class SaliencyMonitor(VizCallback):
 
     Grid (tag ``saliency/grid``): a row per probe and target class, a column for the input and one per method. Each
     probe is explained for its true class (when labels are known) and, when the prediction differs, for the
-    predicted class in a second row; row labels give both and the predicted probability. Filmstrips
+    predicted class in a second row; a caption over each row gives both, by class name where the data names its
+    classes, and the predicted probability. Filmstrips
     (``saliency/filmstrip/probe_XX``): the first row of the first ``filmstrip_probes`` probes over logged epochs.
 
     Columns: ``gradient``, ``smoothgrad``, ``gradcam``, ``fullgrad``: heat maps over the grayscale image, each scaled
@@ -125,7 +132,8 @@ class SaliencyMonitor(VizCallback):
         occlusion_window, occlusion_stride, occlusion_baseline: the occluding square, its step and its value.
         occlusion_layer: optionally, a layer whose strongest channel's total activation is mapped too.
         batch_size: images per forward/backward pass (SmoothGrad copies, occluded images are batched too).
-        max_probes: at most this many probes are explained. tile_size: side of each tile in pixels.
+        max_probes: at most this many probes are explained. tile_size: side of each tile in pixels (smaller when
+            the columns would not fit TensorBoard's 350 px card; the grid carries its colour bars and class key).
         head: how the outputs read as classes (:func:`~lightning_viz.functional.saliency.head_outputs`): ``softmax``,
             ``sigmoid`` (one logit, class 1 if ``logit > 0``), ``multilabel`` (a sigmoid per class); ``auto``: by size.
         filmstrip_probes, filmstrip_length: how many probes get a filmstrip, and how many epochs it shows.
@@ -285,12 +293,13 @@ class SaliencyMonitor(VizCallback):
         with torch.no_grad():
             probs, predicted = sal.head_outputs(fast(x.clone()), self.head)
         index, target = sal.rows_to_explain(predicted, labels)
-        row_labels = [render.explained_label(int(p), int(c), probs[p], labels) for p, c in zip(index, target)]
+        names = find_class_names(trainer, pl_module)
+        captions = [render.row_caption(int(p), int(c), probs[p], labels, names) for p, c in zip(index, target)]
         inputs = Inputs(pl_module, fast, x[index.to(x.device)], target.to(x.device), x, index.to(x.device))
 
         # functional: each method's maps; render: a column of tiles per map
         display = torch.stack([render.display_image(img) for img in images])[index]
-        columns, titles = [display], ["input"]
+        columns, titles, classes = [display], ["input"], set()
         for method in methods:
             result = self._guard(method.name, method.compute, self, inputs)
             for column in method.columns if isinstance(result, dict) else ():
@@ -298,15 +307,21 @@ class SaliencyMonitor(VizCallback):
                     maps = result[column.key]
                     columns.append(column.draw(maps, display) if column.on_image else column.draw(maps))
                     titles.append(column.title)
-        tiles = render.column_tiles(columns, self.tile_size)  # (rows, columns, 3, s, s)
+                    classes |= set(maps.unique().tolist()) if column.key == "top_class" else set()
+        # sized for TensorBoard's card: `tile_size`, smaller when the columns would not fit its width
+        tiles = render.column_tiles(columns, render.fit_tile_side(len(columns), self.tile_size))
+        bars = list(dict.fromkeys(_BARS[t] for t in titles if t in _BARS))
+        key = (sorted(int(c) for c in classes), [class_name(int(c), names) for c in sorted(classes)])
 
         # sink: the grid, and a filmstrip of each of the first probes' first row
-        sink.image("saliency/grid", render.labelled_grid(tiles, titles, row_labels), step)  # capped by the sink
-        small = max(8, self.tile_size * 2 // 3)  # filmstrip rows accumulate: two thirds of the grid's tile size
+        sink.image("saliency/grid", render.saliency_panel(tiles, titles, captions, bars=bars, key=key), step)
+        small = render.fit_tile_side(len(columns), max(8, self.tile_size * 2 // 3), left=36)  # rows accumulate
         for probe in range(min(self.filmstrip_probes, len(images))):
             row = render.tile_row(tiles[int((index == probe).nonzero()[0])], small)
-            strip = self._filmstrips[probe].push(f"ep {epochs_done}", row).rows()
-            sink.image(f"saliency/filmstrip/probe_{probe:02d}", render.with_header(titles, small, [strip]), step)
+            strip = self._filmstrips[probe].push(render.epoch_label(epochs_done), row)
+            sink.image(
+                f"saliency/filmstrip/probe_{probe:02d}", render.column_filmstrip(titles, strip.images(), small), step
+            )
 
     @override
     def _release(self, pl_module: Any) -> None:
