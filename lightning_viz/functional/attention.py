@@ -470,7 +470,8 @@ def token_rank(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(relative_residual, effective_rank)`` per image. ``relative_residual`` is ``||X - 1 x_mean^T||_F /
         ||X||_F``: 0 when every token is the same vector (rank collapse), about 1 for unrelated tokens.
         ``effective_rank`` is ``exp`` of the entropy of the normalised singular values of ``X`` (Roy & Vetterli,
-        2007): 1 for a rank-1 ``X``, at most ``min(T, D)``. NaN where ``X`` is 0 or not finite.
+        2007): 1 for a rank-1 ``X``, at most ``min(T, D)``; both 0 for an all-zero ``X``, NaN where it is not
+        finite.
 
     Shape:
         tokens: (N, T, D). Returns (N,) and (N,).
@@ -478,10 +479,10 @@ def token_rank(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = tokens.detach().double()
     norm = x.flatten(1).norm(dim=1)
     residual = (x - x.mean(dim=1, keepdim=True)).flatten(1).norm(dim=1)
-    relative = torch.where(norm > 0, residual / norm.clamp_min(1e-300), torch.full_like(norm, math.nan))
+    relative = residual / norm.clamp_min(1e-300)  # 0 for an all-zero X: every token the same (zero) vector
     s = torch.linalg.svdvals(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
     p = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-300)
     plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
-    rank = (-plogp.sum(dim=-1)).exp()
-    bad = ~torch.isfinite(x.flatten(1)).all(dim=1) | (norm == 0)
+    rank = torch.where(norm > 0, (-plogp.sum(dim=-1)).exp(), torch.zeros_like(norm))
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
     return relative.masked_fill(bad, math.nan).float(), rank.masked_fill(bad, math.nan).float()
