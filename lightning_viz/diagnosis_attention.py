@@ -25,14 +25,14 @@ __all__ = ["attention_collapse", "rank_collapse"]
 
 
 def _collapsed_heads(first: AttentionStats, now: AttentionStats, max_keys: float, drop: float) -> list[int]:
-    """Heads of a layer that attend to about one token now (``exp(H) <= max_keys``) and whose entropy fell to at
-    most ``drop`` times its first logged value."""
+    """Heads of a layer that attend to about one token now (``exp(H) <= max_keys``) and whose effective number of
+    keys fell to at most ``drop`` times its first logged value."""
     if len(first.head_entropy) != len(now.head_entropy) or now.tokens < 2:
         return []
     return [
         h
         for h, (h0, h1) in enumerate(zip(first.head_entropy, now.head_entropy))
-        if math.isfinite(h1) and math.exp(h1) <= max_keys and h1 <= drop * h0
+        if math.isfinite(h1) and math.exp(h1) <= max_keys and math.exp(h1) <= drop * math.exp(h0)
     ]
 
 
@@ -51,7 +51,7 @@ def attention_collapse(
             baseline, epoch 0: each head is judged against its own first level).
         max_keys: a head attends to "about one token" when the effective number of keys it attends to,
             ``exp(entropy)``, is at most this;
-        drop: ... and its entropy fell to at most this share of its first logged value (attention that starts
+        drop: ... and that number fell to at most this share of its first logged value (attention that starts
             peaked is not a collapse).
         share: share of all heads (over all layers) collapsed that fires; ``critical_share`` makes it critical.
     """
@@ -99,8 +99,8 @@ def attention_collapse(
         evidence=[
             f"effective number of keys a head attends to (exp of the attention entropy), mean over heads: "
             f"{keys_now:.2f} at epoch {last_epoch}, {keys_then:.2f} at epoch {first_epoch}, of {tokens} tokens",
-            f"a head counts as collapsed at <= {max_keys:g} effective keys and an entropy fallen to <= {drop:.0%} of "
-            "its first logged value",
+            f"a head counts as collapsed at <= {max_keys:g} effective keys, fallen to <= {drop:.0%} of its first "
+            "logged number",
         ],
         table=table,
         tags=[
