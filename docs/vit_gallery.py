@@ -20,7 +20,6 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator as ea
@@ -41,18 +40,18 @@ PICTURES = {
 }
 
 
-class Module(pl.LightningModule):
+class Module(common.Classifier):
+    """The examples' classifier around a reduced timm ViT, with AdamW; ``sharpen`` plants an attention collapse."""
+
     def __init__(self, sharpen: float) -> None:
-        super().__init__()
         import timm
 
-        self.sharpen = sharpen
-        self.model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3, num_classes=6
+        vit = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        vit.reset_classifier(6)
+        super().__init__(vit, lr=1e-3, weight_decay=0.05)
+        self.sharpen = sharpen
 
     def on_train_epoch_start(self) -> None:
         if self.sharpen and self.current_epoch > 0:  # the plant: a falling softmax temperature
@@ -62,18 +61,8 @@ class Module(pl.LightningModule):
                     block.attn.qkv.weight[:d].mul_(self.sharpen)
                     block.attn.qkv.bias[:d].mul_(self.sharpen)
 
-    def training_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
     def configure_optimizers(self):  # noqa: D102
-        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 def train(logdir: str, name: str, sharpen: float) -> str:

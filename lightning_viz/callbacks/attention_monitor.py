@@ -205,14 +205,9 @@ class AttentionMonitor(VizCallback):
         names = list(self._modules)
         for name, x in tokens.items():
             residual, rank = (float(v.nanmean()) for v in A.token_rank(x))
-            residual_or_none = residual if math.isfinite(residual) else None
-            rank_or_none = rank if math.isfinite(rank) else None
-            scalars = {}
-            if residual_or_none is not None:
-                scalars[f"attention/token_residual/{name}"] = residual
-            if rank_or_none is not None:
-                scalars[f"attention/effective_rank/{name}"] = rank
-            self._sink.scalars(scalars, step)
+            values = {"token_residual": residual, "effective_rank": rank}
+            self._sink.scalars({f"attention/{k}/{name}": v for k, v in values.items() if math.isfinite(v)}, step)
+            finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
             self._publish(
                 TokenRankStats(
                     step=step,
@@ -223,8 +218,8 @@ class AttentionMonitor(VizCallback):
                     site=self._sites.get(name, name),
                     tokens=int(x.shape[1]),
                     dim=int(x.shape[2]),
-                    relative_residual=residual_or_none,
-                    effective_rank=rank_or_none,
+                    relative_residual=finite["token_residual"],
+                    effective_rank=finite["effective_rank"],
                 )
             )
 
