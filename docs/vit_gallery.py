@@ -6,8 +6,9 @@ A timm ``vit_tiny_patch16_224`` (``pretrained=False``) reduced to 32x32 images, 
 token), 4 blocks of width 48, trained for 5 epochs on 32x32 crops of scikit-image's photos with the
 :class:`AttentionMonitor`; a second run of the same model with a planted attention collapse (the query weights
 multiplied by 3 at each epoch start: a softmax temperature that falls) gives the entropy chart its contrast. Pictures:
-the latest ``attention/rollout`` and ``attention/heads/blocks.3.attn`` images and the ``attention/filmstrip/probe_00``
-filmstrip of the healthy run, and a chart of ``attention/normalized_entropy/<layer>`` of both runs.
+the latest ``attention/rollout`` and ``attention/heads/model.blocks.3.attn`` images and the
+``attention/filmstrip/probe_00`` filmstrip of the healthy run, and a chart of ``attention/normalized_entropy/<layer>``
+of both runs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lightning_viz.probes import ProbeSet  # noqa: E402
 
 PICTURES = {
     "vit_rollout": "attention/rollout",
-    "vit_heads": "attention/heads/blocks.3.attn",
+    "vit_heads": "attention/heads/model.blocks.3.attn",
     "vit_filmstrip": "attention/filmstrip/probe_00",
 }
 
@@ -95,8 +96,8 @@ def entropy_chart(runs: dict[str, ea.EventAccumulator], path: str) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(9, 3.2), sharey=True)
     for ax, (title, acc) in zip(axes, runs.items()):
         for layer in range(4):
-            events = acc.Scalars(f"attention/normalized_entropy/blocks.{layer}.attn")
-            ax.plot([e.step for e in events], [e.value for e in events], marker="o", label=f"blocks.{layer}.attn")
+            events = acc.Scalars(f"attention/normalized_entropy/model.blocks.{layer}.attn")
+            ax.plot([e.step for e in events], [e.value for e in events], marker="o", label=f"model.blocks.{layer}.attn")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1.05)
