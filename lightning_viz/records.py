@@ -310,3 +310,31 @@ class LossStats(Record):
     classes: int | None
     #: ``ln(classes)``: the cross-entropy of a uniform prediction.
     chance_loss: float | None
+
+
+# ---- rank collapse of the token representations (AttentionMonitor, issue #19) ----
+__all__ += ["TokenRankStats"]
+
+
+@dataclass(frozen=True)
+class TokenRankStats(Record):
+    """How far a transformer block's token representations are from rank 1 on the probe images (published by
+    :class:`~lightning_viz.AttentionMonitor`; ``subject`` is the block's attention module, as in
+    :class:`AttentionStats`).
+
+    Rank collapse (Dong et al., 2021: pure attention drives all tokens to one vector) shows as ``relative_residual``
+    near 0 and ``effective_rank`` near 1 in the deep blocks.
+    """
+
+    #: Position of the block among the attention layers (0 = nearest the input), and their number.
+    order: int
+    layers: int
+    #: The module whose output was measured (the block), or the attention module itself (then its input tokens).
+    site: str
+    #: Number of tokens and the width of their representations.
+    tokens: int
+    dim: int
+    #: ``||X - mean token||_F / ||X||_F``, mean over the probes: 0 when all tokens are the same vector.
+    relative_residual: float | None
+    #: ``exp`` of the entropy of the normalised singular values of ``X`` (1: rank one), mean over the probes.
+    effective_rank: float | None

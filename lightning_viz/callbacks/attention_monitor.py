@@ -16,7 +16,7 @@ from lightning_viz._layers import evenly_spaced, model_device
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import attention as A
 from lightning_viz.probes import ProbeSet
-from lightning_viz.records import AttentionStats
+from lightning_viz.records import AttentionStats, TokenRankStats
 
 #: Available rolled-out views, in the order their columns appear.
 METHODS = ("rollout", "grad_rollout")
@@ -43,7 +43,9 @@ class AttentionMonitor(VizCallback):
     Scalars per layer: ``attention/entropy/<layer>`` (mean entropy of the attention rows in nats; ``log(tokens)`` is
     uniform attention, near 0 is collapse: every query attending to one token), ``attention/normalized_entropy/...``
     (divided by ``log(tokens)``) and ``attention/top_key_share/<layer>``; published as
-    :class:`~lightning_viz.records.AttentionStats`.
+    :class:`~lightning_viz.records.AttentionStats`. Rank collapse of the token representations after each block (Dong
+    et al., 2021): ``attention/token_residual/<layer>`` (``||X - mean token|| / ||X||``; near 0 is every token the
+    same vector) and ``attention/effective_rank/<layer>``; published as :class:`~lightning_viz.records.TokenRankStats`.
 
     Args:
         layers: attention modules whose heads are drawn; default: up to ``max_head_layers`` evenly spaced ones.
@@ -60,7 +62,7 @@ class AttentionMonitor(VizCallback):
     """
 
     monitor_name = "attention"
-    publishes = (AttentionStats,)
+    publishes = (AttentionStats, TokenRankStats)
     default_every_n_epochs = 1
     needs_grad = True
 
@@ -103,6 +105,7 @@ class AttentionMonitor(VizCallback):
         self.filmstrip_length = filmstrip_length
         self._modules: dict[str, nn.Module] = {}
         self._head_layers: list[str] = []
+        self._sites: dict[str, str] = {}
         self._rollout_ok = True
         self._filmstrips = render.Filmstrips(filmstrip_length)
 
@@ -112,6 +115,7 @@ class AttentionMonitor(VizCallback):
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         self._modules = A.attention_modules(pl_module)
+        self._sites = A.token_blocks(pl_module, self._modules)
         unsupported = A.unsupported_attention(pl_module)
         if not self._modules:
             if self.layers is not None:
@@ -161,11 +165,13 @@ class AttentionMonitor(VizCallback):
         images = self.probes.images[: self.max_probes]
         labels = self.probes.labels[: self.max_probes] if self.probes.labels is not None else None
         x = images.to(model_device(pl_module))
-        weights, grads = self._weights(pl_module, x, labels)
+        with A.capture_tokens(pl_module, self._modules) as tokens:
+            weights, grads = self._weights(pl_module, x, labels)
         if not weights:
             raise RuntimeError("no supported attention module ran in the model's forward pass on the probe images.")
         for name, attn in weights.items():
             self._log_entropy(name, attn, step, epochs_done)
+        self._log_rank(tokens, step, epochs_done)
         if self._sink is not None and self._sink.writes_images:
             self._draw(images, weights, grads, step, epochs_done)
 
@@ -192,6 +198,30 @@ class AttentionMonitor(VizCallback):
                 top_key_share=share,
             )
         )
+
+    def _log_rank(self, tokens: dict[str, torch.Tensor], step: int, epochs_done: int) -> None:
+        """Rank collapse of the token representations after each block (:func:`A.token_rank`)."""
+        assert self._sink is not None
+        names = list(self._modules)
+        for name, x in tokens.items():
+            residual, rank = (float(v.nanmean()) for v in A.token_rank(x))
+            values = {"token_residual": residual, "effective_rank": rank}
+            self._sink.scalars({f"attention/{k}/{name}": v for k, v in values.items() if math.isfinite(v)}, step)
+            finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+            self._publish(
+                TokenRankStats(
+                    step=step,
+                    epoch=epochs_done,
+                    subject=name,
+                    order=names.index(name),
+                    layers=len(names),
+                    site=self._sites.get(name, name),
+                    tokens=int(x.shape[1]),
+                    dim=int(x.shape[2]),
+                    relative_residual=finite["token_residual"],
+                    effective_rank=finite["effective_rank"],
+                )
+            )
 
     def _draw(self, images: torch.Tensor, weights: dict, grads: dict | None, step: int, epochs_done: int) -> None:
         sink = self._sink

@@ -387,3 +387,102 @@ def patch_map(matrix: torch.Tensor, prefix: int, rows: int, cols: int) -> torch.
     """
     row = matrix[..., 0, :] if prefix >= 1 else matrix[..., prefix:, :].mean(dim=-2)
     return row[..., prefix:].reshape(*row.shape[:-1], rows, cols)
+
+
+# --------------------------------------------------------------------------------------- rank collapse (#19)
+#: Containers that hold blocks but are not a block themselves.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def token_blocks(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """For each attention module, the transformer block around it (whose output is the residual stream after the
+    block), or the attention module itself where no block holds it alone (then its input tokens are measured).
+
+    A block is the nearest enclosing module that is not a container (``ModuleList``, ``Sequential``, ...) and holds no
+    other attention module: timm's ``blocks.3`` for ``blocks.3.attn``, torchvision's ``encoder.layers.encoder_layer_3``.
+    """
+    named = dict(model.named_modules())
+    out: dict[str, str] = {}
+    for name in modules:
+        parts, site = name.split("."), name
+        for cut in range(len(parts) - 1, 0, -1):
+            outer = ".".join(parts[:cut])
+            if isinstance(named.get(outer), _CONTAINERS):
+                continue
+            if not any(other != name and other.startswith(f"{outer}.") for other in modules):
+                site = outer
+            break
+        out[name] = site
+    return out
+
+
+@contextlib.contextmanager
+def capture_tokens(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record, per attention module (by its name), the token representations after its block (:func:`token_blocks`)
+    or, without a block, the tokens it receives; (N, T, D), detached. Hooks only read; removed on exit."""
+    captured: dict[str, torch.Tensor] = {}
+    named = dict(model.named_modules())
+    handles = []
+
+    def batch_first(x: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+        if x.dim() == 2:
+            return x.unsqueeze(0)
+        if isinstance(attention, nn.MultiheadAttention) and not attention.batch_first:
+            return x.transpose(0, 1)
+        return x
+
+    def on_input(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _argument(args, kwargs, 0, "query" if isinstance(module, nn.MultiheadAttention) else "x")
+            if isinstance(x, torch.Tensor):
+                captured[name] = batch_first(x.detach(), module)
+
+        return hook
+
+    def on_output(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(out, torch.Tensor) and out.dim() == 3:
+                captured[name] = batch_first(out.detach(), modules[name])
+
+        return hook
+
+    try:
+        for name, site in token_blocks(model, modules).items():
+            if site == name:
+                handles.append(named[site].register_forward_pre_hook(on_input(name), with_kwargs=True))
+            else:
+                handles.append(named[site].register_forward_hook(on_output(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def token_rank(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far a sequence of token representations is from rank 1 (Dong, Cordonnier & Loukas, 2021, "Attention is not
+    all you need: pure attention loses rank doubly exponentially with depth").
+
+    Args:
+        tokens: token representations per image.
+
+    Returns:
+        ``(relative_residual, effective_rank)`` per image. ``relative_residual`` is ``||X - 1 x_mean^T||_F /
+        ||X||_F``: 0 when every token is the same vector (rank collapse), about 1 for unrelated tokens.
+        ``effective_rank`` is ``exp`` of the entropy of the normalised singular values of ``X`` (Roy & Vetterli,
+        2007): 1 for a rank-1 ``X``, at most ``min(T, D)``; both 0 for an all-zero ``X``, NaN where it is not
+        finite.
+
+    Shape:
+        tokens: (N, T, D). Returns (N,) and (N,).
+    """
+    x = tokens.detach().double()
+    norm = x.flatten(1).norm(dim=1)
+    residual = (x - x.mean(dim=1, keepdim=True)).flatten(1).norm(dim=1)
+    relative = residual / norm.clamp_min(1e-300)  # 0 for an all-zero X: every token the same (zero) vector
+    s = torch.linalg.svdvals(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+    p = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+    rank = torch.where(norm > 0, (-plogp.sum(dim=-1)).exp(), torch.zeros_like(norm))
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+    return relative.masked_fill(bad, math.nan).float(), rank.masked_fill(bad, math.nan).float()
