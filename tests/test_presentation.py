@@ -208,17 +208,17 @@ def _time_series_groups(tags: list[str]) -> list[tuple[str, list[str]]]:
 def _ramp_rows(image: np.ndarray, colormap: str, min_length: int = 150) -> list[int]:
     """Rows of ``image`` holding a colour bar of ``colormap``: a run of at least ``min_length`` pixels whose colours
     follow the map from its low end to its high end."""
-    lut = (render.apply_colormap(torch.linspace(0, 1, 256).view(1, -1), colormap)[:, 0].T * 255).numpy()
+    lut = (render.apply_colormap(torch.linspace(0, 1, 64).view(1, -1), colormap)[:, 0].T * 255).numpy()
     rows = []
-    for y in range(image.shape[0]):
+    for y in np.flatnonzero((np.ptp(image.astype(int), axis=2) > 20).sum(axis=1) >= min_length):  # coloured rows
         row = image[y].astype(float)
         dist = ((row[:, None, :] - lut[None]) ** 2).sum(-1)
         index, err = dist.argmin(1), np.sqrt(dist.min(1))
         on = np.flatnonzero(err < 12)
         if len(on) >= min_length:
             run = index[on[0] : on[-1] + 1]
-            if run[-1] - run[0] > 200 and (np.diff(run) >= -3).mean() > 0.95:
-                rows.append(y)
+            if run[-1] - run[0] > 50 and (np.diff(run) >= -1).mean() > 0.95:
+                rows.append(int(y))
     return rows
 
 
