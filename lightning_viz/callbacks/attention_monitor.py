@@ -119,6 +119,9 @@ class AttentionMonitor(VizCallback):
                     f"`layers`: the model has no attention module whose weights AttentionMonitor can recompute "
                     f"(nn.MultiheadAttention, timm's Attention); attention-like modules found: {unsupported[:20]}."
                 )
+            self._active = False
+            if not unsupported:  # a CNN: nothing to show and nothing to say (the default suite includes this monitor)
+                return
             self._warn_once(
                 "no attention",
                 "AttentionMonitor: the model has no supported attention module (nn.MultiheadAttention, timm's "

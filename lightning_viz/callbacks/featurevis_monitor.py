@@ -30,6 +30,8 @@ Objective = Literal["neuron", "channel", "deepdream", "class_logit", "class_prob
 Parameterization = Literal["fft", "pixel"]
 
 _CLASS_OBJECTIVES = ("class_logit", "class_probability")
+#: Cropped back to the optimised size after each step: the model always sees its own input size.
+_TRANSFORMS = FV.Transforms(crop=True)
 
 
 class FeatureVisMonitor(VizCallback):
@@ -180,7 +182,7 @@ class FeatureVisMonitor(VizCallback):
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         mean, std = self._input_stats(trainer)
         size = (self.image_size,) * 2 if self.image_size else self._image_size or (64, 64)
-        size = (max(size[0], FV.Transforms().min_size()), max(size[1], FV.Transforms().min_size()))
+        size = (max(size[0], _TRANSFORMS.min_size()), max(size[1], _TRANSFORMS.min_size()))
         self._follow_data_flow(pl_module, size)
         for name, module in self._modules.items():
             self._guard(f"layer {name}", self._log_layer, pl_module, name, module, mean, std, size, step, epochs_done)
@@ -290,6 +292,7 @@ class FeatureVisMonitor(VizCallback):
             input_std=torch.tensor(std),
             modules={name: module} if module is not pl_module else None,
             views=self._views,
+            transforms=_TRANSFORMS,
         )
 
     def _extra_state(self) -> dict[str, Any]:

@@ -171,16 +171,16 @@ class _Image(nn.Module):
 class Transforms:
     """Random transforms applied before each step (Olah et al.'s "transformation robustness").
 
-    With ``crop`` (the default) the padded, jittered, scaled and rotated image is cropped back to the size it had
-    (its centre), as Lucid does for models with a fixed input size: the model always sees images of the size being
-    optimised (a ViT with fixed position embeddings, a ``Flatten`` head).
+    With ``crop`` the padded, jittered, scaled and rotated image is cropped back to the size it had (its centre), as
+    Lucid does for models with a fixed input size: the model always sees images of the size being optimised (a ViT
+    with fixed position embeddings, a ``Flatten`` head). :class:`~lightning_viz.FeatureVisMonitor` always crops.
     """
 
     pad: int = 4
     jitter: int = 4
     scales: tuple[float, ...] = (0.95, 1.0, 1.05)
     angles: tuple[float, ...] = (-5.0, 0.0, 5.0)
-    crop: bool = True
+    crop: bool = False
 
     def min_size(self) -> int:
         """The smallest image side the transforms leave something of."""
