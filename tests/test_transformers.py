@@ -236,7 +236,7 @@ MATRIX = {
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=24
     ),
     "convnext_atto": lambda: _timm("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
-    "resnet18": lambda: _timm("resnet18"),
+    "resnet18": lambda: _timm("resnet18", channels=(16, 32, 64, 128), stem_width=16),  # the layout, an eighth wide
     "torchvision_vit_b_16": torchvision_vit,
 }
 VITS = {

@@ -49,7 +49,7 @@ class ExemplarMonitor(VizCallback):
     Args:
         layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output, or token outputs on
             a vision transformer); default by data flow on a kept sample: on a vision transformer the hidden units
-            of the last MLP (each exemplar boxed on its top patch), else the last ``Conv2d`` called.
+            of the last MLP (each exemplar boxed on its top patch), else the last ``Conv2d`` map larger than 1x1 called.
         channels: channel indices (the same for every layer); default up to ``max_channels`` evenly spaced ones.
         top_k: exemplars per channel (was ``k``).
         max_samples: at most this many samples are kept and scanned per call.
@@ -149,7 +149,7 @@ class ExemplarMonitor(VizCallback):
             self._warn_once("data flow", f"ExemplarMonitor: the forward pass could not be traced ({exc}).")
             return
         if self.layers is None:
-            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.last_of((nn.Conv2d,))
+            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.spatial_layer()
             self._modules = {name: pl_module.get_submodule(name)} if name is not None else self._modules
         self._grids = {name: flow.view_of(name) for name in self._modules}
 

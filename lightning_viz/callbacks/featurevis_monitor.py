@@ -47,7 +47,7 @@ class FeatureVisMonitor(VizCallback):
     Args:
         layers: layers whose channels are visualised; default by data flow (one forward pass of a sample): on a
             vision transformer the hidden units of the last MLP (its activation, tokens laid out on the patch grid),
-            else the last ``nn.Conv2d`` called on the way to the output. Ignored for class objectives.
+            else the last ``nn.Conv2d`` map larger than 1x1 on the way to the output. Ignored for class objectives.
         channels: channel (or, for class objectives, class) indices; default up to ``max_channels`` evenly spaced.
         objective: ``"channel"`` (default), ``"neuron"``, ``"deepdream"``, ``"class_logit"`` or
             ``"class_probability"``.
@@ -202,7 +202,7 @@ class FeatureVisMonitor(VizCallback):
             return
         self._in_channels, self._num_classes = int(x.shape[1]), int(flow.output_shape[-1])
         if self.layers is None and self.objective not in _CLASS_OBJECTIVES:
-            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.last_of((nn.Conv2d,))
+            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.spatial_layer()
             self._modules = {name: pl_module.get_submodule(name)} if name is not None else self._modules
         for name in self._modules:
             grid, channels_last = flow.view_of(name)

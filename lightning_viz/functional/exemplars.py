@@ -85,8 +85,11 @@ def _positive_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Mo
                 if module.weight is not None:
                     module.weight.fill_(1.0)
                     module.bias.zero_()
-            elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)):
-                module.forward = lambda x: x  # identity: keeps every path open
+            elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)) or (
+                isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and not any(module.children())
+            ):
+                # identity: keeps every path open (a normalisation would turn the constant input into zeros)
+                module.forward = lambda x: x
             elif isinstance(module, nn.MaxPool2d) and name:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
@@ -127,6 +130,9 @@ def receptive_field_boxes(
             mask = g.abs().sum(dim=1) > 0  # (P, H, W)
             for m in mask:
                 ys, xs = m.any(dim=1).nonzero().flatten(), m.any(dim=0).nonzero().flatten()
+                if len(ys) == 0:  # no path found (an operation the positive copy cannot open): the whole image
+                    boxes.append([0, 0, int(input_shape[-2]), int(input_shape[-1])])
+                    continue
                 boxes.append([int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1])
     return torch.tensor(boxes, dtype=torch.long).view(-1, 4)
 
