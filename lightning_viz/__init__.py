@@ -55,6 +55,7 @@ _SUITE = {
     "embedding": "EmbeddingMonitor",
     "exemplars": "ExemplarMonitor",
     "featurevis": "FeatureVisMonitor",
+    "attention": "AttentionMonitor",  # steps aside silently on a model without attention
     "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._data import resolve_probes
-from lightning_viz._layers import evenly_spaced, model_device
+from lightning_viz._layers import TokenGrid, evenly_spaced, model_device, trace_data_flow
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import attention as A
 from lightning_viz.probes import ProbeSet
@@ -107,6 +107,7 @@ class AttentionMonitor(VizCallback):
         self._head_layers: list[str] = []
         self._sites: dict[str, str] = {}
         self._rollout_ok = True
+        self._grid: TokenGrid | Literal[False] | None = None  # None: not traced yet; False: no grid found
         self._filmstrips = render.Filmstrips(filmstrip_length)
 
     def _state_key_fields(self) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class AttentionMonitor(VizCallback):
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._grid = None
         self._modules = A.attention_modules(pl_module)
         self._sites = A.token_blocks(pl_module, self._modules)
         unsupported = A.unsupported_attention(pl_module)
@@ -123,6 +125,9 @@ class AttentionMonitor(VizCallback):
                     f"`layers`: the model has no attention module whose weights AttentionMonitor can recompute "
                     f"(nn.MultiheadAttention, timm's Attention); attention-like modules found: {unsupported[:20]}."
                 )
+            self._active = False
+            if not unsupported:  # a CNN: nothing to show and nothing to say (the default suite includes this monitor)
+                return
             self._warn_once(
                 "no attention",
                 "AttentionMonitor: the model has no supported attention module (nn.MultiheadAttention, timm's "
@@ -165,6 +170,11 @@ class AttentionMonitor(VizCallback):
         images = self.probes.images[: self.max_probes]
         labels = self.probes.labels[: self.max_probes] if self.probes.labels is not None else None
         x = images.to(model_device(pl_module))
+        if self._grid is None:  # the patch grid read off the model (patch embedding, prefix tokens), once per fit
+            try:
+                self._grid = trace_data_flow(pl_module, x[:1]).grid or False
+            except Exception:  # the token count decides (`functional.attention.patch_grid`)
+                self._grid = False
         with A.capture_tokens(pl_module, self._modules) as tokens:
             weights, grads = self._weights(pl_module, x, labels)
         if not weights:
@@ -227,7 +237,9 @@ class AttentionMonitor(VizCallback):
         sink = self._sink
         assert sink is not None
         first = next(iter(weights.values()))
-        grid = A.patch_grid(int(first.shape[-1]), *images.shape[-2:])
+        tokens, known = int(first.shape[-1]), self._grid
+        grid = (known.prefix, known.rows, known.cols) if known and known.tokens == tokens else None
+        grid = grid or A.patch_grid(tokens, *images.shape[-2:])
         if grid is None:
             self._warn_once(
                 "no grid",
@@ -273,7 +285,11 @@ class AttentionMonitor(VizCallback):
         head = render.header(titles, small)
         for probe in range(min(self.filmstrip_probes, len(images))):
             tiles = torch.stack([render.resize_tiles(c[probe : probe + 1], small)[0] for c in columns.values()])
-            strip = self._filmstrips[probe].push(f"ep {epochs_done}", render.tile_grid(tiles, ncol=len(tiles))).rows()
+            strip = (
+                self._filmstrips[probe]
+                .push(render.epoch_label(epochs_done), render.tile_grid(tiles, ncol=len(tiles)))
+                .rows()
+            )
             sink.image(f"attention/filmstrip/probe_{probe:02d}", render.stack_rows([head, strip], gap=0), step)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._classes import find_class_names
 from lightning_viz._hooks import ValidationCodeCapture, capture
-from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
+from lightning_viz._layers import head_module, last_linear, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import embedding as E
@@ -53,8 +53,8 @@ class EmbeddingMonitor(VizCallback):
       get the codes as a table ``embedding/table`` (label, predicted, one column per dimension).
 
     Args:
-        layer: name of the layer whose *output* is the code; default: the *input* of the model's last ``nn.Linear``
-            (the penultimate code). Outputs with spatial dimensions are average-pooled to (N, C).
+        layer: the layer whose *output* is the code; default: the *input* of the head, the last ``nn.Linear`` reaching
+            the output in a forward pass (a ViT's class token). Outputs with spatial dimensions are average-pooled.
         subset_size: number of validation samples (fixed, seeded); all of them (with a warning) if there are fewer.
         reducer: ``"umap"``, ``"tsne"`` or ``"pca"``: how the 2-D map is made (was ``projection``).
         projector: write TensorBoard projector data.
@@ -129,17 +129,11 @@ class EmbeddingMonitor(VizCallback):
 
     # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
-        if self.layer is None:
-            linears = layers_of_kind(pl_module, (nn.Linear,))
-            if not linears:
-                raise NotApplicableError(
-                    "`layer`: the model has no nn.Linear, so there is no default code layer; name the layer whose "
-                    "output is the code, e.g. `layer='avgpool'`."
-                )
-            self._module, self._use_input = list(linears.values())[-1], True
+        if self.layer is None:  # provisionally: the data flow decides on the first sample (`_gather`)
+            self._module, self._use_input, self._flow_done = last_linear(pl_module), True, False
         else:
             self._module = resolve_layers(pl_module, [self.layer], (nn.Module,), argument="layer")[self.layer]
-            self._use_input = False
+            self._use_input, self._flow_done = False, True
         self._capture = ValidationCodeCapture(self._module, self._use_input)
 
     def _cheaper_hint(self) -> str:
@@ -179,8 +173,12 @@ class EmbeddingMonitor(VizCallback):
 
     def _gather(self, trainer: Any, pl_module: nn.Module) -> tuple[Any, ...]:
         """Images, codes (N, D), labels, predictions of the subset: captured in validation, or computed."""
-        assert self._capture is not None
         images, labels, _, pass_size = self._samples.samples(complete=True)
+        # the default code: the input of the head by data flow, found once on a sample (a new capture starts empty)
+        head, self._flow_done = (None if self._flow_done else head_module(pl_module, images[:1])), True
+        if head is not None and head is not self._module:
+            self._module, self._capture = head, ValidationCodeCapture(head, True)
+        assert self._capture is not None
         if len(images) < self.subset_size and self.subset_size != _DEFAULT_SUBSET:  # (a default is a ceiling)
             n, asked = len(images), self.subset_size
             self._warn_once(

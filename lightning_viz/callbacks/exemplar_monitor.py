@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -13,9 +14,18 @@ from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._hooks import capture
-from lightning_viz._layers import check_channel_range, evenly_spaced, model_device, resolve_layers
+from lightning_viz._layers import (
+    TokenGrid,
+    check_channel_range,
+    evenly_spaced,
+    model_device,
+    resolve_layers,
+    spatial_view,
+    trace_data_flow,
+)
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import exemplars as X
+from lightning_viz.functional.activations import activation_kinds
 from lightning_viz.records import ExemplarStats
 
 ProjectionRule = Literal["guided", "deconvnet"]
@@ -38,8 +48,9 @@ class ExemplarMonitor(VizCallback):
     and scores.
 
     Args:
-        layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output); default the last
-            ``Conv2d``.
+        layers: names of spatial layers (``nn.Conv2d`` or any module with (N, C, H, W) output, or token outputs on
+            a vision transformer); default by data flow on a kept sample: on a vision transformer the hidden units
+            of the last MLP (each exemplar boxed on its top patch), else the last ``Conv2d`` map larger than 1x1 called.
         channels: channel indices (the same for every layer); default up to ``max_channels`` evenly spaced ones.
         top_k: exemplars per channel (was ``k``).
         max_samples: at most this many samples are kept and scanned per call.
@@ -93,11 +104,14 @@ class ExemplarMonitor(VizCallback):
         self._modules: dict[str, nn.Module] = {}
         self._labels: torch.Tensor | None = None  # the scanned samples' labels, and the class names, of this call
         self._class_names: list[str] | None = None
+        self._grids: dict[str, tuple[TokenGrid | None, bool]] = {}  # layer -> (token grid, channels last)
+        self._flow_done = False
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "channels": self.channels}
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._flow_done, self._grids = False, {}
         if self.layers is None:
             self._modules = resolve_layers(pl_module, None, (nn.Conv2d,), argument="layers", default="last")
         else:
@@ -126,9 +140,30 @@ class ExemplarMonitor(VizCallback):
         check_channel_range("channels", self.channels, count, _which_has(name, count))
         return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
+    def _follow_data_flow(self, pl_module: nn.Module, kept: torch.Tensor) -> None:
+        """Once per fit, a forward pass of a kept sample: the default layer by data flow, and how each layer's
+        output reads as maps (a transformer's tokens on its patch grid, channels-last maps)."""
+        if self._flow_done:
+            return
+        self._flow_done = True
+        try:
+            flow = trace_data_flow(pl_module, kept[:1].to(model_device(pl_module)))
+        except Exception as exc:  # the registration-order default stays
+            self._warn_once("data flow", f"ExemplarMonitor: the forward pass could not be traced ({exc}).")
+            return
+        if self.layers is None:
+            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.spatial_layer()
+            self._modules = {name: pl_module.get_submodule(name)} if name is not None else self._modules
+        self._grids = {name: flow.view_of(name) for name in self._modules}
+
+    def _view(self, name: str) -> Any:
+        grid, channels_last = self._grids.get(name, (None, False))
+        return functools.partial(spatial_view, grid=grid, channels_last=channels_last)
+
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         kept, labels, indices, _ = self._samples.samples(complete=True)
         self._labels, self._class_names = labels, find_class_names(trainer, pl_module)  # for the captions
+        self._follow_data_flow(pl_module, kept)
         scan = self._scan(pl_module, kept, indices)
         for name in self._modules:
             self._guard(f"layer {name}", self._log_layer, pl_module, kept, indices, name, scan, step, epochs_done)
@@ -146,11 +181,10 @@ class ExemplarMonitor(VizCallback):
                 pl_module(images.to(device))
             ids = torch.arange(batch_start, batch_start + len(images))
             for name, outs in zip(names, captured):
-                acts = outs[-1].detach()
-                if acts.ndim != 4:
-                    raise ValueError(
-                        f"layer {name!r} outputs shape {tuple(acts.shape)}, not a (N, C, H, W) spatial map."
-                    )
+                try:
+                    acts = self._view(name)(outs[-1].detach())
+                except ValueError as exc:
+                    raise ValueError(f"layer {name!r}: {exc}") from None
                 if name not in scan.tops:
                     scan.channels[name] = self._channels_for(name, acts.shape[1])
                     scan.tops[name] = X.StreamingTopK(len(scan.channels[name]), self.top_k)
@@ -212,10 +246,15 @@ class ExemplarMonitor(VizCallback):
         images = kept[flat_ids].float()
         channel_of = torch.tensor(channels).repeat_interleave(k)
         positions = top.locations.reshape(-1, 2)
-        boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
+        grid = self._grids.get(name, (None, False))[0]
+        if grid is not None:  # a token's exemplar is its patch: attention lets every token see the whole image
+            boxes = X.patch_boxes(grid, positions, *image_shape[-2:])
+        else:
+            boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
         projections = X.unit_projection(
-            pl_module, module, images.to(model_device(pl_module)), channel_of, positions, rule=self.projection_rule
-        ).cpu()
+            pl_module, module, images.to(model_device(pl_module)), channel_of, positions, self.projection_rule,
+            view=self._view(name),
+        ).cpu()  # fmt: skip
         return images, boxes, projections
 
 

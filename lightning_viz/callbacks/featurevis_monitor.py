@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -11,15 +12,26 @@ from torch import nn
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._hooks import capture
-from lightning_viz._layers import check_channel_range, evenly_spaced, layers_of_kind, model_device, resolve_layers
+from lightning_viz._layers import (
+    check_channel_range,
+    evenly_spaced,
+    layers_of_kind,
+    model_device,
+    resolve_layers,
+    spatial_view,
+    trace_data_flow,
+)
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import featurevis as FV
+from lightning_viz.functional.activations import activation_kinds
 from lightning_viz.records import FeatureVisStats
 
 Objective = Literal["neuron", "channel", "deepdream", "class_logit", "class_probability"]
 Parameterization = Literal["fft", "pixel"]
 
 _CLASS_OBJECTIVES = ("class_logit", "class_probability")
+#: Cropped back to the optimised size after each step: the model always sees its own input size.
+_TRANSFORMS = FV.Transforms(crop=True)
 
 
 class FeatureVisMonitor(VizCallback):
@@ -33,13 +45,17 @@ class FeatureVisMonitor(VizCallback):
     channel's filmstrip). The model's parameters are never updated nor given a ``.grad``; its modes are restored.
 
     Args:
-        layers: layers whose channels are visualised (default: the last ``nn.Conv2d``). Ignored for class objectives.
+        layers: layers whose channels are visualised; default by data flow (one forward pass of a sample): on a
+            vision transformer the hidden units of the last MLP (its activation, tokens laid out on the patch grid),
+            else the last ``nn.Conv2d`` map larger than 1x1 on the way to the output. Ignored for class objectives.
         channels: channel (or, for class objectives, class) indices; default up to ``max_channels`` evenly spaced.
         objective: ``"channel"`` (default), ``"neuron"``, ``"deepdream"``, ``"class_logit"`` or
             ``"class_probability"``.
         parameterization: ``"fft"`` (default) or ``"pixel"`` (was ``param``).
         steps, lr: optimisation steps and Adam learning rate.
-        image_size: image side; default the data's image size (64 when unknown) (was ``size``).
+        image_size: image side; default the data's (height, width), the model's input size: images are optimised
+            at that size and cropped back to it after the transforms, so fixed-size models (a ViT, a ``Flatten``
+            head) work (64 when unknown) (was ``size``).
         images_per_channel: number of starting noises per channel, one grid row each (was ``seeds``).
         l2, tv: L2 and total-variation penalty weights.
         input_mean, input_std: per-channel statistics of the model's input; default estimated once from up to 256
@@ -117,13 +133,16 @@ class FeatureVisMonitor(VizCallback):
         self._in_channels = 3
         self._num_classes: int | None = None
         self._stats: tuple[list[float], list[float]] | None = None
-        self._image_size: int | None = None
+        self._image_size: tuple[int, int] | None = None
+        self._views: dict[str, Any] = {}  # layer -> how its output reads as channels-first maps (token layers)
+        self._flow_done = False
         self._filmstrips = render.Filmstrips(filmstrip_length)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "objective": self.objective}
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._flow_done, self._views = False, {}
         convs = layers_of_kind(pl_module, (nn.Conv2d,))
         self._in_channels = next(iter(convs.values())).in_channels if convs else 3
         linears = layers_of_kind(pl_module, (nn.Linear,))
@@ -153,7 +172,7 @@ class FeatureVisMonitor(VizCallback):
     def _input_stats(self, trainer: Any) -> tuple[list[float], list[float]]:
         if self._stats is None and self._samples.has_samples():
             images = self._samples.samples()[0].float()
-            self._image_size = int(max(images.shape[-2:]))
+            self._image_size = (int(images.shape[-2]), int(images.shape[-1]))
             dims = (0, 2, 3)
             self._stats = (images.mean(dims).tolist(), images.std(dims).clamp_min(1e-6).tolist())
         if self.input_mean is not None and self.input_std is not None:
@@ -162,10 +181,33 @@ class FeatureVisMonitor(VizCallback):
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         mean, std = self._input_stats(trainer)
-        size = self.image_size or self._image_size or 64
-        size = max(size, FV.Transforms().min_size())
+        size = (self.image_size,) * 2 if self.image_size else self._image_size or (64, 64)
+        size = (max(size[0], _TRANSFORMS.min_size()), max(size[1], _TRANSFORMS.min_size()))
+        self._follow_data_flow(pl_module, size)
         for name, module in self._modules.items():
             self._guard(f"layer {name}", self._log_layer, pl_module, name, module, mean, std, size, step, epochs_done)
+
+    def _follow_data_flow(self, pl_module: nn.Module, size: tuple[int, int]) -> None:
+        """Once per fit, a forward pass of a sample (zeros when none is kept): the default layer by data flow, the
+        number of classes (the model's outputs), and how a token layer's output lays out on the patch grid."""
+        if self._flow_done:
+            return
+        self._flow_done = True
+        kept = self._samples.samples()[0][:1] if self._samples.has_samples() else None
+        x = kept if kept is not None else torch.zeros(1, self._in_channels, *size)
+        try:
+            flow = trace_data_flow(pl_module, x.to(model_device(pl_module)))
+        except Exception as exc:  # the registration-order defaults stay
+            self._warn_once("data flow", f"FeatureVisMonitor: the forward pass could not be traced ({exc}).")
+            return
+        self._in_channels, self._num_classes = int(x.shape[1]), int(flow.output_shape[-1])
+        if self.layers is None and self.objective not in _CLASS_OBJECTIVES:
+            name = flow.hidden_layer(activation_kinds(pl_module)) or flow.spatial_layer()
+            self._modules = {name: pl_module.get_submodule(name)} if name is not None else self._modules
+        for name in self._modules:
+            grid, channels_last = flow.view_of(name)
+            if grid is not None or channels_last:
+                self._views[name] = functools.partial(spatial_view, grid=grid, channels_last=channels_last)
 
     def _objective(self, name: str, count: int, targets: list[int]) -> FV.Objective:
         if self.objective == "class_logit":
@@ -176,7 +218,7 @@ class FeatureVisMonitor(VizCallback):
             return FV.deepdream(name)
         return (FV.neuron if self.objective == "neuron" else FV.channel)(name, targets)
 
-    def _targets(self, pl_module: nn.Module, name: str, module: nn.Module, size: int) -> list[int]:
+    def _targets(self, pl_module: nn.Module, name: str, module: nn.Module, size: tuple[int, int]) -> list[int]:
         if self.objective in _CLASS_OBJECTIVES:
             count = self._num_classes or 1
         elif self.objective == "deepdream":
@@ -185,8 +227,8 @@ class FeatureVisMonitor(VizCallback):
             count = getattr(module, "out_channels", None)
             if count is None:  # any module: look at its output once
                 with capture([module], keep="last") as captured, torch.no_grad():
-                    pl_module(torch.zeros(1, self._in_channels, size, size, device=model_device(pl_module)))
-                count = captured[0][-1].shape[1]
+                    pl_module(torch.zeros(1, self._in_channels, *size, device=model_device(pl_module)))
+                count = self._views.get(name, lambda t: t)(captured[0][-1]).shape[1]
         check_channel_range("channels", self.channels, count, f" for {name!r} ({count})")
         return list(self.channels) if self.channels is not None else evenly_spaced(count, self.max_channels)
 
@@ -197,7 +239,7 @@ class FeatureVisMonitor(VizCallback):
         module: nn.Module,
         mean: list[float],
         std: list[float],
-        size: int,
+        size: tuple[int, int],
         step: int,
         epochs_done: int,
     ) -> None:
@@ -230,7 +272,7 @@ class FeatureVisMonitor(VizCallback):
         targets: list[int],
         mean: list[float],
         std: list[float],
-        size: int,
+        size: tuple[int, int],
     ) -> FV.VisResult:
         """All of a layer's images in one batch, ``images_per_channel`` starting noises (seed-major) per target."""
         per_seed = len(targets)
@@ -249,17 +291,20 @@ class FeatureVisMonitor(VizCallback):
             input_mean=torch.tensor(mean),
             input_std=torch.tensor(std),
             modules={name: module} if module is not pl_module else None,
+            views=self._views,
+            transforms=_TRANSFORMS,
         )
 
     def _extra_state(self) -> dict[str, Any]:
         return {
             "stats": [list(self._stats[0]), list(self._stats[1])] if self._stats else None,
-            "image_size": self._image_size,
+            "image_size": list(self._image_size) if self._image_size else None,
             "filmstrips": self._filmstrips.state_dict(),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         stats = state.get("stats")
         self._stats = (list(stats[0]), list(stats[1])) if stats else None
-        self._image_size = state.get("image_size")
+        size = state.get("image_size")  # a side in checkpoints before 0.2
+        self._image_size = (size, size) if isinstance(size, int) else tuple(size) if size else None  # type: ignore[assignment]
         self._filmstrips.load_state_dict(state.get("filmstrips", {}))

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_viz import _layers, render
 from lightning_viz import _validate as check
-from lightning_viz import render
 from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import resolve_probes
 from lightning_viz._hooks import isolated
@@ -49,7 +49,9 @@ def _rule(fn: Callable[..., torch.Tensor]) -> Callable[[SaliencyMonitor, Inputs]
 def _gradcam(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
     assert m._gradcam_name is not None
     on = sal.calling_copy(i.fast, i.model, m._gradcam_name)
-    return {"map": sal.grad_cam(on, i.xr, i.target, on.get_submodule(m._gradcam_name), batch_size=m.batch_size)}
+    layer, (grid, channels_last) = on.get_submodule(m._gradcam_name), m._gradcam_view
+    options = {"batch_size": m.batch_size, "grid": grid, "channels_last": channels_last}
+    return {"map": sal.grad_cam(on, i.xr, i.target, layer, **options)}
 
 
 def _fullgrad(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
@@ -63,7 +65,7 @@ def _occlusion(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", occ.IncrementalMismatchWarning)
         result = occ.occlusion(
-            on, x, window=m.occlusion_window, stride=m.occlusion_stride, baseline=m.occlusion_baseline,
+            on, x, window=m._window, stride=m._stride, baseline=m.occlusion_baseline,
             max_batch_bytes=bs * x[0].numel() * x.element_size(), layer=m._occlusion_module,
         )  # fmt: skip
     for w in caught:  # the fallback to full passes is said once per run, not at every call
@@ -127,9 +129,11 @@ class SaliencyMonitor(VizCallback):
         methods: any of ``gradient``, ``smoothgrad``, ``guided_backprop``, ``deconvnet``, ``gradcam``, ``fullgrad``,
             ``occlusion``; default all.
         probes: a :class:`~lightning_viz.ProbeSet`; default 8 images chosen from the validation data on first use.
-        gradcam_layer: name of the ``nn.Conv2d`` for Grad-CAM; default the model's last ``Conv2d``.
+        gradcam_layer: a ``Conv2d`` (on a transformer also a block or ``LayerNorm``); default by data flow: the last
+            map larger than 1x1 on the way to the output; on a ViT the last attention's input on the patch grid.
         smoothgrad_samples: noisy copies per image; noise_level: their sigma relative to the image's value range.
-        occlusion_window, occlusion_stride, occlusion_baseline: the occluding square, its step and its value.
+        occlusion_window, occlusion_stride, occlusion_baseline: the occluding square (default 8; a patch on a ViT),
+            its step (default 4; a patch on a ViT: windows aligned with the patches) and its value.
         occlusion_layer: optionally, a layer whose strongest channel's total activation is mapped too.
         batch_size: images per forward/backward pass (SmoothGrad copies, occluded images are batched too).
         max_probes: at most this many probes are explained. tile_size: side of each tile in pixels (smaller when
@@ -154,8 +158,8 @@ class SaliencyMonitor(VizCallback):
         gradcam_layer: str | None = None,
         smoothgrad_samples: int = 16,
         noise_level: float = 0.15,
-        occlusion_window: int = 8,
-        occlusion_stride: int = 4,
+        occlusion_window: int | None = None,
+        occlusion_stride: int | None = None,
         occlusion_baseline: float = 0.0,
         occlusion_layer: str | None = None,
         batch_size: int = 64,
@@ -171,14 +175,14 @@ class SaliencyMonitor(VizCallback):
         check.probe_set("probes", probes)
         check.positive_ints(
             smoothgrad_samples=smoothgrad_samples,
-            occlusion_window=occlusion_window,
-            occlusion_stride=occlusion_stride,
             batch_size=batch_size,
             max_probes=max_probes,
             tile_size=tile_size,
             filmstrip_probes=filmstrip_probes,
             filmstrip_length=filmstrip_length,
         )
+        check.positive_int("occlusion_window", occlusion_window, allow_none=True)
+        check.positive_int("occlusion_stride", occlusion_stride, allow_none=True)
         check.number("noise_level", noise_level, low=0.0)
         check.number("occlusion_baseline", occlusion_baseline)
         check.choice("head", head, sal.HEADS)
@@ -201,6 +205,8 @@ class SaliencyMonitor(VizCallback):
         self._gradcam_module: nn.Module | None = None
         self._gradcam_name: str | None = None
         self._occlusion_module: nn.Module | None = None
+        self._gradcam_view: tuple[_layers.TokenGrid | None, bool] = (None, False)  # (token grid, channels last)
+        self._window, self._stride, self._flow_done = occlusion_window or 8, occlusion_stride or 4, False
         self._no_relu = False
         self._filmstrips = render.Filmstrips(filmstrip_length)
         self._copies: dict[tuple[str, ...], sal.InferenceCopy] = {}  # by `keep`: traced once, refreshed per call
@@ -212,11 +218,13 @@ class SaliencyMonitor(VizCallback):
     # ------------------------------------------------------------------------------------------------- set-up
     @override
     def _resolve(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        self._flow_done, self._gradcam_view = False, (None, False)  # each fit follows its model's data flow
+        self._window, self._stride = self.occlusion_window or 8, self.occlusion_stride or 4
         if "gradcam" in self.methods:
-            names = [self.gradcam_layer] if self.gradcam_layer is not None else None
             try:
-                layers = resolve_layers(pl_module, names, (nn.Conv2d,), argument="gradcam_layer", default="last")
-                self._gradcam_name, self._gradcam_module = next(iter(layers.items()))
+                self._gradcam_name, self._gradcam_module = _layers.map_layer(
+                    pl_module, self.gradcam_layer, "gradcam_layer"
+                )
             except NotApplicableError as exc:  # no conv layer: the other methods still apply
                 self._disabled["gradcam"] = str(exc)
                 self._warn_once("gradcam", f"SaliencyMonitor: Grad-CAM is off for this model ({exc}).")
@@ -235,6 +243,25 @@ class SaliencyMonitor(VizCallback):
         if self.probes.is_resolved:
             self._check_probes(pl_module, self.probes.images)
 
+    def _follow_data_flow(self, pl_module: nn.Module, x: torch.Tensor) -> None:
+        """Once per fit, on the first probe: the default Grad-CAM layer, how to read it as a map, and on a vision
+        transformer patch-aligned occlusion windows (:class:`~lightning_viz._layers.DataFlow`)."""
+        if self._flow_done:
+            return
+        self._flow_done = True
+        try:
+            flow = _layers.trace_data_flow(pl_module, x[:1])
+        except Exception as exc:  # keep the registration-order default
+            self._warn_once("data flow", f"SaliencyMonitor: the model's forward pass could not be traced ({exc}).")
+            return
+        if "gradcam" in self.methods and self.gradcam_layer is None and "gradcam" not in self._disabled:
+            if (name := flow.spatial_layer()) is not None:
+                self._gradcam_name, self._gradcam_module = name, pl_module.get_submodule(name)
+        self._gradcam_view = flow.view_of(self._gradcam_name)
+        if flow.grid is not None and self.occlusion_window is None:
+            self._window = flow.grid.window(*x.shape[-2:])
+            self._stride = self.occlusion_stride or self._window
+
     def _check_probes(self, pl_module: nn.Module, images: torch.Tensor) -> None:
         """Fail with a clear message when the probes don't fit the model (run once, at setup or first use)."""
         convs = layers_of_kind(pl_module, (nn.Conv2d,))
@@ -246,10 +273,9 @@ class SaliencyMonitor(VizCallback):
                     f"expects {expected} (probe shape {tuple(images.shape)})."
                 )
         h, w = images.shape[-2:]
-        if "occlusion" in self.methods and self.occlusion_window > min(h, w):
+        if "occlusion" in self.methods and self._window > min(h, w):
             raise ValueError(
-                f"`occlusion_window`={self.occlusion_window} is larger than the probe images ({h}x{w}); "
-                "choose a smaller window."
+                f"`occlusion_window`={self._window} is larger than the probe images ({h}x{w}); choose a smaller window."
             )
         with isolated(pl_module):
             try:
@@ -286,6 +312,7 @@ class SaliencyMonitor(VizCallback):
         # gather: the probes, the model (and its folded copy), one row per probe and explained class
         images, labels = self._probe_batch(trainer, pl_module)
         x = images.to(model_device(pl_module))
+        self._follow_data_flow(pl_module, x)
         methods = [_BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
         copies = self._copies.setdefault(tuple(keep), sal.InferenceCopy(keep=keep))

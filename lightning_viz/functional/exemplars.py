@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from lightning_viz._hooks import capture
-from lightning_viz._layers import detached_deepcopy
+from lightning_viz._layers import TokenGrid, detached_deepcopy
 from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 
@@ -83,8 +85,11 @@ def _positive_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Mo
                 if module.weight is not None:
                     module.weight.fill_(1.0)
                     module.bias.zero_()
-            elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)):
-                module.forward = lambda x: x  # identity: keeps every path open
+            elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)) or (
+                isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and not any(module.children())
+            ):
+                # identity: keeps every path open (a normalisation would turn the constant input into zeros)
+                module.forward = lambda x: x
             elif isinstance(module, nn.MaxPool2d) and name:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
@@ -125,7 +130,22 @@ def receptive_field_boxes(
             mask = g.abs().sum(dim=1) > 0  # (P, H, W)
             for m in mask:
                 ys, xs = m.any(dim=1).nonzero().flatten(), m.any(dim=0).nonzero().flatten()
+                if len(ys) == 0:  # no path found (an operation the positive copy cannot open): the whole image
+                    boxes.append([0, 0, int(input_shape[-2]), int(input_shape[-1])])
+                    continue
                 boxes.append([int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1])
+    return torch.tensor(boxes, dtype=torch.long).view(-1, 4)
+
+
+def patch_boxes(grid: TokenGrid, positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The pixels of the patches at ``positions`` (row, col) of a vision transformer's patch ``grid``: where a token
+    unit's exemplar is. (Attention lets every token see the whole image, so a receptive field says nothing; the
+    patch is where the token's own input came from.)
+
+    Shape:
+        positions: (P, 2). Returns (P, 4) boxes as (top, left, bottom, right), bottom/right exclusive.
+    """
+    boxes = [grid.patch_box(int(r), int(c), height, width) for r, c in positions.tolist()]
     return torch.tensor(boxes, dtype=torch.long).view(-1, 4)
 
 
@@ -136,8 +156,12 @@ def unit_projection(
     channels: torch.Tensor,
     positions: torch.Tensor,
     rule: str = "guided",
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Project one unit's activation per image back to pixel space (guided backprop or deconvnet of that unit).
+
+    ``view`` turns the layer's output into channels-first maps first (a token layer: its patch tokens on the patch
+    grid, :func:`~lightning_viz._layers.spatial_view`).
 
     Shape:
         images (N, C, H, W); channels (N,); positions (N, 2). Returns (N, C, H, W), signed.
@@ -148,7 +172,7 @@ def unit_projection(
             x = images[start : start + 64].detach().clone().requires_grad_(True)
             with capture([layer], keep="last") as captured:
                 model(x)
-            acts = captured[0][-1]
+            acts = view(captured[0][-1]) if view is not None else captured[0][-1]
             rows = torch.arange(len(x), device=x.device)
             c = channels[start : start + 64].to(x.device)
             p = positions[start : start + 64].to(x.device)

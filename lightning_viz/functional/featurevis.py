@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,25 +139,28 @@ def diversity(layer: str) -> Objective:
 class _Image(nn.Module):
     """Image parameters; ``forward()`` returns images in [0, 1], (N, C, H, W)."""
 
-    def __init__(self, n: int, channels: int, size: int, kind: str, generator: torch.Generator, decay: float = 1.0):
+    def __init__(
+        self, n: int, channels: int, size: tuple[int, int], kind: str, generator: torch.Generator, decay: float = 1.0
+    ):
         super().__init__()
         if kind not in PARAMETERISATIONS:
             raise ValueError(f"`param` must be one of {list(PARAMETERISATIONS)}, got {kind!r}.")
-        self.kind, self.size, self.channels = kind, size, channels
+        (h, w), side = size, max(size)
+        self.kind, self.size, self.channels = kind, (h, w), channels
         if kind == "pixel":
-            self.param = nn.Parameter(0.01 * torch.randn(n, channels, size, size, generator=generator))
+            self.param = nn.Parameter(0.01 * torch.randn(n, channels, h, w, generator=generator))
         else:
-            fy = torch.fft.fftfreq(size).view(-1, 1)
-            fx = torch.fft.rfftfreq(size).view(1, -1)
+            fy = torch.fft.fftfreq(h).view(-1, 1)
+            fx = torch.fft.rfftfreq(w).view(1, -1)
             freqs = (fy**2 + fx**2).sqrt()
-            self.register_buffer("scale", 1.0 / freqs.clamp_min(1.0 / size) ** decay * size**0.5 / size)
-            self.param = nn.Parameter(0.01 * torch.randn(n, channels, size, size // 2 + 1, 2, generator=generator))
+            self.register_buffer("scale", 1.0 / freqs.clamp_min(1.0 / side) ** decay * side**0.5 / side)
+            self.param = nn.Parameter(0.01 * torch.randn(n, channels, h, w // 2 + 1, 2, generator=generator))
 
     def forward(self) -> torch.Tensor:
         if self.kind == "pixel":
             return torch.sigmoid(self.param)
         spectrum = torch.view_as_complex(self.param) * self.scale
-        image = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho") * 4.0
+        image = torch.fft.irfft2(spectrum, s=self.size, norm="ortho") * 4.0
         if self.channels == 3:  # decorrelated colour: independent components mixed into correlated RGB
             image = torch.einsum("nchw,dc->ndhw", image, _COLOUR_SQRT.to(image.device))
         return torch.sigmoid(image)
@@ -166,15 +169,22 @@ class _Image(nn.Module):
 # ------------------------------------------------------------------------------------------------- transforms
 @dataclass
 class Transforms:
-    """Random transforms applied before each step (Olah et al.'s "transformation robustness")."""
+    """Random transforms applied before each step (Olah et al.'s "transformation robustness").
+
+    With ``crop`` the padded, jittered, scaled and rotated image is cropped back to the size it had (its centre), as
+    Lucid does for models with a fixed input size: the model always sees images of the size being optimised (a ViT
+    with fixed position embeddings, a ``Flatten`` head). :class:`~lightning_viz.FeatureVisMonitor` always crops.
+    """
 
     pad: int = 4
     jitter: int = 4
     scales: tuple[float, ...] = (0.95, 1.0, 1.05)
     angles: tuple[float, ...] = (-5.0, 0.0, 5.0)
+    crop: bool = False
 
     def min_size(self) -> int:
-        return 2 * (self.pad + self.jitter) + 8
+        """The smallest image side the transforms leave something of."""
+        return 2 * self.jitter + 8 if self.crop else 2 * (self.pad + self.jitter) + 8
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         def pick(options):
@@ -197,6 +207,9 @@ class Transforms:
             ).expand(len(x), 2, 3)
             grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        if self.crop and self.pad:
+            h, w = images.shape[-2:]
+            x = x[..., self.pad : self.pad + h, self.pad : self.pad + w]
         return x
 
 
@@ -230,7 +243,7 @@ def visualize(
     objective: Objective,
     *,
     n: int,
-    size: int = 64,
+    size: int | tuple[int, int] = 64,
     channels: int = 3,
     param: str = "fft",
     steps: int = 128,
@@ -243,6 +256,7 @@ def visualize(
     input_mean: torch.Tensor | float = 0.0,
     input_std: torch.Tensor | float = 1.0,
     modules: dict[str, nn.Module] | None = None,
+    views: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> VisResult:
     """Optimise ``n`` images to maximise ``objective`` (each image its own target).
 
@@ -250,7 +264,7 @@ def visualize(
         model: the network (in eval mode); its parameters are frozen for the duration.
         objective: what to maximise, see the objective constructors above.
         n: batch size (one image per target).
-        size, channels: image geometry.
+        size, channels: image geometry: a side, or (height, width) (a model's fixed input size).
         param: ``"fft"`` (decorrelated, the default) or ``"pixel"``.
         steps, lr: Adam steps and learning rate.
         transforms: random transforms per step (default :class:`Transforms`; ``Transforms(0, 0, (1.0,), (0.0,))`` for
@@ -259,11 +273,15 @@ def visualize(
         generator: source of the starting noise and the transforms (same seed, same weights -> same images).
         input_mean, input_std: per-channel statistics of the model's input (images in [0, 1] are mapped to them).
         modules: name -> module for the layers the objective reads (default: looked up in ``model``).
+        views: name -> a function that turns that layer's output into channels-first maps before the objective
+            reads it, e.g. a ViT's tokens laid out on the patch grid (:func:`~lightning_viz._layers.spatial_view`).
     """
     transforms = transforms if transforms is not None else Transforms()
-    if size < transforms.min_size():
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(size) < transforms.min_size():
         raise ValueError(
-            f"`size`={size} is too small for the transforms (pad {transforms.pad}, jitter {transforms.jitter}); "
+            f"`size`={size[0] if size[0] == size[1] else size} is too small for the transforms "
+            f"(pad {transforms.pad}, jitter {transforms.jitter}); "
             f"use at least {transforms.min_size()}."
         )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -285,6 +303,7 @@ def visualize(
         with capture(layer_modules, keep="last") as captured:
             logits = model((x - 0.5) / 0.25 * std + mean)
         acts = {name: outs[-1] for name, outs in zip(objective.layers, captured)}
+        acts = {name: views[name](a) if views and name in views else a for name, a in acts.items()}
         return objective(acts, logits)
 
     with gradient_context(model):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_viz._hooks import capture
+from lightning_viz._layers import TokenGrid, spatial_view
 from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 __all__ = [
@@ -449,8 +450,15 @@ def grad_cam(
     relu: bool = True,
     upsample: bool = True,
     batch_size: int = 64,
+    grid: TokenGrid | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """Grad-CAM of ``layer`` (a module with (N, K, h, w) output; its last call per forward is used).
+    """Grad-CAM of ``layer`` (its last call per forward is used).
+
+    The layer's output is a map (N, K, h, w); a channels-last map (N, h, w, K) with ``channels_last``; or, on a
+    vision transformer, a token sequence (N, T, K) on the patch ``grid`` (:class:`~lightning_viz._layers.TokenGrid`,
+    found from the model by :func:`~lightning_viz._layers.trace_data_flow`): its prefix tokens (class, registers)
+    are dropped and the patch tokens laid out as (N, K, rows, cols) before the channel weights are taken.
 
     Shape:
         x: (N, C, H, W). Returns (N, H, W) with ``upsample`` (bilinear), else (N, h, w).
@@ -465,9 +473,10 @@ def grad_cam(
             if not captured[0]:
                 raise RuntimeError("the Grad-CAM layer was not called in the forward pass.")
             acts = captured[0][-1]
-            if acts.ndim != 4:
+            if acts.ndim != 4 and (grid is None or acts.ndim != 3):
                 raise ValueError(f"the Grad-CAM layer's output must be (N, K, h, w), got {tuple(acts.shape)}.")
             (g,) = torch.autograd.grad(scores.sum(), acts)
+            acts, g = (spatial_view(t.detach(), grid=grid, channels_last=channels_last) for t in (acts, g))
             cam = (g.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1).detach()
             maps.append(cam.clamp(min=0) if relu else cam)
     cam = torch.cat(maps)
