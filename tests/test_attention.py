@@ -212,7 +212,7 @@ def test_attention_monitor_state_keeps_probes_and_filmstrips(tmp_path, pl_ns):
     resumed = AttentionMonitor(max_probes=2, tile_size=16)
     resumed.load_state_dict(monitor.state_dict())
     assert torch.equal(resumed.probes.images, monitor.probes.images)
-    assert [label for label, _ in resumed._filmstrips[0].frames] == ["ep 0", "ep 1", "ep 2"]
+    assert [label for label, _ in resumed._filmstrips[0].frames] == ["init", "ep 0", "ep 1"]
     assert resumed.state_key == monitor.state_key
 
 
