@@ -41,9 +41,7 @@ def validation_expected(trainer: Any, pl_module: Any) -> bool:
         return True
 
 
-def split_batch(
-    batch: Any, input_fn: InputFn | None = None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def split_batch(batch: Any, input_fn: InputFn | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(images (N, C, H, W) float, labels (N,) long or None) of a batch, or (None, None) when it holds no images.
 
     ``input_fn`` (default: :func:`lightning_viz._inputs.default_input_fn`) says which part is the model's input.
@@ -66,7 +64,7 @@ def read_batch(
         return None, None, (), f"{type(exc).__name__}: {exc}"
     if not isinstance(first, torch.Tensor) or not first.is_floating_point() or first.ndim != 4:
         got = f"{first.dtype} {tuple(first.shape)}" if isinstance(first, torch.Tensor) else type(first).__name__
-        return None, None, (), f"its input is not a batch of images (N, C, H, W) of floats: got {got}"
+        return None, None, (), f"the model's input is not a batch of images (N, C, H, W) of floats: {got}"
     extra = tuple(e for e in extra if isinstance(e, torch.Tensor))
     return first, class_labels(target, len(first)), extra, None
 
@@ -98,9 +96,7 @@ class SampleBank:
         max_bytes: memory cap; the capacity shrinks to fit (see :attr:`capped`).
     """
 
-    def __init__(
-        self, capacity: int, seed: int, max_bytes: int = 256 * 2**20, input_fn: InputFn | None = None
-    ) -> None:
+    def __init__(self, capacity: int, seed: int, max_bytes: int = 256 * 2**20, input_fn: InputFn | None = None) -> None:
         self.capacity = capacity
         self.input_fn = input_fn
         #: the model's inputs after the image, those of the first sample kept (each ``(1, ...)``, on the CPU)
@@ -217,13 +213,14 @@ def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> Non
             logging.getLogger("lightning_viz").info(message)
 
 
-_ASIDE: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+_ASIDE: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, str | None]]] = weakref.WeakKeyDictionary()
 
 
-def step_aside(trainer: Any, monitor: str, reason: str) -> None:
-    """Note that ``monitor`` does not apply to this run (a default target the model lacks, inputs that are not
-    images): it steps aside, and :func:`say_steps_aside` says so for all such monitors in one line."""
-    _ASIDE.setdefault(trainer, {}).setdefault(monitor, reason.rstrip(". "))
+def step_aside(trainer: Any, monitor: str, reason: str, fix: str | None = None) -> None:
+    """Note that ``monitor`` (or a part of it: ``"SaliencyMonitor's Grad-CAM"``) does not apply to this run - a
+    default target the model lacks, inputs that are not images - and steps aside; :func:`say_steps_aside` says so
+    for all of them in one line, each reason and each ``fix`` once."""
+    _ASIDE.setdefault(trainer, {}).setdefault(monitor, (reason.rstrip(". "), fix))
 
 
 def say_steps_aside(trainer: Any, *, final: bool) -> None:
@@ -236,10 +233,17 @@ def say_steps_aside(trainer: Any, *, final: bool) -> None:
     if not pending or (not final and not _seen_batches(trainer)):
         return
     _ASIDE[trainer] = {}
-    parts = "; ".join(f"{name} ({reason})" for name, reason in pending.items())
+    by_reason: dict[str, list[str]] = {}
+    fixes: list[str] = []
+    for name, (reason, fix) in pending.items():
+        by_reason.setdefault(reason, []).append(name)
+        if fix and fix not in fixes:
+            fixes.append(fix)
+    parts = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
     rank_zero_warn(
-        f"lightning_viz: not applicable to this run, so off while training goes on: {parts}. Each reason says what "
-        "would make it apply; to silence this, leave them out (e.g. `default_suite(filters=False)`)."
+        f"lightning_viz: not applicable to this run, so off while training goes on: {parts}. "
+        + "".join(f"{fix} " for fix in fixes)
+        + "To silence this, leave them out (e.g. `default_suite(filters=False)`)."
     )
 
 

@@ -512,7 +512,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         else:
             self._disabled[self.image_part] = problem
             name = f"{name}'s {self.image_part}"
-        _data.step_aside(trainer, name, f"{problem}; if it holds images, {FIX[0].lower()}{FIX[1:]}")
+        _data.step_aside(trainer, name, problem, fix=f"If the batches hold images: {FIX[0].lower()}{FIX[1:]}")
 
     def _end_training_pass(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._take_training_batches:
