@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_viz._layers import model_device
+
 #: ``input_fn(batch) -> (inputs, target)``
 InputFn = Callable[[Any], tuple[Any, Any]]
 
@@ -136,12 +138,6 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
         if tensor.is_floating_point():
             return tensor.dtype
     return None
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _cast(value: Any, dtype: torch.dtype | None, device: torch.device) -> Any:

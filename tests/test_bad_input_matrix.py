@@ -312,7 +312,8 @@ def test_inputs_users_have_neither_crash_nor_change_training_nor_mislabel(tmp_pa
     saliency = next(m for m in suite if isinstance(m, lv.SaliencyMonitor))
     if saliency.probes.is_resolved:
         images, labels = saliency.probes.images, saliency.probes.labels
-        samples = val_data.x.to(images.dtype)  # the Trainer hands bf16/fp16 batches under "bf16-true"/"16-true"
+        # the Trainer hands bf16/fp16 batches under "bf16-true"/"16-true"
+        samples = val_data.x.to(next(module.parameters()).dtype).to(images.dtype)
         rows = [int((samples == image).flatten(1).all(1).nonzero()[0]) for image in images]
         if case == "second input, not said":
             assert labels is None  # (x, domain, y): which one is the label cannot be told

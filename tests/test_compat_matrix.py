@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_viz as lv
 
-tv = pytest.importorskip("torchvision.models")
+
+def tv():
+    return pytest.importorskip("torchvision.models")
 
 
 class MLP(nn.Module):
@@ -60,12 +62,12 @@ def _vit() -> nn.Module:
 
 # name: (builder, input shape of one sample, loss), heavy models are marked slow
 MODELS = {
-    "resnet18": (lambda: tv.resnet18(num_classes=4), (3, 32, 32), "ce"),
-    "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=4), (3, 32, 32), "ce"),
-    "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=4), (3, 32, 32), "ce"),
-    "densenet121": (lambda: tv.densenet121(num_classes=4), (3, 32, 32), "ce"),
-    "vgg11_bn": (lambda: tv.vgg11_bn(num_classes=4), (3, 32, 32), "ce"),
-    "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=4), (3, 32, 32), "ce"),
+    "resnet18": (lambda: tv().resnet18(num_classes=4), (3, 32, 32), "ce"),
+    "mobilenet_v3_small": (lambda: tv().mobilenet_v3_small(num_classes=4), (3, 32, 32), "ce"),
+    "efficientnet_b0": (lambda: tv().efficientnet_b0(num_classes=4), (3, 32, 32), "ce"),
+    "densenet121": (lambda: tv().densenet121(num_classes=4), (3, 32, 32), "ce"),
+    "vgg11_bn": (lambda: tv().vgg11_bn(num_classes=4), (3, 32, 32), "ce"),
+    "convnext_tiny": (lambda: tv().convnext_tiny(num_classes=4), (3, 32, 32), "ce"),
     "vit_b_16_reduced": (_vit, (3, 32, 32), "ce"),
     "mlp": (MLP, (24,), "ce"),
     "conv1d": (Conv1dNet, (3, 32), "ce"),
@@ -96,13 +98,11 @@ KEY_OUTPUT = {
 }
 
 
-def _module(pl_ns, model: nn.Module, loss: str):
-    def criterion(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if loss == "bce":
-            return F.binary_cross_entropy_with_logits(out.squeeze(1), y)
-        return F.cross_entropy(out, y)
+def classifier(pl_ns, model: nn.Module, loss: str = "ce", lr: float = 0.01):
+    """A LightningModule training ``model`` on ``(x, y)`` batches: softmax cross-entropy (``"ce"``) or, for a
+    single-logit binary classifier, the sigmoid's (``"bce"``: the targets are read as 0./1.)."""
 
-    class Module(pl_ns.LightningModule):
+    class Classifier(pl_ns.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
@@ -110,18 +110,21 @@ def _module(pl_ns, model: nn.Module, loss: str):
         def forward(self, x):
             return self.model(x)
 
+        def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if loss == "bce":
+                return F.binary_cross_entropy_with_logits(self(x).squeeze(1), y.float())
+            return F.cross_entropy(self(x), y)
+
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return criterion(self(x), y)
+            return self._loss(*batch)
 
         def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", criterion(self(x), y))
+            self.log("val_loss", self._loss(*batch))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
 
-    return Module()
+    return Classifier()
 
 
 def _data(shape: tuple[int, ...], loss: str, n: int, seed: int) -> TensorDataset:
@@ -134,7 +137,7 @@ def _data(shape: tuple[int, ...], loss: str, n: int, seed: int) -> TensorDataset
 def _fit(pl_ns, tmp_path, name: str, callbacks: list) -> dict[str, torch.Tensor]:
     build, shape, loss = MODELS[name]
     torch.manual_seed(0)
-    module = _module(pl_ns, build(), loss)
+    module = classifier(pl_ns, build(), loss)
     train = DataLoader(_data(shape, loss, 8, 0), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(_data(shape, loss, 8, 1), batch_size=8)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0) if callbacks else False
