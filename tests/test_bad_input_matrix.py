@@ -323,3 +323,56 @@ def test_inputs_users_have_neither_crash_nor_change_training_nor_mislabel(tmp_pa
     if not case.startswith(("no conv", "second input, not said")):
         for prefix in ("filters/", "saliency/grid", "embedding/", "exemplars/", "featurevis/", "activations/maps/"):
             assert any(t.startswith(prefix) for t in events.tags["images"]), (case, prefix)
+
+
+def test_the_default_rule_reads_the_batches_users_have_and_names_the_fix_when_it_cannot():
+    from lightning_viz._data import read_batch
+    from lightning_viz._inputs import default_input_fn
+
+    x, y, m = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0, 1, 0])
+    cases = {
+        "tensor": (x, None),
+        "(x, y)": ((x, y), y),
+        "[x, y]": ([x, y], y),
+        "(path, image, label)": ((["a.png"] * 4, x, y), y),
+        "(index, image, label)": ((torch.arange(4), x, y), y),  # an index tensor is not the input
+        "dict image/label": ({"image": x, "label": y, "id": torch.arange(4)}, y),
+        "dict pixel_values/labels": ({"pixel_values": x, "labels": y}, y),
+        "(x, second input, y): which is the label?": ((x, m, y), None),
+        "binary 0./1. targets": ((x, y.float().clamp(max=1)), y.clamp(max=1)),
+        "multi-label rows are no class labels": ((x, torch.ones(4, 3)), None),
+    }
+    for what, (batch, labels) in cases.items():
+        images, got, _, problem = read_batch(batch)
+        assert problem is None and torch.equal(images, x), what
+        assert (got is None) if labels is None else torch.equal(got, labels), what
+    for batch, cause in [
+        ({"pixels": x}, r"keys \['pixels'\] has none of the input keys"),
+        ((["a.png"] * 4, y), r"has no floating-point tensor"),
+        (42, r"neither a tensor, a dict nor a tuple"),
+    ]:
+        with pytest.raises(TypeError, match=cause):
+            default_input_fn(batch)
+        assert read_batch(batch)[0] is None
+    assert (
+        "input_fn" in read_batch((torch.randn(4, 12), y))[3]
+        or "not a batch of images" in read_batch((torch.randn(4, 12), y))[3]
+    )
+    with pytest.raises(TypeError, match=r"`input_fn` must be a callable or None, got str"):
+        lv.SaliencyMonitor(input_fn="image")
+    with pytest.raises(TypeError, match=r"`input_fn` must be a callable or None"):
+        lv.default_suite(input_fn=3)
+
+
+def test_our_inputs_meet_a_bf16_model_and_the_hooks_go():
+    from lightning_viz._inputs import model_inputs
+
+    model = TinyCNN().to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with model_inputs(model):
+        out = model(x)
+        (grad,) = torch.autograd.grad(out[:, 0].sum(), x)
+    assert out.dtype == torch.float32 and grad.dtype == torch.float32 and grad.abs().sum() > 0
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with pytest.raises(RuntimeError):
+        model(x)  # without us: the dtype mismatch the monitors used to hit
