@@ -85,8 +85,8 @@ CHEAPER = {
 # Known failures, each a monitor switched off with a warning while training goes on (remove when fixed):
 # - FeatureVis optimises padded square images, which a model with fixed position embeddings refuses (issue 14 §4,
 #   "FeatureVisMonitor on any fixed-input-size model", on another branch);
-# - ExemplarMonitor on efficientnet_b0's last conv (a 1x1 map at 32x32): "RuntimeError: min() ... Specify the
-#   reduction dim" (found by this matrix).
+# - ExemplarMonitor on efficientnet_b0's last conv: `functional.exemplars.receptive_field_boxes` gets an all-zero
+#   gradient on its positive copy (SiLU/sigmoid saturate) and takes min() of an empty set (found by this matrix).
 KNOWN = {"vit_b_16_reduced": ("FeatureVisMonitor",), "efficientnet_b0": ("ExemplarMonitor",)}
 
 # The output a user looks for first, per monitor (an image tag or a scalar tag starting so).
