@@ -58,7 +58,7 @@ _SUITE = {
     "attention": "AttentionMonitor",  # steps aside silently on a model without attention
     "diagnosis": "DiagnosisMonitor",
 }
-_SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
+_SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead", "input_fn")
 #: Default share of the run's training time the suite may spend: 5 %, baseline and end of fit included.
 DEFAULT_BUDGET = 0.05
 
@@ -76,7 +76,7 @@ def default_suite(
             keeps its own fixed cadence. A monitor given its own ``every_n_epochs`` keeps it exactly.
         **options: per-monitor options as a dict under the monitor's key (``filters={"max_filters": 32}``), or ``False``
             to leave that monitor out (``filters=False``); or options shared by all monitors: ``on_error``, ``seed``,
-            ``log_baseline``, ``max_overhead``.
+            ``log_baseline``, ``max_overhead``, ``input_fn`` (how a batch becomes the model's input).
 
     Returns:
         A list of callbacks for ``Trainer(callbacks=...)``.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_viz._compat import global_rank, is_overridden, rank_zero_warn
-from lightning_viz.probes import _split_sample
+from lightning_viz._inputs import InputFn, class_labels, default_input_fn, split_inputs
 
 
 def first_loader(loaders: Any) -> Any:
@@ -41,19 +41,32 @@ def validation_expected(trainer: Any, pl_module: Any) -> bool:
         return True
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(images (N, C, H, W) float, labels (N,) long or None) of a batch, or (None, None) when it holds no images."""
-    try:
-        images, labels = _split_sample(batch)
-    except TypeError:
-        return None, None
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        return None, None
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.is_floating_point() or labels.ndim != 1 or len(labels) != len(images):
-            labels = None
+def split_batch(batch: Any, input_fn: InputFn | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(images (N, C, H, W) float, labels (N,) long or None) of a batch, or (None, None) when it holds no images.
+
+    ``input_fn`` (default: :func:`lightning_viz._inputs.default_input_fn`) says which part is the model's input.
+    """
+    images, labels, _, _ = read_batch(batch, input_fn)
     return images, labels
+
+
+def read_batch(
+    batch: Any, input_fn: InputFn | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...], str | None]:
+    """(images (N, C, H, W) or None, labels (N,) or None, the model's other inputs, why there are no images or None).
+
+    Never raises: a batch that cannot be read gives no images and the reason, to be said once.
+    """
+    try:
+        inputs, target = (input_fn or default_input_fn)(batch)
+        first, extra = split_inputs(inputs)
+    except Exception as exc:  # a user's input_fn, or a batch the default rule cannot read
+        return None, None, (), f"{type(exc).__name__}: {exc}"
+    if not isinstance(first, torch.Tensor) or not first.is_floating_point() or first.ndim != 4:
+        got = f"{first.dtype} {tuple(first.shape)}" if isinstance(first, torch.Tensor) else type(first).__name__
+        return None, None, (), f"the model's input is not a batch of images (N, C, H, W) of floats: {got}"
+    extra = tuple(e for e in extra if isinstance(e, torch.Tensor))
+    return first, class_labels(target, len(first)), extra, None
 
 
 @dataclass
@@ -83,8 +96,13 @@ class SampleBank:
         max_bytes: memory cap; the capacity shrinks to fit (see :attr:`capped`).
     """
 
-    def __init__(self, capacity: int, seed: int, max_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, capacity: int, seed: int, max_bytes: int = 256 * 2**20, input_fn: InputFn | None = None) -> None:
         self.capacity = capacity
+        self.input_fn = input_fn
+        #: the model's inputs after the image, those of the first sample kept (each ``(1, ...)``, on the CPU)
+        self.extra_inputs: tuple[torch.Tensor, ...] = ()
+        #: why a batch gave no images (the latest such reason), to be said once
+        self.problem: str | None = None
         self.max_bytes = max_bytes
         self._seed = seed
         # made on first use: a callback holding a generator's state tensor cannot be handed to processes that
@@ -115,9 +133,12 @@ class SampleBank:
         if self._pending is None or self._pending.key != key:
             self._commit()
             self._pending = _Pass(key)
-        images, labels = split_batch(batch)
+        images, labels, extra, problem = read_batch(batch, self.input_fn)
         if images is None:
+            self.problem = problem
             return
+        if extra and not self.extra_inputs:
+            self.extra_inputs = tuple(e[:1].detach().to("cpu", copy=True) for e in extra)
         part = self._pending
         if not part.images and images[0].numel():
             self._cap(images[0].numel() * images.element_size())
@@ -190,6 +211,44 @@ def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> Non
             rank_zero_warn(message)
         elif global_rank() == 0:
             logging.getLogger("lightning_viz").info(message)
+
+
+_ASIDE: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, str | None]]] = weakref.WeakKeyDictionary()
+
+
+def step_aside(trainer: Any, monitor: str, reason: str, fix: str | None = None) -> None:
+    """Note that ``monitor`` (or a part of it: ``"SaliencyMonitor's Grad-CAM"``) does not apply to this run - a
+    default target the model lacks, inputs that are not images - and steps aside; :func:`say_steps_aside` says so
+    for all of them in one line, each reason and each ``fix`` once."""
+    _ASIDE.setdefault(trainer, {}).setdefault(monitor, (reason.rstrip(". "), fix))
+
+
+def say_steps_aside(trainer: Any, *, final: bool) -> None:
+    """Say, in one warning, which monitors do not apply and why (once per Trainer).
+
+    Called at the start of training (``final=False``: only if a batch has been seen, so that monitors that learn
+    from the first batch that the inputs are not images are in the same line) and after the first training epoch.
+    """
+    pending = _ASIDE.get(trainer)
+    if not pending or (not final and not _seen_batches(trainer)):
+        return
+    _ASIDE[trainer] = {}
+    by_reason: dict[str, list[str]] = {}
+    fixes: list[str] = []
+    for name, (reason, fix) in pending.items():
+        by_reason.setdefault(reason, []).append(name)
+        if fix and fix not in fixes:
+            fixes.append(fix)
+    parts = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    rank_zero_warn(
+        f"lightning_viz: not applicable to this run, so off while training goes on: {parts}. "
+        + "".join(f"{fix} " for fix in fixes)
+        + "To silence this, leave them out (e.g. `default_suite(filters=False)`)."
+    )
+
+
+def _seen_batches(trainer: Any) -> bool:
+    return bool(getattr(trainer, "num_sanity_val_steps", 0)) and validation_expected(trainer, trainer.lightning_module)
 
 
 def keep_initial_weights(trainer: Any, model: nn.Module) -> None:

@@ -177,3 +177,9 @@ def positive_ints(**values: Any) -> None:
     """Each keyword's value is an int >= 1 (see :func:`positive_int`)."""
     for name, value in values.items():
         positive_int(name, value)
+
+
+def callable_or_none(name: str, value: Any) -> None:
+    """``value`` is a callable (a function, a method, an object with ``__call__``) or ``None``."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable or None, got {type(value).__name__} {value!r}.")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Events, TinyCNN, make_data, trainer_kwargs
+from test_compat_matrix import classifier
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -299,25 +300,7 @@ def test_head_outputs():
 
 
 def _binary_module(pl_ns, model: nn.Module):
-    class Binary(pl_ns.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.binary_cross_entropy_with_logits(self(x).squeeze(1), y.float())
-
-        def validation_step(self, batch, batch_idx):
-            pass
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    return Binary()
+    return classifier(pl_ns, model, "bce", lr=0.05)
 
 
 def test_monitor_on_a_single_logit_binary_classifier(tmp_path, pl_ns, monkeypatch):

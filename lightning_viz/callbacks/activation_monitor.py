@@ -72,6 +72,7 @@ class ActivationMonitor(VizCallback):
     """
 
     monitor_name = "activations"
+    image_part = "maps"  # the statistics work on any input; only the maps need an image
     publishes = (ActivationStats,)
     default_every_n_epochs = 1
 

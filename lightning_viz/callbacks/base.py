@@ -18,6 +18,7 @@ from lightning_viz import _validate as check
 from lightning_viz._budget import Budget, budget_for, expected_epochs
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated, silenced_logging
+from lightning_viz._inputs import FIX, InputFn, input_hint, model_inputs, resolve_input_fn
 from lightning_viz._layers import NotApplicableError
 from lightning_viz.records import Record, RecordBus, bus_for
 from lightning_viz.sinks import NO_IMAGE_LOGGER_MESSAGE, NO_LOGGER_MESSAGE, Sink, takes_images
@@ -46,6 +47,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         seed: seed of the private ``torch.Generator`` used for any randomness of ours.
         max_overhead: warn once when one call costs more than this share of the training epoch's time.
         max_image_side: images are downsized to at most this many pixels per side (default: the monitor's own).
+        input_fn: how a batch becomes the model's input: ``input_fn(batch) -> (inputs, target)``, where ``inputs``
+            is a tensor, or a tuple ``(image, *more)`` for a model called as ``model(image, *more)``, and ``target``
+            the class labels or ``None``. Default: a ``viz_input(batch)`` method of the LightningModule if it has
+            one, else the rule of :func:`lightning_viz._inputs.default_input_fn` (tensors, ``(x, y)``,
+            ``(path, image, label)``, dicts with an ``"image"``/``"pixel_values"``/``"x"``/``"input"`` key).
         budget: a :class:`~lightning_viz._budget.Budget` shared with other monitors (as ``default_suite`` makes), or a
             share of the training time (monitors built by hand with the same Trainer then share one budget). Without
             an explicit ``every_n_epochs`` the budget decides when the monitor logs and how much work a call does
@@ -68,6 +74,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     budget_knobs: ClassVar[dict[str, int]] = {}
     #: Whether the untrained baseline is cheap enough to run under a budget before anything is measured.
     budget_baseline: ClassVar[bool] = True
+    #: The visualization (a ``_guard`` key) that alone needs image samples, when the rest of the monitor works on any
+    #: input (``None``: the whole monitor needs images and steps aside when the inputs are not images).
+    image_part: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -79,8 +88,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         max_overhead: float = 0.1,
         max_image_side: int | None = None,
         budget: Budget | float | None = None,
+        input_fn: InputFn | None = None,
     ) -> None:
         check.positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        check.callable_or_none("input_fn", input_fn)
+        self.input_fn = input_fn
         if not isinstance(budget, Budget) and budget is not None:
             check.fraction("budget", budget)
         check.choice("on_error", on_error, get_args(OnError))
@@ -108,6 +120,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._epoch_started_at: float | None = None
         self._seconds: list[float] = []
         self._samples = _data.SampleBank(0, seed)
+        self._no_images = False  # the batches hold no images (see `_check_inputs`)
         self._take_training_batches = False
         self._deferred: bool | str = False  # True: the step-0 view waits for data; "running": it is being made
         self._fresh_state: dict[str, Any] | None = None  # the per-run state as constructed (see `_start_fit`)
@@ -150,11 +163,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         try:
             self._resolve(trainer, pl_module)
         except NotApplicableError as exc:  # only a default target can be missing: a default suite never stops a run
-            self._warn_once(
-                "not applicable",
-                f"{type(self).__name__} does not apply to this model and is off for this run ({exc} Name the layers "
-                "to watch, or leave the monitor out, e.g. `default_suite(filters=False)`.)",
-            )
+            _data.step_aside(trainer, type(self).__name__, str(exc))
             self._active = False
         self._join_budget(trainer)
         self._start_taking(trainer, pl_module)
@@ -182,6 +191,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _data.say_steps_aside(trainer, final=False)  # what is known by now, in one line (else after the 1st epoch)
         # The baseline shows the untrained state; a resumed run (global_step > 0) already has it.
         if self._budget is not None:
             self._budget.expected_epochs = expected_epochs(trainer)
@@ -377,6 +387,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             self._disabled[key] = reason
+            hint = input_hint(exc)
+            if hint is not None:  # the model cannot take our inputs: one line for all monitors, with the fix
+                _data.tell_once(self._bus, "input hint", f"lightning_viz: {hint} {FIX} ({reason})")
+                return False
             self._warn_once(
                 f"failed:{key}",
                 f"{type(self).__name__}: {key!r} failed and is switched off for the rest of this run ({reason}). "
@@ -396,7 +410,21 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         scale = self._call_scale(epochs_done)
         clock = self._budget.clock if self._budget is not None else time.perf_counter
         started = clock()
-        with isolated(pl_module, grad=self.needs_grad), silenced_logging(pl_module), self._scaled(scale):
+        extra = self._samples.extra_inputs
+        if extra:
+            _data.tell_once(
+                trainer,
+                "extra inputs",
+                "lightning_viz: the model takes more inputs than the image; the monitors vary the image and hold the "
+                "other inputs at those of the first sample they kept.",
+                warn=False,
+            )
+        with (
+            isolated(pl_module, grad=self.needs_grad),
+            silenced_logging(pl_module),
+            self._scaled(scale),
+            model_inputs(pl_module, extra),
+        ):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)
         self._last_step = step
         self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": clock() - started}, step)
@@ -453,10 +481,12 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     def _has_data(self) -> bool:
         """Whether the samples this monitor needs exist (the step-0 baseline waits for them otherwise)."""
         probes = getattr(self, "probes", None)
-        return probes is None or probes.is_resolved or self._samples.has_samples()
+        return probes is None or probes.is_resolved or self._samples.has_samples() or self._no_images
 
     def _start_taking(self, trainer: Any, pl_module: nn.Module) -> None:
-        self._samples = _data.SampleBank(self._bank_capacity(), self.seed)
+        input_fn, _ = resolve_input_fn(self.input_fn, pl_module)
+        self._samples = _data.SampleBank(self._bank_capacity(), self.seed, input_fn=input_fn)
+        self._no_images = False
         self._take_training_batches = not _data.validation_expected(trainer, pl_module)
         self._deferred = False
 
@@ -465,7 +495,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if not self._has_data():
             return False
         probes = getattr(self, "probes", None)
-        if probes is not None and not probes.is_resolved:
+        if probes is not None and not probes.is_resolved and self._samples.has_samples():
             images, labels, _, _ = self._samples.samples()
             probes.take(images, labels)
         if self._samples.capped is not None:
@@ -513,6 +543,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     ) -> None:
         if dataloader_idx == 0 and self._samples.capacity and getattr(trainer.state, "fn", "fit") == "fit":
             self._samples.offer(self._pass_key(trainer), batch)
+            self._check_inputs(trainer)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -527,10 +558,26 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     ) -> None:
         if self._take_training_batches and self._samples.capacity:
             self._samples.offer(("train", trainer.current_epoch), batch)
+            self._check_inputs(trainer)
+
+    def _check_inputs(self, trainer: Any) -> None:
+        """Batches that hold no images: the monitor (or its :attr:`image_part`) steps aside, said in one line."""
+        problem = self._samples.problem
+        if problem is None or self._no_images or self._samples.has_samples():
+            return
+        self._no_images = True
+        name = type(self).__name__
+        if self.image_part is None:
+            self._active = False
+        else:
+            self._disabled[self.image_part] = problem
+            name = f"{name}'s {self.image_part}"
+        _data.step_aside(trainer, name, problem, fix=f"If the batches hold images: {FIX[0].lower()}{FIX[1:]}")
 
     def _end_training_pass(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._take_training_batches:
             self._samples.end(("train", trainer.current_epoch))
+        _data.say_steps_aside(trainer, final=True)
         self._run_deferred_baseline(trainer, pl_module)
 
     @staticmethod

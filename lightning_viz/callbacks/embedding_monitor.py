@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_viz import _validate as check
 from lightning_viz import render
 from lightning_viz._classes import find_class_names
+from lightning_viz._data import split_batch
 from lightning_viz._hooks import ValidationCodeCapture, capture
 from lightning_viz._layers import head_module, last_linear, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
@@ -298,7 +299,7 @@ class EmbeddingMonitor(VizCallback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._capture is not None and self._capture.attached and dataloader_idx == 0:
-            self._capture.batch_end(batch)
+            self._capture.batch_end(split_batch(batch, self._samples.input_fn))  # (images, labels), our rule
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     @override

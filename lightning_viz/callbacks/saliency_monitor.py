@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_viz import _layers, render
 from lightning_viz import _validate as check
 from lightning_viz._classes import class_name, find_class_names
-from lightning_viz._data import resolve_probes
+from lightning_viz._data import resolve_probes, step_aside
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._saliency_table import Column, Inputs, Method
@@ -227,7 +227,7 @@ class SaliencyMonitor(VizCallback):
                 )
             except NotApplicableError as exc:  # no conv layer: the other methods still apply
                 self._disabled["gradcam"] = str(exc)
-                self._warn_once("gradcam", f"SaliencyMonitor: Grad-CAM is off for this model ({exc}).")
+                step_aside(trainer, "SaliencyMonitor's Grad-CAM", str(exc))  # said with the others, in one line
         if self.occlusion_layer is not None:
             self._occlusion_module = resolve_layers(
                 pl_module, [self.occlusion_layer], (nn.Module,), argument="occlusion_layer"
