@@ -24,7 +24,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-from lightning_viz.diagnosis import Finding
+from lightning_viz.diagnosis import Evidence, Finding
 from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
@@ -35,6 +35,7 @@ from lightning_viz.records import (
 )
 
 __all__ = [
+    "RULES",
     "batchnorm_mismatch",
     "exploding_gradients",
     "initial_loss_off_chance",
@@ -136,7 +137,11 @@ def vanishing_gradients(
 
 
 def exploding_gradients(
-    history: Mapping[str, Sequence[GradientStats]], *, orders: float = 2.0, critical_orders: float = 4.0
+    history: Mapping[str, Sequence[GradientStats]],
+    *,
+    orders: float = 2.0,
+    critical_orders: float = 4.0,
+    nonfinite_alone: bool = True,
 ) -> Finding | None:
     """The total gradient norm grew by ``orders`` orders of magnitude since the first logged epoch, or every sampled
     step of the latest epoch had NaN/Inf gradients.
@@ -144,6 +149,8 @@ def exploding_gradients(
     Args:
         history: per layer, its :class:`GradientStats`, oldest first.
         orders: growth (log10 of latest / first total norm) that fires; ``critical_orders`` makes it critical.
+        nonfinite_alone: fire on NaN/Inf gradients without a measured growth (``False`` in the diagnosis: NaN from
+            the first logged epoch on is the divergence finding's, and may come from the data rather than growth).
     """
     epochs: dict[int, float] = {}
     nonfinite: dict[int, list[str]] = {}
@@ -165,7 +172,7 @@ def exploding_gradients(
                 f"total gradient norm {totals[-1][1]:.3g} at epoch {totals[-1][0]}, {growth:.1f} orders of magnitude "
                 f"above {totals[0][1]:.3g} at epoch {totals[0][0]}"
             )
-    if not evidence:
+    if not evidence or (not nonfinite_alone and growth < orders):
         return None
     since = next((e for e, v in totals if totals[0][1] > 0 and math.log10(v / totals[0][1]) >= orders), latest)
     return Finding(
@@ -174,7 +181,7 @@ def exploding_gradients(
         since_epoch=since if since is not None else 0,
         summary="Gradients are exploding: their norm grows by orders of magnitude.",
         evidence=evidence,
-        tags=["dynamics/gradient_flow", "dynamics/grad_norm/<layer>", "train_loss"],
+        tags=["dynamics/gradient_flow", *(f"dynamics/grad_norm/{s}" for s in list(history)[-2:])],
         remedies=[
             "clip gradients (Trainer(gradient_clip_val=1.0))",
             "lower the learning rate, or add warm-up",
@@ -384,7 +391,7 @@ def initial_loss_off_chance(loss: LossStats | None, *, factor: float = 1.5, crit
         summary=f"The loss at initialisation is {'far above' if high else 'far below'} chance level: the untrained "
         "model should predict about uniformly.",
         evidence=evidence,
-        tags=["dynamics/initial_loss", "dynamics/chance_loss", "train_loss"],
+        tags=["dynamics/initial_loss", "dynamics/chance_loss", "diagnosis/train_loss"],
         remedies=remedies,
     )
 
@@ -433,10 +440,106 @@ def oscillating_loss(
             f"{turns:.0%} of the epoch-to-epoch changes reverse direction; the loss travelled {travelled:.3g} for a "
             f"net change of {net:.3g}",
         ],
-        tags=["train_loss", "dynamics/train_loss", "dynamics/update_ratio/<layer>"],
+        tags=["diagnosis/train_loss", "dynamics/train_loss"],
         remedies=[
             "lower the learning rate (update ratios well above 1e-3 point the same way), or decay it",
             "larger batches, or gradient accumulation",
             "less momentum; check that the data is shuffled each epoch",
         ],
     )
+
+
+# ------------------------------------------------------------------------------- the rules the diagnosis applies
+# Each reads the DynamicsMonitor's records from ``Evidence.dynamics`` (off without them), except the oscillating loss,
+# which needs only the per-epoch training loss the DiagnosisMonitor itself keeps.
+def _curve(ev: Evidence) -> list[tuple[int, float]]:
+    curve = [(e, v) for e, v in ev.train_loss if math.isfinite(v)]
+    if ev.initial_loss is not None and math.isfinite(ev.initial_loss):
+        curve.insert(0, (0, ev.initial_loss))
+    return curve
+
+
+def vanishing(ev: Evidence) -> Finding | None:
+    """:func:`vanishing_gradients` on the latest gradient and update records and the loss since initialisation."""
+    dyn = ev.dynamics
+    if dyn is None or not dyn.gradients:
+        return None
+    latest = [records[-1] for records in dyn.gradients.values() if records]
+    return vanishing_gradients(latest, train_loss=_curve(ev), updates=dyn.updates)
+
+
+def exploding(ev: Evidence) -> Finding | None:
+    """:func:`exploding_gradients` on the gradient history: a measured growth (NaN alone is divergence)."""
+    dyn = ev.dynamics
+    return exploding_gradients(dyn.gradients, nonfinite_alone=False) if dyn is not None and dyn.gradients else None
+
+
+def unchanged(ev: Evidence) -> Finding | None:
+    """:func:`unchanged_weights`, except biases that never had a gradient (a bias right before a normalisation layer
+    gets only rounding noise: redundant by design, as in torchvision's VGG-BN, not worth a finding)."""
+    dyn = ev.dynamics
+    if dyn is None or not dyn.updates:
+        return None
+    finding = unchanged_weights(dyn.updates)
+    if finding is None:
+        return None
+    stuck = [n for u in dyn.updates for n in u.unchanged]
+    no_grad = {n for u in dyn.updates for n in u.without_grad}
+    if all(n in no_grad and n.rsplit(".", 1)[-1] == "bias" for n in stuck):
+        return None
+    return finding
+
+
+def batchnorm(ev: Evidence) -> Finding | None:
+    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records."""
+    dyn = ev.dynamics
+    return batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+
+
+def saturation(ev: Evidence) -> Finding | None:
+    """:func:`saturated_activations` over every bounded activation: one finding, with a table of the sites."""
+    dyn = ev.dynamics
+    if dyn is None:
+        return None
+    found = [(site, f) for site, h in dyn.saturation.items() if (f := saturated_activations(site, h)) is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0][1]
+    worst = max((dyn.saturation[site][-1].saturated_fraction, f) for site, f in found)[1]
+    rows = [
+        (
+            f"`{site}`",
+            dyn.saturation[site][-1].kind,
+            f"{dyn.saturation[site][-1].saturated_fraction:.0%}",
+            str(f.since_epoch),
+        )
+        for site, f in found
+    ]
+    return Finding(
+        kind="saturated_activations",
+        severity="critical" if any(f.severity == "critical" for _, f in found) else "warning",
+        since_epoch=min(f.since_epoch for _, f in found),
+        summary=f"{len(found)} bounded activations have most of their outputs in the flat tails, where almost no "
+        "gradient passes.",
+        evidence=[worst.evidence[0].replace("saturated share", f"worst ({found[0][0]}): saturated share", 1)],
+        tags=[t for _, f in found[:4] for t in f.tags[:1]] + ["dynamics/gradient_flow"],
+        remedies=worst.remedies,
+        table=[("site", "activation", "saturated", "since epoch"), *rows],
+    )
+
+
+def initial_loss(ev: Evidence) -> Finding | None:
+    """:func:`initial_loss_off_chance` on the DynamicsMonitor's loss record (its chance level comes from the model's
+    logits on validation samples, so a regression model is never judged against ``ln C``)."""
+    return initial_loss_off_chance(ev.dynamics.loss) if ev.dynamics is not None else None
+
+
+def oscillating(ev: Evidence) -> Finding | None:
+    """:func:`oscillating_loss` on the per-epoch training loss."""
+    return oscillating_loss(list(ev.train_loss))
+
+
+#: The training-dynamics rules, ``Evidence -> Finding | None`` like :data:`lightning_viz.diagnosis.RULES`;
+#: :func:`lightning_viz.diagnosis.diagnose` applies both.
+RULES = [exploding, batchnorm, unchanged, initial_loss, saturation, vanishing, oscillating]

@@ -468,5 +468,5 @@ def test_healthy_mlp_at_initialisation_has_no_dead_units(tmp_path, pl_ns):
     diagnosis = DiagnosisMonitor()
     train, val = loaders(n=64, channels=3, size=4)
     _, _, _ = _fit(pl_ns, tmp_path, make_module(pl_ns, mlp, lr=0.01), [ActivationMonitor(), diagnosis], train, val)
-    assert diagnosis._dead and "dead_filters" not in {f.kind for f in diagnosis.findings}
+    assert diagnosis._records.dead and "dead_filters" not in {f.kind for f in diagnosis.findings}
     assert {h.unit for h in diagnosis.evidence(2).dead.values()} == {"units"}
