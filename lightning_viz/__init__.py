@@ -55,6 +55,7 @@ _SUITE = {
     "embedding": "EmbeddingMonitor",
     "exemplars": "ExemplarMonitor",
     "featurevis": "FeatureVisMonitor",
+    "dynamics": "DynamicsMonitor",
     "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead")
