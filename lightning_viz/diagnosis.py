@@ -65,7 +65,8 @@ CAUSE_ORDER: tuple[str, ...] = (
 _STALLED = frozenset({"not_learning", "undertraining"})
 #: Which findings a finding explains (see :func:`diagnose`): those are folded into its evidence.
 #:
-#: - gradients that grow by orders of magnitude come before (and cause) a divergence and all it explains;
+#: - gradients that grow by orders of magnitude come before (and cause) a divergence and all it explains (running
+#:   statistics cannot follow weights that blow up: a BatchNorm mismatch then is a consequence too);
 #: - BatchNorm running statistics that do not match the data spoil everything measured in eval mode on the
 #:   validation data: dead units, saturation, a validation loss at chance (not learning), and what looks like
 #:   under- or over-training;
@@ -74,11 +75,11 @@ _STALLED = frozenset({"not_learning", "undertraining"})
 EXPLAINS: dict[str, frozenset[str]] = {
     "exploding_gradients": frozenset(
         {"divergence", "dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
-        | {"saturated_activations", "vanishing_gradients"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
     ),
     "divergence": frozenset(
         {"dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
-        | {"saturated_activations", "vanishing_gradients"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
     ),
     "batchnorm_mismatch": frozenset({"dead_filters", "saturated_activations", "overfitting"} | _STALLED),
     "saturated_activations": frozenset({"vanishing_gradients"} | _STALLED),

@@ -143,38 +143,47 @@ def exploding_gradients(
     critical_orders: float = 4.0,
     nonfinite_alone: bool = True,
 ) -> Finding | None:
-    """The total gradient norm grew by ``orders`` orders of magnitude since the first logged epoch, or every sampled
-    step of the latest epoch had NaN/Inf gradients.
+    """The total gradient norm grew by ``orders`` orders of magnitude above its typical value in the first logged
+    epoch (its median there against the largest sampled norm since, so that a growth within the epoch before a
+    divergence counts), or every sampled step of the latest epoch had NaN/Inf gradients.
 
     Args:
         history: per layer, its :class:`GradientStats`, oldest first.
-        orders: growth (log10 of latest / first total norm) that fires; ``critical_orders`` makes it critical.
+        orders: growth (log10 of the peak / the first epoch's median total norm) that fires; ``critical_orders``
+            makes it critical.
         nonfinite_alone: fire on NaN/Inf gradients without a measured growth (``False`` in the diagnosis: NaN from
             the first logged epoch on is the divergence finding's, and may come from the data rather than growth).
     """
     epochs: dict[int, float] = {}
+    peaks: dict[int, float] = {}
     nonfinite: dict[int, list[str]] = {}
     for subject, records in history.items():
         for r in records:
             if r.grad_norm is not None and math.isfinite(r.grad_norm):
                 epochs[r.epoch] = epochs.get(r.epoch, 0.0) + r.grad_norm**2
+            if r.grad_norm_max is not None and math.isfinite(r.grad_norm_max):
+                peaks[r.epoch] = peaks.get(r.epoch, 0.0) + r.grad_norm_max**2
             if r.samples and r.nonfinite_steps == r.samples:
                 nonfinite.setdefault(r.epoch, []).append(subject)
     totals = sorted((e, math.sqrt(v)) for e, v in epochs.items())
+    # the largest sampled norm per epoch (an upper bound: per-layer maxima may come from different steps)
+    tops = sorted((e, max(math.sqrt(v), dict(totals).get(e, 0.0))) for e, v in peaks.items())
     latest = max([*epochs, *nonfinite], default=None)
     evidence, growth = [], 0.0
     if latest is not None and nonfinite.get(latest):
         evidence.append(f"every sampled step of epoch {latest} had NaN/Inf gradients in {nonfinite[latest][:5]}")
-    if len(totals) >= 2 and totals[0][1] > 0 and totals[-1][1] > 0:
-        growth = math.log10(totals[-1][1] / totals[0][1])
+    later = [(e, v) for e, v in tops if totals and e > totals[0][0] and v > 0]
+    if totals and totals[0][1] > 0 and later:
+        peak_epoch, peak = max(later, key=lambda p: p[1])
+        growth = math.log10(peak / totals[0][1])
         if growth >= orders:
             evidence.append(
-                f"total gradient norm {totals[-1][1]:.3g} at epoch {totals[-1][0]}, {growth:.1f} orders of magnitude "
-                f"above {totals[0][1]:.3g} at epoch {totals[0][0]}"
+                f"total gradient norm reached {peak:.3g} in epoch {peak_epoch}, {growth:.1f} orders of magnitude "
+                f"above its typical {totals[0][1]:.3g} in epoch {totals[0][0]}"
             )
     if not evidence or (not nonfinite_alone and growth < orders):
         return None
-    since = next((e for e, v in totals if totals[0][1] > 0 and math.log10(v / totals[0][1]) >= orders), latest)
+    since = next((e for e, v in later if math.log10(v / totals[0][1]) >= orders), latest)
     return Finding(
         kind="exploding_gradients",
         severity="critical" if growth >= critical_orders or nonfinite.get(latest or -1) else "warning",
@@ -400,24 +409,37 @@ def oscillating_loss(
     train_loss: Sequence[tuple[int, float | None]],
     *,
     min_epochs: int = 5,
+    window: int = 6,
     amplitude: float = 0.1,
+    min_swing: float = 0.02,
     reversals: float = 0.5,
 ) -> Finding | None:
     """The per-epoch training loss goes up and down around its trend with a large amplitude, without diverging.
 
+    Judged over the last ``window`` epochs, so that the steep descent of the first epochs does not hide an
+    oscillation that came after it.
+
     Args:
         train_loss: (epoch, training loss) per logged epoch.
         min_epochs: epochs needed before judging.
-        amplitude: RMS of the residuals around a straight-line trend, as a share of the mean loss, that fires.
+        window: the last epochs judged.
+        amplitude: RMS of the residuals around a straight-line trend, as a share of the window's mean loss, that
+            fires; and
+        min_swing: ... at least this share of the curve's largest value (its start, usually), so that the noise of a
+            loss that has converged near zero is not an oscillation.
         reversals: share of consecutive changes that reverse direction (up after down or down after up) that fires;
             the path travelled must also be at least three times the net change.
     """
     points = [(e, v) for e, v in train_loss if v is not None and math.isfinite(v)]
     if len(points) < min_epochs or len(points) < len(train_loss):
         return None  # too short, or NaN/Inf: that is divergence, not oscillation
+    scale = max(abs(v) for _, v in points)
+    if points[-1][1] > 2 * points[0][1] > 0:
+        return None
+    points = points[-window:]
     values = [v for _, v in points]
     level = statistics.fmean(abs(v) for v in values)
-    if level == 0 or values[-1] > 2 * values[0] > 0:
+    if level == 0:
         return None
     n = len(values)
     xs = range(n)
@@ -428,7 +450,7 @@ def oscillating_loss(
     turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
     travelled = sum(abs(d) for d in diffs)
     net = abs(values[-1] - values[0])
-    if rms / level < amplitude or turns < reversals or travelled < 3 * net:
+    if rms / level < amplitude or rms < min_swing * scale or turns < reversals or travelled < 3 * net:
         return None
     return Finding(
         kind="oscillating_loss",
