@@ -10,8 +10,8 @@ finding                plants
 =====================  ==========================================================================================
 vanishing_gradients    deep sigmoid MLP (SGD); deep sigmoid CNN without BatchNorm; deep tanh MLP with a small
                        initialisation
-exploding_gradients    an ``ExponentialLR`` whose gamma is > 1 (a typo for 0.x) without clipping: ResNet (SGD),
-                       narrower ResNet (Adam), residual MLP (SGD). In plain ReLU nets the units die and the loss
+exploding_gradients    an ``ExponentialLR`` whose gamma is > 1 (a typo for 0.x) without clipping: ResNet, a
+                       narrower ResNet with gamma 3, a residual MLP (SGD). In plain ReLU nets the units die and the loss
                        blows up without the sampled gradients growing first: that is the divergence finding
                        (``benchmarks/diagnosis.py``)
 unchanged_weights      a layer left out of the optimizer; an lr-0 param group; a layer used through ``.detach()``
@@ -283,7 +283,7 @@ def plan(seeds: list[int]) -> list[Plant]:
             Plant("healthy", "cnn_bn-sgd", lambda: cnn(bn=True), 0.05),
             Plant("healthy", "mlp-adam", lambda: mlp(nn.ReLU, width=64), 1e-3, optimiser="adam"),
             Plant("healthy", "resnet-sgd-cosine", lambda: resnet(), 0.05, schedule="cosine"),
-            Plant("healthy", "cnn-adam", lambda: cnn(), 5e-3, optimiser="adam"),
+            Plant("healthy", "cnn-adam", lambda: cnn(), 2e-3, optimiser="adam", epochs=10),
             Plant("healthy", "tanh_mlp-xavier-adam", lambda: xavier(mlp(nn.Tanh)), 1e-3, optimiser="adam"),
             Plant("healthy", "sigmoid_mlp-adam", lambda: mlp(nn.Sigmoid, depth=1, width=64), 3e-3, optimiser="adam"),
             # vanishing gradients
@@ -292,8 +292,8 @@ def plan(seeds: list[int]) -> list[Plant]:
             Plant("vanishing_gradients", "deep_tanh_mlp-small_init", lambda: scaled(mlp(nn.Tanh, 8), 0.3), 0.02),
             # exploding gradients: ExponentialLR(gamma > 1)
             Plant("exploding_gradients", "resnet-sgd-exp_lr", lambda: resnet(), 0.01, schedule="exp", epochs=8),
-            Plant("exploding_gradients", "resnet8-adam-exp_lr", lambda: resnet(width=8), 1e-3, optimiser="adam",
-                  schedule="exp", epochs=8),
+            Plant("exploding_gradients", "resnet8-sgd-exp_lr3", lambda: resnet(width=8), 0.02, schedule="exp",
+                  gamma=3.0, epochs=8),
             Plant("exploding_gradients", "resmlp-sgd-exp_lr", ResMLP, 0.01, schedule="exp", epochs=8),
             # unchanged weights
             Plant("unchanged_weights", "mlp-left_out", lambda: mlp(nn.ReLU), 0.05, optimise="skip_last_hidden"),
@@ -317,7 +317,7 @@ def plan(seeds: list[int]) -> list[Plant]:
             Plant("initial_loss", "mlp-certain_bias", lambda: certain_bias(mlp(nn.ReLU)), 0.01),
             # oscillating loss: a cyclic learning rate with far too high peaks
             Plant("oscillating_loss", "mlp-sgd-restarts", lambda: mlp(nn.ReLU), 0.15, schedule="restarts", epochs=8),
-            Plant("oscillating_loss", "cnn_bn-sgd-restarts", lambda: cnn(bn=True), 1.0, schedule="restarts",
+            Plant("oscillating_loss", "cnn_bn-sgd-restarts", lambda: cnn(bn=True), 0.3, schedule="restarts",
                   epochs=8),
             Plant("oscillating_loss", "mlp-adam-restarts", lambda: mlp(nn.ReLU), 0.05, optimiser="adam",
                   schedule="restarts", epochs=8),
