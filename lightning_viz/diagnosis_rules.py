@@ -528,7 +528,7 @@ def saturation(ev: Evidence) -> Finding | None:
         return None
     if len(found) == 1:
         return found[0][1]
-    worst = max((dyn.saturation[site][-1].saturated_fraction, f) for site, f in found)[1]
+    worst_site, worst = max(found, key=lambda sf: dyn.saturation[sf[0]][-1].saturated_fraction)
     rows = [
         (
             f"`{site}`",
@@ -544,7 +544,7 @@ def saturation(ev: Evidence) -> Finding | None:
         since_epoch=min(f.since_epoch for _, f in found),
         summary=f"{len(found)} bounded activations have most of their outputs in the flat tails, where almost no "
         "gradient passes.",
-        evidence=[worst.evidence[0].replace("saturated share", f"worst ({found[0][0]}): saturated share", 1)],
+        evidence=[f"the worst, `{worst_site}`: {worst.evidence[0]}", *worst.evidence[1:]],
         tags=[t for _, f in found[:4] for t in f.tags[:1]] + ["dynamics/gradient_flow"],
         remedies=worst.remedies,
         table=[("site", "activation", "saturated", "since epoch"), *rows],

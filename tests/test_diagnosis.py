@@ -161,6 +161,17 @@ def test_dynamics_findings_fold_by_cause_in_the_panel():
     nan_run = _ev(train_loss=_curve([2.0, math.nan]), nonfinite_epoch=2, epoch=2,
                   dynamics=D.DynamicsEvidence(gradients=nan_only))  # fmt: skip
     assert [f.kind for f in D.diagnose(nan_run)] == ["divergence"]
+    # saturated modules are one finding with a table; a bias before BatchNorm that never moves is no finding
+    def sat(site):
+        return [rec.SaturationStats(step=10, epoch=1, subject=site, kind="Tanh", saturated_fraction=0.95)]
+
+    two = D.diagnose(_ev(dynamics=D.DynamicsEvidence(saturation={"a": sat("a"), "b": sat("b")})))
+    assert [f.kind for f in two] == ["saturated_activations"] and [r[0] for r in two[0].table[1:]] == ["`a`", "`b`"]
+    bias = rec.UpdateStats(step=10, epoch=1, subject="conv", update_ratio=1e-3, weight_norm=1.0,
+                           unchanged=("conv.bias",), without_grad=("conv.bias",))  # fmt: skip
+    assert D.diagnose(_ev(dynamics=D.DynamicsEvidence(updates=[bias]))) == []
+    left_out = rec.UpdateStats(**{**bias.__dict__, "unchanged": ("conv.weight",), "without_grad": ()})
+    assert [f.kind for f in D.diagnose(_ev(dynamics=D.DynamicsEvidence(updates=[left_out])))] == ["unchanged_weights"]
     # without a DynamicsMonitor the panel says which checks are off
     assert D.diagnose(_ev(train_loss=_curve([2.0, 1.0, 0.5]), dynamics=None)) == []
 
