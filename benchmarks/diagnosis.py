@@ -49,13 +49,14 @@ from dataclasses import dataclass, field
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from diagnosis_dynamics import quiet_trainer  # noqa: E402
 
 import lightning_viz  # noqa: E402
 from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor  # noqa: E402
@@ -242,19 +243,10 @@ def run(cfg: Config, logdir: str) -> tuple[set[str], set[str]]:
     callbacks: list = [lightning_viz.ActivationMonitor(every_n_epochs=cfg.every_n, max_batches=4), diagnosis]
     if cfg.stop == "early_stopping":
         callbacks.append(pl.callbacks.EarlyStopping(monitor=cfg.val_name, patience=2))
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logger=TensorBoardLogger(logdir, name=cfg.name().replace("/", "_")),
-        callbacks=callbacks,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        logdir, cfg.name(), callbacks, max_epochs=cfg.epochs, max_steps=cfg.max_steps,
         check_val_every_n_epoch=cfg.val_every,
-        log_every_n_steps=10,
-    )
+    )  # fmt: skip
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(TensorDataset(x[val_idx], y[val_idx]), batch_size=256)
     trainer.fit(Module(model, cfg), loader, val_loader)
@@ -388,7 +380,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def main_dynamics(args: argparse.Namespace) -> None:
     """The training-dynamics plants: seed 0 for design, the others held out."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import diagnosis_dynamics as dyn
 
     seeds = [0, 1] if args.quick else args.seeds if args.seeds != list(range(8)) else [0, 1, 2]

@@ -44,17 +44,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_viz
+from lightning_viz import diagnosis_rules as R
 from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor
 
-KINDS = (
-    "vanishing_gradients",
-    "exploding_gradients",
-    "unchanged_weights",
-    "batchnorm_mismatch",
-    "saturated_activations",
-    "initial_loss",
-    "oscillating_loss",
-)
+KINDS = R.KINDS
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -248,6 +241,21 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS[0]
 
 
+def quiet_trainer(logdir: str, name: str, callbacks: list, **kwargs) -> pl.Trainer:
+    """A CPU Trainer for a short planted run: no checkpoints, progress bar, summary or sanity check."""
+    return pl.Trainer(
+        logger=TensorBoardLogger(logdir, name=name.replace("/", "_")),
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        **kwargs,
+    )
+
+
 def run(p: Plant, logdir: str) -> tuple[set[str], set[str], Recorder]:
     """Train one planted run; returns (kinds in the final panel, kinds raised at any epoch, the monitor)."""
     pl.seed_everything(p.seed, workers=False, verbose=False)
@@ -259,17 +267,7 @@ def run(p: Plant, logdir: str) -> tuple[set[str], set[str], Recorder]:
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(p.seed))
     diagnosis = Recorder()
     callbacks = [lightning_viz.ActivationMonitor(max_batches=4), lightning_viz.DynamicsMonitor(), diagnosis]
-    trainer = pl.Trainer(
-        max_epochs=p.epochs,
-        logger=TensorBoardLogger(logdir, name=p.label().replace("/", "_")),
-        callbacks=callbacks,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,
-    )
+    trainer = quiet_trainer(logdir, p.label(), callbacks, max_epochs=p.epochs)
     trainer.fit(Module(p.build(), p, len(loader)), loader, DataLoader(val, batch_size=256))
     return {f.kind for f in diagnosis.findings}, getattr(diagnosis, "any_epoch", set()), diagnosis
 

@@ -219,7 +219,7 @@ def slope_per_epoch(points: Series) -> float:
     return sum((e - me) * (v - mv) for e, v in pts) / den if den > 0 else 0.0
 
 
-def _loss_curve(ev: Evidence) -> list[tuple[int, float]]:
+def loss_curve(ev: Evidence) -> list[tuple[int, float]]:
     """The training loss per epoch, with the loss at initialisation as epoch 0."""
     curve = [(e, v) for e, v in ev.train_loss if math.isfinite(v)]
     if ev.initial_loss is not None and math.isfinite(ev.initial_loss):
@@ -410,7 +410,7 @@ def _near_chance(ev: Evidence, curve: Series) -> str | None:
 
 def not_learning(ev: Evidence) -> Finding | None:
     """Loss (or accuracy) at chance level and flat: at the end of fit, or mid-run after five flat epochs."""
-    curve = _loss_curve(ev)
+    curve = loss_curve(ev)
     if len(curve) < 2 or not (ev.final or len(ev.train_loss) >= 5):
         return None
     why = _near_chance(ev, curve)
@@ -444,7 +444,7 @@ def not_learning(ev: Evidence) -> Finding | None:
 def undertraining(ev: Evidence) -> Finding | None:
     """At the end of fit, the loss still falls per epoch by at least a tenth of all the progress made so far (by more
     than 3 standard errors of the epoch mean), and the validation loss, where there is one, is still at its best."""
-    curve = _loss_curve(ev)
+    curve = loss_curve(ev)
     if not ev.final or len(curve) < 2:
         return None
     progress = curve[0][1] - curve[-1][1]

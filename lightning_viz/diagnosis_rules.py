@@ -24,7 +24,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-from lightning_viz.diagnosis import Evidence, Finding
+from lightning_viz.diagnosis import Evidence, Finding, loss_curve
 from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
@@ -35,6 +35,7 @@ from lightning_viz.records import (
 )
 
 __all__ = [
+    "KINDS",
     "RULES",
     "batchnorm_mismatch",
     "exploding_gradients",
@@ -474,20 +475,13 @@ def oscillating_loss(
 # ------------------------------------------------------------------------------- the rules the diagnosis applies
 # Each reads the DynamicsMonitor's records from ``Evidence.dynamics`` (off without them), except the oscillating loss,
 # which needs only the per-epoch training loss the DiagnosisMonitor itself keeps.
-def _curve(ev: Evidence) -> list[tuple[int, float]]:
-    curve = [(e, v) for e, v in ev.train_loss if math.isfinite(v)]
-    if ev.initial_loss is not None and math.isfinite(ev.initial_loss):
-        curve.insert(0, (0, ev.initial_loss))
-    return curve
-
-
 def vanishing(ev: Evidence) -> Finding | None:
     """:func:`vanishing_gradients` on the latest gradient and update records and the loss since initialisation."""
     dyn = ev.dynamics
     if dyn is None or not dyn.gradients:
         return None
     latest = [records[-1] for records in dyn.gradients.values() if records]
-    return vanishing_gradients(latest, train_loss=_curve(ev), updates=dyn.updates)
+    return vanishing_gradients(latest, train_loss=loss_curve(ev), updates=dyn.updates)
 
 
 def exploding(ev: Evidence) -> Finding | None:
@@ -562,6 +556,16 @@ def oscillating(ev: Evidence) -> Finding | None:
     return oscillating_loss(list(ev.train_loss))
 
 
+#: The kinds of finding these rules raise.
+KINDS = (
+    "vanishing_gradients",
+    "exploding_gradients",
+    "unchanged_weights",
+    "batchnorm_mismatch",
+    "saturated_activations",
+    "initial_loss",
+    "oscillating_loss",
+)
 #: The training-dynamics rules, ``Evidence -> Finding | None`` like :data:`lightning_viz.diagnosis.RULES`;
 #: :func:`lightning_viz.diagnosis.diagnose` applies both.
 RULES = [exploding, batchnorm, unchanged, initial_loss, saturation, vanishing, oscillating]

@@ -161,6 +161,7 @@ def test_dynamics_findings_fold_by_cause_in_the_panel():
     nan_run = _ev(train_loss=_curve([2.0, math.nan]), nonfinite_epoch=2, epoch=2,
                   dynamics=D.DynamicsEvidence(gradients=nan_only))  # fmt: skip
     assert [f.kind for f in D.diagnose(nan_run)] == ["divergence"]
+
     # saturated modules are one finding with a table; a bias before BatchNorm that never moves is no finding
     def sat(site):
         return [rec.SaturationStats(step=10, epoch=1, subject=site, kind="Tanh", saturated_fraction=0.95)]

@@ -55,15 +55,7 @@ def _bus(monitor):
     return monitor._bus
 
 
-NEW_KINDS = {
-    "vanishing_gradients",
-    "exploding_gradients",
-    "unchanged_weights",
-    "batchnorm_mismatch",
-    "saturated_activations",
-    "initial_loss",
-    "oscillating_loss",
-}
+NEW_KINDS = set(R.KINDS)
 
 
 def _panel(events):
