@@ -492,7 +492,8 @@ def exploding(ev: Evidence) -> Finding | None:
 
 def unchanged(ev: Evidence) -> Finding | None:
     """:func:`unchanged_weights`, except biases that never had a gradient (a bias right before a normalisation layer
-    gets only rounding noise: redundant by design, as in torchvision's VGG-BN, not worth a finding)."""
+    gets only rounding noise: redundant by design, as in torchvision's VGG-BN, not worth a finding), and parameters
+    without gradient in a network whose gradients vanish (a consequence of that finding)."""
     dyn = ev.dynamics
     if dyn is None or not dyn.updates:
         return None
@@ -503,6 +504,8 @@ def unchanged(ev: Evidence) -> Finding | None:
     no_grad = {n for u in dyn.updates for n in u.without_grad}
     if all(n in no_grad and n.rsplit(".", 1)[-1] == "bias" for n in stuck):
         return None
+    if all(n in no_grad for n in stuck) and vanishing(ev) is not None:
+        return None  # no gradient reaches them because it vanishes on the way: the vanishing finding says so
     return finding
 
 
