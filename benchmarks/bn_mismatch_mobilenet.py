@@ -3,8 +3,10 @@
 torchvision ``mobilenet_v3_small(num_classes=10)`` trained on sklearn's 8x8 digits upscaled to 64x64 (3 channels),
 on the CPU. The training loss falls fast, yet in eval mode the validation accuracy stays low: the running statistics
 still carry their initial values (mean 0, variance 1), far from the data's. The same weights score well with batch
-statistics. The script trains with :class:`DynamicsMonitor`, then asks
-:func:`lightning_viz.diagnosis_rules.batchnorm_mismatch` whether it names the problem, and prints the numbers::
+statistics. The script trains with an ActivationMonitor, a :class:`DynamicsMonitor` and a DiagnosisMonitor (the
+parts of ``default_suite`` that the diagnosis reads), prints the numbers and the final panel, and checks what issue
+#16 asks: the panel names a BatchNorm mismatch, and lists no dead filters and no under-training (measured in eval
+mode on the validation data, they are consequences of the running statistics, folded into that finding)::
 
     python benchmarks/bn_mismatch_mobilenet.py [--epochs 4] [--momentum 0.01]
 
@@ -19,13 +21,13 @@ import tempfile
 import time
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> bool:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--momentum", type=float, default=None, help="override every BatchNorm's momentum")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import pytorch_lightning as pl
     import torch
@@ -35,7 +37,7 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from torchvision.models import mobilenet_v3_small
 
-    from lightning_viz import diagnosis_rules as R
+    from lightning_viz import ActivationMonitor, DiagnosisMonitor
     from lightning_viz.callbacks.dynamics_monitor import DynamicsMonitor
     from lightning_viz.functional.dynamics import batch_statistics
     from lightning_viz.records import BatchNormProbe, BatchNormStats, LossStats, bus_for
@@ -59,12 +61,12 @@ def main() -> None:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = args.momentum
 
-    monitor = DynamicsMonitor()
+    monitor, diagnosis = DynamicsMonitor(), DiagnosisMonitor()
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
             max_epochs=args.epochs,
             accelerator="cpu",
-            callbacks=[monitor],
+            callbacks=[ActivationMonitor(max_batches=4), monitor, diagnosis],
             logger=pl.loggers.TensorBoardLogger(logdir, name="mobilenet"),
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -86,7 +88,8 @@ def main() -> None:
     probe = bus.latest(BatchNormProbe).get("")
     layers = list(bus.latest(BatchNormStats).values())
     loss = bus.latest(LossStats).get("")
-    finding = R.batchnorm_mismatch(probe, layers)
+    kinds = [f.kind for f in diagnosis.findings]
+    finding = next((f for f in diagnosis.findings if f.kind == "batchnorm_mismatch"), None)
 
     print(f"\nmobilenet_v3_small, {args.epochs} epochs on 64x64 digits, {seconds:.0f} s on the CPU")
     print(f"BatchNorm momentum: torchvision default {momenta}, used {args.momentum or momenta}")
@@ -107,13 +110,21 @@ def main() -> None:
         f"{sorted(r.mean_shift for r in layers)[len(layers) // 2]:.2f} std, |ln var ratio| "
         f"{sorted(r.var_log_ratio for r in layers)[len(layers) // 2]:.2f}"
     )
+    print(f"final panel findings: {kinds or 'none'}")
     if finding is None:
         print("batchnorm_mismatch: no finding")
     else:
         print(f"batchnorm_mismatch: {finding.severity.upper()} - {finding.summary}")
         for line in finding.evidence:
             print(f"  - {line}")
+    sick = args.momentum is None or args.momentum < 0.05
+    ok = ("batchnorm_mismatch" in kinds) == sick and not {"dead_filters", "undertraining"} & set(kinds)
+    print(
+        f"{'OK' if ok else 'FAIL'}: expected {'a BatchNorm mismatch' if sick else 'no BatchNorm mismatch'} and no "
+        "dead-filter or under-training finding in the final panel"
+    )
+    return ok
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(0 if main() else 1)

@@ -24,6 +24,14 @@ two halves are reported apart.
     python benchmarks/diagnosis.py              # seeds 0-7: 168 runs (about 6 minutes on 2 busy CPU cores)
     python benchmarks/diagnosis.py --quick      # seeds 0 and 4
     python benchmarks/diagnosis.py --scenarios  # also the four shipped scenarios, seeds 0-4 (20 more runs)
+
+The training-dynamics findings of issue #16 (vanishing / exploding gradients, unchanged weights, BatchNorm mismatch,
+saturated activations, loss at initialisation off chance, oscillating loss) have their own planted runs, at least
+three per finding, with ActivationMonitor + DynamicsMonitor + DiagnosisMonitor (see ``diagnosis_dynamics.py``).
+Seed 0 was looked at while the plants and thresholds were designed; seeds 1 and 2 were held out::
+
+    python benchmarks/diagnosis.py --dynamics               # seeds 0-2: 81 runs
+    python benchmarks/diagnosis.py --dynamics --mobilenet   # and torchvision mobilenet_v3_small (minutes on a CPU)
 """
 
 from __future__ import annotations
@@ -41,13 +49,14 @@ from dataclasses import dataclass, field
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from diagnosis_dynamics import quiet_trainer  # noqa: E402
 
 import lightning_viz  # noqa: E402
 from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor  # noqa: E402
@@ -234,19 +243,10 @@ def run(cfg: Config, logdir: str) -> tuple[set[str], set[str]]:
     callbacks: list = [lightning_viz.ActivationMonitor(every_n_epochs=cfg.every_n, max_batches=4), diagnosis]
     if cfg.stop == "early_stopping":
         callbacks.append(pl.callbacks.EarlyStopping(monitor=cfg.val_name, patience=2))
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logger=TensorBoardLogger(logdir, name=cfg.name().replace("/", "_")),
-        callbacks=callbacks,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        logdir, cfg.name(), callbacks, max_epochs=cfg.epochs, max_steps=cfg.max_steps,
         check_val_every_n_epoch=cfg.val_every,
-        log_every_n_steps=10,
-    )
+    )  # fmt: skip
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(TensorDataset(x[val_idx], y[val_idx]), batch_size=256)
     trainer.fit(Module(model, cfg), loader, val_loader)
@@ -335,7 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="seeds 0 and 4 only")
     parser.add_argument("--scenarios", action="store_true", help="also the shipped scenarios, seeds 0-4")
     parser.add_argument("--only", default=None, help="only plants whose name contains this")
+    parser.add_argument("--dynamics", action="store_true", help="the training-dynamics plants (issue #16) instead")
+    parser.add_argument("--mobilenet", action="store_true", help="with --dynamics: also mobilenet_v3_small")
     args = parser.parse_args(argv)
+    if args.dynamics:
+        return main_dynamics(args)
     seeds = [0, 4] if args.quick else args.seeds
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning_viz").setLevel(logging.ERROR)
@@ -372,6 +376,39 @@ def main(argv: list[str] | None = None) -> None:
             report(title, results)
     report("all planted runs", halves[design] + halves[held_out])
     print(f"\n{time.perf_counter() - started:.0f} s in all")
+
+
+def main_dynamics(args: argparse.Namespace) -> None:
+    """The training-dynamics plants: seed 0 for design, the others held out."""
+    import diagnosis_dynamics as dyn
+
+    seeds = [0, 1] if args.quick else args.seeds if args.seeds != list(range(8)) else [0, 1, 2]
+    warnings.filterwarnings("ignore")
+    for name in ("lightning_viz", "pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    halves: dict[str, list] = {"design (seed 0)": [], "held out (seeds 1+)": []}
+    started = time.perf_counter()
+    new = set(dyn.KINDS)
+    with tempfile.TemporaryDirectory() as logdir:
+        for p in dyn.plan(seeds):
+            if args.only and args.only not in p.label():
+                continue
+            t = time.perf_counter()
+            final, anytime, _ = dyn.run(p, logdir)
+            ok = "ok " if final & new == p.expected and anytime & new <= p.expected else "BAD"
+            print(f"{ok} {time.perf_counter() - t:5.1f}s {p.label():<48} final={sorted(final)} any={sorted(anytime)}")
+            halves["design (seed 0)" if p.seed == 0 else "held out (seeds 1+)"].append((p.expected, final, anytime))
+    for title, results in halves.items():
+        if results:
+            dyn.report(title, results)
+    dyn.report("all planted dynamics runs", [r for h in halves.values() for r in h])
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.mobilenet:
+        import bn_mismatch_mobilenet
+
+        torch.set_num_threads(2)
+        bn_mismatch_mobilenet.main([])
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 The monitor works in three places: in the training loop (gradient norms and a parameter copy at the sampled steps,
 the update norms after them, the loss), in the validation loop (forward hooks on the BatchNorm layers and bounded
 activations, the probe samples), and once per logged epoch (the probe's two forward passes, the records, scalars and
-the gradient-flow image). Each is timed separately; the epoch without the monitor is timed in the same process::
+the gradient-flow image). Each is timed separately; the epoch without the monitor is timed in the same process.
+A third run trains with ``default_suite()`` (which includes the monitor, inside the suite's shared budget) and lists
+what the budget's ledger charged to the DynamicsMonitor (its per-step sampling included) and to the whole suite,
+against the training time the budget measured::
 
-    python benchmarks/dynamics_cost.py [--epochs 3] [--batches 16] [--batch-size 64] [--device cpu]
+    python benchmarks/dynamics_cost.py [--epochs 3] [--batches 16] [--batch-size 64] [--device cpu] [--no-suite]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-suite", action="store_true", help="skip the default_suite run")
     args = parser.parse_args()
 
     import pytorch_lightning as pl
@@ -59,6 +63,7 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from torchvision.models import resnet18
 
+    import lightning_viz
     from lightning_viz.callbacks.dynamics_monitor import DynamicsMonitor
     from lightning_viz.functional import dynamics as D
 
@@ -113,7 +118,7 @@ def main() -> None:
         def on_validation_epoch_end(self, trainer, pl_module):
             self.val.append(time.perf_counter() - self._v)
 
-    def run(monitor):
+    def run(*monitors):
         pl.seed_everything(0)
         timer = EpochTimer()
         with tempfile.TemporaryDirectory() as logdir:
@@ -121,7 +126,7 @@ def main() -> None:
                 max_epochs=args.epochs,
                 accelerator=args.device,
                 devices=1,
-                callbacks=[timer, *([monitor] if monitor else [])],
+                callbacks=[timer, *monitors],
                 logger=pl.loggers.TensorBoardLogger(logdir),
                 enable_progress_bar=False,
                 enable_model_summary=False,
@@ -135,7 +140,7 @@ def main() -> None:
             )
         return timer
 
-    plain = run(None)
+    plain = run()
     monitor = Timed()
     watched = run(monitor)
     per_epoch = {k: v / args.epochs for k, v in seconds.items()}
@@ -158,8 +163,22 @@ def main() -> None:
     ]
     print(f"| {'what':<48} | {'seconds':>8} | {'share of training epoch':>23} |")
     print(f"|{'-' * 50}|{'-' * 10}|{'-' * 25}|")
+    if not args.no_suite:
+        suite = lightning_viz.default_suite(embedding={"reducer": "pca"})
+        run(*suite)
+        budget = next(cb._budget for cb in suite if cb._budget is not None)
+        dynamics = next(cb for cb in suite if isinstance(cb, DynamicsMonitor))
+        trained = budget.train_seconds
+        rows += [
+            ("default_suite: training time the budget measured", trained),
+            ("default_suite: DynamicsMonitor charged, all epochs", budget.spent.get(dynamics._budget_key, 0.0)),
+            ("default_suite: all monitors charged, all epochs", budget.spent_total),
+        ]
     for label, seconds in rows:
-        print(f"| {label:<48} | {seconds:8.3f} | {seconds / train_plain:22.1%} |")
+        base = trained if label.startswith("default_suite") else train_plain
+        print(f"| {label:<48} | {seconds:8.3f} | {seconds / base:22.1%} |")
+    if not args.no_suite:
+        print(f"(default_suite rows: share of the training time of that run; its budget is {budget.share:.0%})")
 
 
 if __name__ == "__main__":

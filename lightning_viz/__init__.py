@@ -56,6 +56,7 @@ _SUITE = {
     "exemplars": "ExemplarMonitor",
     "featurevis": "FeatureVisMonitor",
     "attention": "AttentionMonitor",  # steps aside silently on a model without attention
+    "dynamics": "DynamicsMonitor",
     "diagnosis": "DiagnosisMonitor",
 }
 _SHARED_OPTIONS = ("on_error", "seed", "log_baseline", "max_overhead", "input_fn")

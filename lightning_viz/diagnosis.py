@@ -30,16 +30,61 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-FindingKind = Literal["divergence", "dead_filters", "not_learning", "undertraining", "overfitting"]
+FindingKind = Literal[
+    "divergence",
+    "dead_filters",
+    "not_learning",
+    "undertraining",
+    "overfitting",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "unchanged_weights",
+    "batchnorm_mismatch",
+    "saturated_activations",
+    "initial_loss",
+    "oscillating_loss",
+]
 Severity = Literal["info", "warning", "critical"]
 #: Severities from the mildest to the worst.
 SEVERITIES: tuple[Severity, ...] = get_args(Severity)
-#: Root causes first (the panel's order).
-CAUSE_ORDER: tuple[str, ...] = ("divergence", "dead_filters", "not_learning", "overfitting", "undertraining")
+#: Root causes first (the panel's order, and the order in which causes are looked for).
+CAUSE_ORDER: tuple[str, ...] = (
+    "exploding_gradients",
+    "divergence",
+    "batchnorm_mismatch",
+    "unchanged_weights",
+    "initial_loss",
+    "saturated_activations",
+    "vanishing_gradients",
+    "dead_filters",
+    "not_learning",
+    "oscillating_loss",
+    "overfitting",
+    "undertraining",
+)
+_STALLED = frozenset({"not_learning", "undertraining"})
 #: Which findings a finding explains (see :func:`diagnose`): those are folded into its evidence.
+#:
+#: - gradients that grow by orders of magnitude come before (and cause) a divergence and all it explains (running
+#:   statistics cannot follow weights that blow up: a BatchNorm mismatch then is a consequence too);
+#: - BatchNorm running statistics that do not match the data spoil everything measured in eval mode on the
+#:   validation data: dead units, saturation, a validation loss at chance (not learning), and what looks like
+#:   under- or over-training;
+#: - saturated activations pass no gradient: vanishing gradients and a stalled loss follow;
+#: - unchanged weights, an initial loss off its chance level and an oscillating loss are causes of their own.
 EXPLAINS: dict[str, frozenset[str]] = {
-    "divergence": frozenset({"dead_filters", "not_learning", "overfitting", "undertraining"}),
-    "dead_filters": frozenset({"not_learning", "undertraining"}),
+    "exploding_gradients": frozenset(
+        {"divergence", "dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
+    ),
+    "divergence": frozenset(
+        {"dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
+    ),
+    "batchnorm_mismatch": frozenset({"dead_filters", "saturated_activations", "overfitting"} | _STALLED),
+    "saturated_activations": frozenset({"vanishing_gradients"} | _STALLED),
+    "vanishing_gradients": _STALLED,
+    "dead_filters": _STALLED,
     "not_learning": frozenset({"overfitting", "undertraining"}),
     "overfitting": frozenset({"undertraining"}),
 }
@@ -73,6 +118,25 @@ class DeadHistory:
     unit: str
     #: (epoch, dead fraction, dead count, channels) per logged epoch, oldest first.
     points: tuple[tuple[int, float, int, int], ...]
+
+
+@dataclass(frozen=True)
+class DynamicsEvidence:
+    """The training-dynamics records a :class:`~lightning_viz.DynamicsMonitor` published (:mod:`lightning_viz.records`),
+    for the rules in :mod:`lightning_viz.diagnosis_rules`."""
+
+    #: :class:`~lightning_viz.records.GradientStats` per layer, oldest first.
+    gradients: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    #: The latest :class:`~lightning_viz.records.UpdateStats` per layer.
+    updates: Sequence[Any] = ()
+    #: The latest :class:`~lightning_viz.records.BatchNormProbe` (``None``: no BatchNorm, or no probe yet).
+    bn_probe: Any = None
+    #: The latest :class:`~lightning_viz.records.BatchNormStats` per BatchNorm layer.
+    bn_layers: Sequence[Any] = ()
+    #: :class:`~lightning_viz.records.SaturationStats` per bounded activation, oldest first.
+    saturation: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    #: The latest :class:`~lightning_viz.records.LossStats` (initial loss, chance level).
+    loss: Any = None
 
 
 @dataclass
@@ -112,6 +176,8 @@ class Evidence:
     val_tag: str | None = None
     #: Whether an EarlyStopping callback watches the run.
     early_stopping: bool = False
+    #: What a DynamicsMonitor measured (``None``: none in the run; its findings are then off).
+    dynamics: DynamicsEvidence | None = None
     #: Knobs.
     dead_threshold: float = 0.2
     dead_critical: float = 0.5
@@ -153,7 +219,7 @@ def slope_per_epoch(points: Series) -> float:
     return sum((e - me) * (v - mv) for e, v in pts) / den if den > 0 else 0.0
 
 
-def _loss_curve(ev: Evidence) -> list[tuple[int, float]]:
+def loss_curve(ev: Evidence) -> list[tuple[int, float]]:
     """The training loss per epoch, with the loss at initialisation as epoch 0."""
     curve = [(e, v) for e, v in ev.train_loss if math.isfinite(v)]
     if ev.initial_loss is not None and math.isfinite(ev.initial_loss):
@@ -344,7 +410,7 @@ def _near_chance(ev: Evidence, curve: Series) -> str | None:
 
 def not_learning(ev: Evidence) -> Finding | None:
     """Loss (or accuracy) at chance level and flat: at the end of fit, or mid-run after five flat epochs."""
-    curve = _loss_curve(ev)
+    curve = loss_curve(ev)
     if len(curve) < 2 or not (ev.final or len(ev.train_loss) >= 5):
         return None
     why = _near_chance(ev, curve)
@@ -378,7 +444,7 @@ def not_learning(ev: Evidence) -> Finding | None:
 def undertraining(ev: Evidence) -> Finding | None:
     """At the end of fit, the loss still falls per epoch by at least a tenth of all the progress made so far (by more
     than 3 standard errors of the epoch mean), and the validation loss, where there is one, is still at its best."""
-    curve = _loss_curve(ev)
+    curve = loss_curve(ev)
     if not ev.final or len(curve) < 2:
         return None
     progress = curve[0][1] - curve[-1][1]
@@ -412,13 +478,20 @@ RULES: list[Rule] = [divergence, dead_units, not_learning, overfitting, undertra
 
 
 def diagnose(ev: Evidence, rules: Sequence[Rule] | None = None) -> list[Finding]:
-    """Apply ``rules`` (default :data:`RULES`) and keep one finding per cause.
+    """Apply ``rules`` (default :data:`RULES` and the training-dynamics rules of :mod:`lightning_viz.diagnosis_rules`)
+    and keep one finding per cause (:data:`EXPLAINS`).
 
     A diverged run's other findings are its consequences (all units read as dead once the weights are NaN), and are
     folded into the divergence finding; dead units that make a network sit at chance are the cause of its not
     learning; over-fitting and under-training exclude each other; no remedy contradicts another finding's.
     """
-    found = [f for f in (rule(ev) for rule in (RULES if rules is None else rules)) if f is not None]
+    if rules is None:
+        from lightning_viz.diagnosis_rules import RULES as DYNAMICS_RULES  # they build on this module's Finding
+
+        rules = [*RULES, *DYNAMICS_RULES]
+    found = [f for f in (rule(ev) for rule in rules) if f is not None]
+    rank = {k: i for i, k in enumerate(CAUSE_ORDER)}
+    found.sort(key=lambda f: rank.get(f.kind, len(rank)))  # a cause takes in its consequences before it is folded
     out = []
     for finding in found:
         host = next((f for f in found if finding.kind in EXPLAINS.get(f.kind, ()) and f is not finding), None)

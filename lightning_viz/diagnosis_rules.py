@@ -24,7 +24,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-from lightning_viz.diagnosis import Finding
+from lightning_viz.diagnosis import Evidence, Finding, loss_curve
 from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
@@ -35,6 +35,8 @@ from lightning_viz.records import (
 )
 
 __all__ = [
+    "KINDS",
+    "RULES",
     "batchnorm_mismatch",
     "exploding_gradients",
     "initial_loss_off_chance",
@@ -136,45 +138,60 @@ def vanishing_gradients(
 
 
 def exploding_gradients(
-    history: Mapping[str, Sequence[GradientStats]], *, orders: float = 2.0, critical_orders: float = 4.0
+    history: Mapping[str, Sequence[GradientStats]],
+    *,
+    orders: float = 2.0,
+    critical_orders: float = 4.0,
+    nonfinite_alone: bool = True,
 ) -> Finding | None:
-    """The total gradient norm grew by ``orders`` orders of magnitude since the first logged epoch, or every sampled
-    step of the latest epoch had NaN/Inf gradients.
+    """The total gradient norm grew by ``orders`` orders of magnitude above its typical value in the first logged
+    epoch (its median there against the largest sampled norm since, so that a growth within the epoch before a
+    divergence counts), or every sampled step of the latest epoch had NaN/Inf gradients.
 
     Args:
         history: per layer, its :class:`GradientStats`, oldest first.
-        orders: growth (log10 of latest / first total norm) that fires; ``critical_orders`` makes it critical.
+        orders: growth (log10 of the peak / the first epoch's median total norm) that fires; ``critical_orders``
+            makes it critical.
+        nonfinite_alone: fire on NaN/Inf gradients without a measured growth (``False`` in the diagnosis: NaN from
+            the first logged epoch on is the divergence finding's, and may come from the data rather than growth).
     """
     epochs: dict[int, float] = {}
+    peaks: dict[int, float] = {}
     nonfinite: dict[int, list[str]] = {}
     for subject, records in history.items():
         for r in records:
             if r.grad_norm is not None and math.isfinite(r.grad_norm):
                 epochs[r.epoch] = epochs.get(r.epoch, 0.0) + r.grad_norm**2
+            if r.grad_norm_max is not None and math.isfinite(r.grad_norm_max):
+                peaks[r.epoch] = peaks.get(r.epoch, 0.0) + r.grad_norm_max**2
             if r.samples and r.nonfinite_steps == r.samples:
                 nonfinite.setdefault(r.epoch, []).append(subject)
     totals = sorted((e, math.sqrt(v)) for e, v in epochs.items())
+    # the largest sampled norm per epoch (an upper bound: per-layer maxima may come from different steps)
+    tops = sorted((e, max(math.sqrt(v), dict(totals).get(e, 0.0))) for e, v in peaks.items())
     latest = max([*epochs, *nonfinite], default=None)
     evidence, growth = [], 0.0
     if latest is not None and nonfinite.get(latest):
         evidence.append(f"every sampled step of epoch {latest} had NaN/Inf gradients in {nonfinite[latest][:5]}")
-    if len(totals) >= 2 and totals[0][1] > 0 and totals[-1][1] > 0:
-        growth = math.log10(totals[-1][1] / totals[0][1])
+    later = [(e, v) for e, v in tops if totals and e > totals[0][0] and v > 0]
+    if totals and totals[0][1] > 0 and later:
+        peak_epoch, peak = max(later, key=lambda p: p[1])
+        growth = math.log10(peak / totals[0][1])
         if growth >= orders:
             evidence.append(
-                f"total gradient norm {totals[-1][1]:.3g} at epoch {totals[-1][0]}, {growth:.1f} orders of magnitude "
-                f"above {totals[0][1]:.3g} at epoch {totals[0][0]}"
+                f"total gradient norm reached {peak:.3g} in epoch {peak_epoch}, {growth:.1f} orders of magnitude "
+                f"above its typical {totals[0][1]:.3g} in epoch {totals[0][0]}"
             )
-    if not evidence:
+    if not evidence or (not nonfinite_alone and growth < orders):
         return None
-    since = next((e for e, v in totals if totals[0][1] > 0 and math.log10(v / totals[0][1]) >= orders), latest)
+    since = next((e for e, v in later if math.log10(v / totals[0][1]) >= orders), latest)
     return Finding(
         kind="exploding_gradients",
         severity="critical" if growth >= critical_orders or nonfinite.get(latest or -1) else "warning",
         since_epoch=since if since is not None else 0,
         summary="Gradients are exploding: their norm grows by orders of magnitude.",
         evidence=evidence,
-        tags=["dynamics/gradient_flow", "dynamics/grad_norm/<layer>", "train_loss"],
+        tags=["dynamics/gradient_flow", *(f"dynamics/grad_norm/{s}" for s in list(history)[-2:])],
         remedies=[
             "clip gradients (Trainer(gradient_clip_val=1.0))",
             "lower the learning rate, or add warm-up",
@@ -384,7 +401,7 @@ def initial_loss_off_chance(loss: LossStats | None, *, factor: float = 1.5, crit
         summary=f"The loss at initialisation is {'far above' if high else 'far below'} chance level: the untrained "
         "model should predict about uniformly.",
         evidence=evidence,
-        tags=["dynamics/initial_loss", "dynamics/chance_loss", "train_loss"],
+        tags=["dynamics/initial_loss", "dynamics/chance_loss", "diagnosis/train_loss"],
         remedies=remedies,
     )
 
@@ -393,24 +410,37 @@ def oscillating_loss(
     train_loss: Sequence[tuple[int, float | None]],
     *,
     min_epochs: int = 5,
+    window: int = 6,
     amplitude: float = 0.1,
+    min_swing: float = 0.02,
     reversals: float = 0.5,
 ) -> Finding | None:
     """The per-epoch training loss goes up and down around its trend with a large amplitude, without diverging.
 
+    Judged over the last ``window`` epochs, so that the steep descent of the first epochs does not hide an
+    oscillation that came after it.
+
     Args:
         train_loss: (epoch, training loss) per logged epoch.
         min_epochs: epochs needed before judging.
-        amplitude: RMS of the residuals around a straight-line trend, as a share of the mean loss, that fires.
+        window: the last epochs judged.
+        amplitude: RMS of the residuals around a straight-line trend, as a share of the window's mean loss, that
+            fires; and
+        min_swing: ... at least this share of the curve's largest value (its start, usually), so that the noise of a
+            loss that has converged near zero is not an oscillation.
         reversals: share of consecutive changes that reverse direction (up after down or down after up) that fires;
             the path travelled must also be at least three times the net change.
     """
     points = [(e, v) for e, v in train_loss if v is not None and math.isfinite(v)]
     if len(points) < min_epochs or len(points) < len(train_loss):
         return None  # too short, or NaN/Inf: that is divergence, not oscillation
+    scale = max(abs(v) for _, v in points)
+    if points[-1][1] > 2 * points[0][1] > 0:
+        return None
+    points = points[-window:]
     values = [v for _, v in points]
     level = statistics.fmean(abs(v) for v in values)
-    if level == 0 or values[-1] > 2 * values[0] > 0:
+    if level == 0:
         return None
     n = len(values)
     xs = range(n)
@@ -421,7 +451,7 @@ def oscillating_loss(
     turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
     travelled = sum(abs(d) for d in diffs)
     net = abs(values[-1] - values[0])
-    if rms / level < amplitude or turns < reversals or travelled < 3 * net:
+    if rms / level < amplitude or rms < min_swing * scale or turns < reversals or travelled < 3 * net:
         return None
     return Finding(
         kind="oscillating_loss",
@@ -433,10 +463,112 @@ def oscillating_loss(
             f"{turns:.0%} of the epoch-to-epoch changes reverse direction; the loss travelled {travelled:.3g} for a "
             f"net change of {net:.3g}",
         ],
-        tags=["train_loss", "dynamics/train_loss", "dynamics/update_ratio/<layer>"],
+        tags=["diagnosis/train_loss", "dynamics/train_loss"],
         remedies=[
             "lower the learning rate (update ratios well above 1e-3 point the same way), or decay it",
             "larger batches, or gradient accumulation",
             "less momentum; check that the data is shuffled each epoch",
         ],
     )
+
+
+# ------------------------------------------------------------------------------- the rules the diagnosis applies
+# Each reads the DynamicsMonitor's records from ``Evidence.dynamics`` (off without them), except the oscillating loss,
+# which needs only the per-epoch training loss the DiagnosisMonitor itself keeps.
+def vanishing(ev: Evidence) -> Finding | None:
+    """:func:`vanishing_gradients` on the latest gradient and update records and the loss since initialisation."""
+    dyn = ev.dynamics
+    if dyn is None or not dyn.gradients:
+        return None
+    latest = [records[-1] for records in dyn.gradients.values() if records]
+    return vanishing_gradients(latest, train_loss=loss_curve(ev), updates=dyn.updates)
+
+
+def exploding(ev: Evidence) -> Finding | None:
+    """:func:`exploding_gradients` on the gradient history: a measured growth (NaN alone is divergence)."""
+    dyn = ev.dynamics
+    return exploding_gradients(dyn.gradients, nonfinite_alone=False) if dyn is not None and dyn.gradients else None
+
+
+def unchanged(ev: Evidence) -> Finding | None:
+    """:func:`unchanged_weights`, except biases that never had a gradient (a bias right before a normalisation layer
+    gets only rounding noise: redundant by design, as in torchvision's VGG-BN, not worth a finding), and parameters
+    without gradient in a network whose gradients vanish (a consequence of that finding)."""
+    dyn = ev.dynamics
+    if dyn is None or not dyn.updates:
+        return None
+    finding = unchanged_weights(dyn.updates)
+    if finding is None:
+        return None
+    stuck = [n for u in dyn.updates for n in u.unchanged]
+    no_grad = {n for u in dyn.updates for n in u.without_grad}
+    if all(n in no_grad and n.rsplit(".", 1)[-1] == "bias" for n in stuck):
+        return None
+    if all(n in no_grad for n in stuck) and vanishing(ev) is not None:
+        return None  # no gradient reaches them because it vanishes on the way: the vanishing finding says so
+    return finding
+
+
+def batchnorm(ev: Evidence) -> Finding | None:
+    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records."""
+    dyn = ev.dynamics
+    return batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+
+
+def saturation(ev: Evidence) -> Finding | None:
+    """:func:`saturated_activations` over every bounded activation: one finding, with a table of the sites."""
+    dyn = ev.dynamics
+    if dyn is None:
+        return None
+    found = [(site, f) for site, h in dyn.saturation.items() if (f := saturated_activations(site, h)) is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0][1]
+    worst_site, worst = max(found, key=lambda sf: dyn.saturation[sf[0]][-1].saturated_fraction)
+    rows = [
+        (
+            f"`{site}`",
+            dyn.saturation[site][-1].kind,
+            f"{dyn.saturation[site][-1].saturated_fraction:.0%}",
+            str(f.since_epoch),
+        )
+        for site, f in found
+    ]
+    return Finding(
+        kind="saturated_activations",
+        severity="critical" if any(f.severity == "critical" for _, f in found) else "warning",
+        since_epoch=min(f.since_epoch for _, f in found),
+        summary=f"{len(found)} bounded activations have most of their outputs in the flat tails, where almost no "
+        "gradient passes.",
+        evidence=[f"the worst, `{worst_site}`: {worst.evidence[0]}", *worst.evidence[1:]],
+        tags=[t for _, f in found[:4] for t in f.tags[:1]] + ["dynamics/gradient_flow"],
+        remedies=worst.remedies,
+        table=[("site", "activation", "saturated", "since epoch"), *rows],
+    )
+
+
+def initial_loss(ev: Evidence) -> Finding | None:
+    """:func:`initial_loss_off_chance` on the DynamicsMonitor's loss record (its chance level comes from the model's
+    logits on validation samples, so a regression model is never judged against ``ln C``)."""
+    return initial_loss_off_chance(ev.dynamics.loss) if ev.dynamics is not None else None
+
+
+def oscillating(ev: Evidence) -> Finding | None:
+    """:func:`oscillating_loss` on the per-epoch training loss."""
+    return oscillating_loss(list(ev.train_loss))
+
+
+#: The kinds of finding these rules raise.
+KINDS = (
+    "vanishing_gradients",
+    "exploding_gradients",
+    "unchanged_weights",
+    "batchnorm_mismatch",
+    "saturated_activations",
+    "initial_loss",
+    "oscillating_loss",
+)
+#: The training-dynamics rules, ``Evidence -> Finding | None`` like :data:`lightning_viz.diagnosis.RULES`;
+#: :func:`lightning_viz.diagnosis.diagnose` applies both.
+RULES = [exploding, batchnorm, unchanged, initial_loss, saturation, vanishing, oscillating]

@@ -566,7 +566,11 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
         # the counts and 0/1 flags only: the diagnosis's loss and weight-norm curves have other scales
         "findings (count; 1 = present)": [
             "Multiline",
-            ["diagnosis/(findings|divergence|dead_filters|dead_units|not_learning|overfitting|undertraining)$"],
+            [
+                "diagnosis/(findings|divergence|dead_filters|dead_units|not_learning|overfitting|undertraining)$",
+                "diagnosis/(exploding|vanishing)_gradients$",
+                "diagnosis/(unchanged_weights|batchnorm_mismatch|saturated_activations|initial_loss|oscillating_loss)$",
+            ],
         ],
         "training loss and weight norm, as the diagnosis reads them": [
             "Multiline",

@@ -82,12 +82,10 @@ CHEAPER = {
     "exemplars": {"max_channels": 4, "top_k": 2},
     "saliency": {"smoothgrad_samples": 2},
 }
-# Known failures, each a monitor switched off with a warning while training goes on (remove when fixed):
-# - FeatureVis optimises padded square images, which a model with fixed position embeddings refuses (issue 14 §4,
-#   "FeatureVisMonitor on any fixed-input-size model", on another branch);
-# - ExemplarMonitor on efficientnet_b0's last conv: `functional.exemplars.receptive_field_boxes` gets an all-zero
-#   gradient on its positive copy (SiLU/sigmoid saturate) and takes min() of an empty set (found by this matrix).
-KNOWN = {"vit_b_16_reduced": ("FeatureVisMonitor",), "efficientnet_b0": ("ExemplarMonitor",)}
+# Known failures, each a monitor switched off with a warning while training goes on (add one here only with its
+# cause; none today: FeatureVis optimises at a fixed input size, ExemplarMonitor boxes a unit without a path as the
+# whole image).
+KNOWN: dict[str, tuple[str, ...]] = {}  # model -> monitors known to fail on it (none today)
 
 # The output a user looks for first, per monitor (an image tag or a scalar tag starting so).
 KEY_OUTPUT = {

@@ -17,6 +17,7 @@ from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
 
 from lightning_viz import ActivationMonitor, DiagnosisMonitor, FilterMonitor
 from lightning_viz import diagnosis as D
+from lightning_viz import records as rec
 from lightning_viz.report import markdown_to_html, write_reports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +121,60 @@ def test_divergence_since_when_it_started_and_its_consequences():
     assert D.divergence(growing).summary == "The weights are exploding."
     blown = _ev(train_loss=_curve([1e9, 2.0, 1.9]))
     assert D.divergence(blown).since_epoch == 1
+
+
+def _grad(subject, order, norm, epoch):
+    return rec.GradientStats(
+        step=epoch * 10, epoch=epoch, subject=subject, order=order, matrix=True, grad_norm=norm, grad_norm_max=norm,
+        nonfinite_steps=0, samples=4,
+    )  # fmt: skip
+
+
+def test_dynamics_findings_fold_by_cause_in_the_panel():
+    dead = {"c": D.DeadHistory("filters", ((1, 0.0, 0, 8), (2, 0.75, 6, 8), (3, 0.75, 6, 8)))}
+    probe = rec.BatchNormProbe(
+        step=30, epoch=3, subject="", eval_loss=2.3, batch_stat_loss=0.05, eval_accuracy=0.1,
+        batch_stat_accuracy=0.98, samples=64, classes=10,
+    )  # fmt: skip
+    far = rec.BatchNormStats(
+        step=30, epoch=3, subject="bn1", mean_shift=3.0, var_log_ratio=2.0, momentum=0.01, batches=4
+    )
+    dyn = D.DynamicsEvidence(bn_probe=probe, bn_layers=[far])
+    # eval-mode validation at chance with a good training loss: the BatchNorm mismatch is the cause of it all
+    sick = _ev(train_loss=_curve([1.0, 0.2, 0.05]), val_loss=_curve([2.3, 2.3, 2.3]), val_acc=_curve([0.1] * 3),
+               dead=dead, final=True, epoch=3, dynamics=dyn)  # fmt: skip
+    findings = D.diagnose(sick)
+    assert [f.kind for f in findings] == ["batchnorm_mismatch"] and findings[0].severity == "critical"
+    panel = D.to_markdown(findings, 3, 30, final=True)
+    assert "CRITICAL: batchnorm mismatch (since epoch 3)" in panel and "a consequence" in panel
+    assert ": dead filters (since" not in panel and "`dynamics/bn_mean_shift/bn1`" in panel
+    # gradients that grew by orders of magnitude come before the divergence, which folds into them
+    growing = {f"l{i}": [_grad(f"l{i}", i, 0.1 * 10**e, e) for e in range(1, 5)] for i in range(3)}
+    blown = _ev(train_loss=_curve([2.0, 5.0, 80.0, math.nan]), nonfinite_epoch=4, epoch=4,
+                dynamics=D.DynamicsEvidence(gradients=growing))  # fmt: skip
+    findings = D.diagnose(blown)
+    assert [f.kind for f in findings] == ["exploding_gradients"]
+    assert any("consequence" in e and "diverged" in e for e in findings[0].evidence)
+    # NaN gradients alone (no growth measured) are the divergence's, not a second finding
+    nan_only = {"l0": [_grad("l0", 0, 0.1, 1), rec.GradientStats(**{**_grad("l0", 0, None, 2).__dict__,
+                                                                     "nonfinite_steps": 4})]}  # fmt: skip
+    nan_run = _ev(train_loss=_curve([2.0, math.nan]), nonfinite_epoch=2, epoch=2,
+                  dynamics=D.DynamicsEvidence(gradients=nan_only))  # fmt: skip
+    assert [f.kind for f in D.diagnose(nan_run)] == ["divergence"]
+
+    # saturated modules are one finding with a table; a bias before BatchNorm that never moves is no finding
+    def sat(site):
+        return [rec.SaturationStats(step=10, epoch=1, subject=site, kind="Tanh", saturated_fraction=0.95)]
+
+    two = D.diagnose(_ev(dynamics=D.DynamicsEvidence(saturation={"a": sat("a"), "b": sat("b")})))
+    assert [f.kind for f in two] == ["saturated_activations"] and [r[0] for r in two[0].table[1:]] == ["`a`", "`b`"]
+    bias = rec.UpdateStats(step=10, epoch=1, subject="conv", update_ratio=1e-3, weight_norm=1.0,
+                           unchanged=("conv.bias",), without_grad=("conv.bias",))  # fmt: skip
+    assert D.diagnose(_ev(dynamics=D.DynamicsEvidence(updates=[bias]))) == []
+    left_out = rec.UpdateStats(**{**bias.__dict__, "unchanged": ("conv.weight",), "without_grad": ()})
+    assert [f.kind for f in D.diagnose(_ev(dynamics=D.DynamicsEvidence(updates=[left_out])))] == ["unchanged_weights"]
+    # without a DynamicsMonitor the panel says which checks are off
+    assert D.diagnose(_ev(train_loss=_curve([2.0, 1.0, 0.5]), dynamics=None)) == []
 
 
 def test_dead_units_judged_against_the_start_one_finding_with_a_table():
@@ -367,6 +422,7 @@ def test_no_validation_loop_disables_overfitting_once(tmp_path, pl_ns):
     assert [s for s, _ in events.scalars("diagnosis/findings")] == [4, 8, 12]
     panel = events.text("diagnosis/findings")[-1][1]
     assert "Checks switched off:" in panel and "over-fitting: no validation loss" in panel
+    assert "BatchNorm mismatch, saturation, loss at initialisation: no DynamicsMonitor among the callbacks" in panel
 
 
 def test_early_stopping_run_gets_an_end_of_fit_verdict(tmp_path, pl_ns):
@@ -468,5 +524,5 @@ def test_healthy_mlp_at_initialisation_has_no_dead_units(tmp_path, pl_ns):
     diagnosis = DiagnosisMonitor()
     train, val = loaders(n=64, channels=3, size=4)
     _, _, _ = _fit(pl_ns, tmp_path, make_module(pl_ns, mlp, lr=0.01), [ActivationMonitor(), diagnosis], train, val)
-    assert diagnosis._dead and "dead_filters" not in {f.kind for f in diagnosis.findings}
+    assert diagnosis._records.dead and "dead_filters" not in {f.kind for f in diagnosis.findings}
     assert {h.unit for h in diagnosis.evidence(2).dead.values()} == {"units"}

@@ -13,6 +13,7 @@ from conftest import Events, TinyCNN, make_module, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from lightning_viz import ActivationMonitor, DiagnosisMonitor
 from lightning_viz import diagnosis_rules as R
 from lightning_viz import records as rec
 from lightning_viz._hooks import hook_count
@@ -34,7 +35,9 @@ def _shifted_data(n: int, shift: float, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def _fit(pl_ns, tmp_path, model, *, monitor=None, callbacks=(), train=None, val=None, lr=0.05, optimizer=None, **kw):
+def _fit(
+    pl_ns, tmp_path, model, *, monitor=None, callbacks=(), after=(), train=None, val=None, lr=0.05, optimizer=None, **kw
+):
     if train is None:
         train = DataLoader(_shifted_data(64, 0.0, 0), batch_size=16, shuffle=True, generator=torch.Generator())
         val = DataLoader(_shifted_data(32, 0.0, 1), batch_size=16)
@@ -43,13 +46,25 @@ def _fit(pl_ns, tmp_path, model, *, monitor=None, callbacks=(), train=None, val=
     if optimizer is not None:
         module.configure_optimizers = lambda: optimizer(module)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
-    trainer = pl_ns.Trainer(callbacks=[*callbacks, monitor], logger=logger, **trainer_kwargs(tmp_path, **kw))
+    trainer = pl_ns.Trainer(callbacks=[*callbacks, monitor, *after], logger=logger, **trainer_kwargs(tmp_path, **kw))
     trainer.fit(module, train, val)
     return module, monitor, Events(str(tmp_path / "run"))
 
 
 def _bus(monitor):
     return monitor._bus
+
+
+NEW_KINDS = set(R.KINDS)
+
+
+def _panel(events):
+    """The last diagnosis panel a user sees in TensorBoard's text tab."""
+    return events.text("diagnosis/findings")[-1][1]
+
+
+def _new_kinds(diagnosis):
+    return {f.kind for f in diagnosis.findings} & NEW_KINDS
 
 
 # ------------------------------------------------------------------------------------------- the monitor writes
@@ -166,7 +181,12 @@ def test_unchanged_weights_left_out_of_the_optimizer_vs_frozen(tmp_path, pl_ns):
         params = [p for n, p in module.named_parameters() if not n.startswith("model.fc") and p.requires_grad]
         return torch.optim.SGD(params, lr=0.05)
 
-    _, monitor, events = _fit(pl_ns, tmp_path, model, optimizer=without_fc)
+    diagnosis = DiagnosisMonitor()
+    _, monitor, events = _fit(pl_ns, tmp_path, model, optimizer=without_fc, after=[diagnosis])
+    panel = _panel(events)
+    assert "WARNING: unchanged weights (since epoch 0)" in panel and "`model.fc.weight`" in panel
+    assert "left out of the optimizer" in panel and "`dynamics/unchanged_parameters`" in panel
+    assert "`model.bn1.weight`" not in panel and "frozen on purpose (not counted)" in panel
     updates = _bus(monitor).latest(rec.UpdateStats)
     assert updates["model.fc"].unchanged == ("model.fc.weight", "model.fc.bias")
     assert updates["model.fc"].without_grad == ()  # it had gradients: the optimizer skipped it
@@ -198,7 +218,17 @@ def test_batchnorm_with_tiny_momentum_on_shifted_data_is_named(tmp_path, pl_ns):
         train=DataLoader(_shifted_data(128, 10.0, 0), batch_size=32, shuffle=True, generator=torch.Generator()),
         val=DataLoader(_shifted_data(64, 10.0, 1), batch_size=32),
     )
-    _, sick, _ = _fit(pl_ns, tmp_path / "sick", model(0.001), max_epochs=3, **shifted)
+    diagnosis = DiagnosisMonitor()
+    after = [ActivationMonitor(), diagnosis]
+    _, sick, events = _fit(pl_ns, tmp_path / "sick", model(0.001), max_epochs=3, after=after, **shifted)
+    # the final panel names the cause; dead filters, not learning, under-training measured in eval mode fold into it
+    kinds = [f.kind for f in diagnosis.findings]
+    assert kinds[0] == "batchnorm_mismatch" and not {"dead_filters", "not_learning", "undertraining"} & set(kinds)
+    panel = _panel(events)
+    assert "batchnorm mismatch" in panel and "momentum of those layers: 0.001" in panel
+    assert "a consequence, not listed on its own: Dead filters" in panel  # named as a consequence, not a finding
+    assert ": dead filters (since" not in panel and ": undertraining (since" not in panel
+    assert "`dynamics/bn_probe/eval_loss`" in panel and "update_bn" in panel
     probe = _bus(sick).latest(rec.BatchNormProbe)[""]
     layers = _bus(sick).latest(rec.BatchNormStats)
     assert layers["model.1"].mean_shift > 2.0 and layers["model.1"].momentum == 0.001
@@ -206,7 +236,9 @@ def test_batchnorm_with_tiny_momentum_on_shifted_data_is_named(tmp_path, pl_ns):
     finding = R.batchnorm_mismatch(probe, layers.values())
     assert finding is not None and finding.kind == "batchnorm_mismatch" and "model.1`" in finding.evidence[1]
 
-    _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", model(0.1), max_epochs=3)
+    diagnosis = DiagnosisMonitor()
+    _, healthy, events = _fit(pl_ns, tmp_path / "healthy", model(0.1), max_epochs=3, after=[diagnosis])
+    assert not _new_kinds(diagnosis) and "batchnorm mismatch" not in _panel(events)
     probe = _bus(healthy).latest(rec.BatchNormProbe)[""]
     assert probe.eval_accuracy >= probe.batch_stat_accuracy - 0.1  # eval mode works about as well
     assert R.batchnorm_mismatch(probe, _bus(healthy).latest(rec.BatchNormStats).values()) is None
@@ -250,14 +282,18 @@ def test_saturated_tanh_with_huge_weights(tmp_path, pl_ns):
             m[1].weight.mul_(scale)
         return m
 
-    _, sick, events = _fit(pl_ns, tmp_path / "sick", model(100.0), max_epochs=1, lr=0.0)
+    diagnosis = DiagnosisMonitor()
+    _, sick, events = _fit(pl_ns, tmp_path / "sick", model(100.0), max_epochs=1, lr=0.0, after=[diagnosis])
+    assert "CRITICAL: saturated activations" in _panel(events) and "`dynamics/saturation/model.2`" in _panel(events)
     stats = _bus(sick).latest(rec.SaturationStats)["model.2"]
     assert stats.kind == "Tanh" and stats.saturated_fraction > 0.95
     assert events.scalars("dynamics/saturation/model.2")[-1][1] > 0.95
     finding = R.saturated_activations("model.2", _bus(sick).history(rec.SaturationStats, "model.2"))
     assert finding is not None and finding.severity == "critical"
 
-    _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", model(1.0), max_epochs=1, lr=0.0)
+    diagnosis = DiagnosisMonitor()
+    _, healthy, events = _fit(pl_ns, tmp_path / "healthy", model(1.0), max_epochs=1, lr=0.0, after=[diagnosis])
+    assert "saturated_activations" not in _new_kinds(diagnosis) and "saturated" not in _panel(events)
     calm = _bus(healthy).history(rec.SaturationStats, "model.2")
     assert calm[-1].saturated_fraction < 0.2 and R.saturated_activations("model.2", calm) is None
     assert R.batchnorm_mismatch(None, []) is None  # no BatchNorm: no probe record, no finding
@@ -271,7 +307,11 @@ def test_deep_sigmoid_mlp_has_vanishing_gradients(tmp_path, pl_ns):
             layers += [nn.Linear(32, 32), act()]
         return nn.Sequential(*layers, nn.Linear(32, 3))
 
-    _, sick, _ = _fit(pl_ns, tmp_path / "sick", mlp(10, nn.Sigmoid), max_epochs=2)
+    diagnosis = DiagnosisMonitor()
+    _, sick, events = _fit(pl_ns, tmp_path / "sick", mlp(10, nn.Sigmoid), max_epochs=2, after=[diagnosis])
+    assert diagnosis.findings[0].kind == "vanishing_gradients"
+    assert "vanishing gradients" in _panel(events) and "`dynamics/gradient_flow`" in _panel(events)
+    assert "not learning" not in _panel(events).split("usual remedies")[-1]  # folded into the cause
     grads = _bus(sick).latest(rec.GradientStats)
     first, last = grads["model.1"].grad_norm, grads["model.23"].grad_norm
     assert math.log10(last / first) > 4
@@ -281,7 +321,9 @@ def test_deep_sigmoid_mlp_has_vanishing_gradients(tmp_path, pl_ns):
     )
     assert finding is not None and finding.kind == "vanishing_gradients" and "orders of magnitude" in finding.summary
 
-    _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", mlp(1, nn.ReLU), max_epochs=2)
+    diagnosis = DiagnosisMonitor()
+    _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", mlp(1, nn.ReLU), max_epochs=2, after=[diagnosis])
+    assert not _new_kinds(diagnosis)
     grads = _bus(healthy).latest(rec.GradientStats)
     losses = [(r.epoch, r.train_loss) for r in _bus(healthy).history(rec.LossStats)]
     assert R.vanishing_gradients(grads.values(), train_loss=losses) is None
@@ -291,13 +333,17 @@ def test_initial_loss_of_a_badly_scaled_last_layer(tmp_path, pl_ns):
     model = TinyCNN(num_classes=3)
     with torch.no_grad():
         model.fc.bias.copy_(torch.tensor([10.0, -10.0, 0.0]))  # confident before any training
-    _, sick, _ = _fit(pl_ns, tmp_path / "sick", model, max_epochs=1)
+    diagnosis = DiagnosisMonitor()
+    _, sick, events = _fit(pl_ns, tmp_path / "sick", model, max_epochs=1, after=[diagnosis])
+    assert "initial loss (since epoch 0)" in _panel(events) and "chance level ln(3)" in _panel(events)
     loss = _bus(sick).latest(rec.LossStats)[""]
     assert loss.classes == 3 and loss.initial_loss > 2 * math.log(3)
     finding = R.initial_loss_off_chance(loss)
     assert finding is not None and "far above" in finding.summary and "ln(3)" in finding.evidence[0]
 
-    _, healthy, _ = _fit(pl_ns, tmp_path / "healthy", TinyCNN(num_classes=3), max_epochs=1)
+    diagnosis = DiagnosisMonitor()
+    _, healthy, events = _fit(pl_ns, tmp_path / "healthy", TinyCNN(num_classes=3), max_epochs=1, after=[diagnosis])
+    assert not _new_kinds(diagnosis) and "initial loss" not in _panel(events)
     loss = _bus(healthy).latest(rec.LossStats)[""]
     assert abs(loss.initial_loss - math.log(3)) < 0.3 and R.initial_loss_off_chance(loss) is None
 
@@ -372,3 +418,41 @@ def test_rules_on_planted_records_and_silence_on_healthy_ones():
         R.unchanged_weights([rec.UpdateStats(step=1, epoch=1, subject="fc", update_ratio=1e-3, weight_norm=1.0)])
         is None
     )
+
+
+# ------------------------------------------------------------------------------- end to end: exploding, oscillating
+def test_exploding_gradients_from_the_bus_and_an_oscillating_loss_reach_the_panel(tmp_path, pl_ns):
+    """The wiring: gradient records growing by orders of magnitude (as a DynamicsMonitor publishes them; the rule
+    on real runs is in benchmarks/diagnosis.py --dynamics) and a training loss that swings from epoch to epoch."""
+
+    class Growing(pl_ns.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            bus, epoch = rec.bus_for(trainer), trainer.current_epoch + 1
+            bus.announce(rec.GradientStats, "test")
+            for i in range(3):
+                bus.publish(_grad(f"l{i}", i, 0.1 * 10 ** (epoch - 1), epoch=epoch))
+
+    def swinging_module():
+        module = make_module(pl_ns, TinyCNN(num_classes=3), lr=1e-3)
+        plain = type(module).training_step
+
+        def swinging(self, batch, batch_idx):  # the loss a too-high restart every other epoch gives
+            return plain(self, batch, batch_idx) * (2.0 if self.current_epoch % 2 else 1.0)
+
+        type(module).training_step = swinging
+        return module
+
+    train, val = _shifted_data(64, 0.0, 0), _shifted_data(32, 0.0, 1)
+    panels = []
+    for name, callbacks in (("growing", [Growing()]), ("swinging", [])):
+        diagnosis = DiagnosisMonitor()
+        logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name=name, version=0)
+        kwargs = trainer_kwargs(tmp_path, max_epochs=7)
+        trainer = pl_ns.Trainer(callbacks=[*callbacks, diagnosis], logger=logger, **kwargs)
+        trainer.fit(swinging_module(), DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
+        panels.append(_panel(Events(str(tmp_path / name))))
+    growing, swinging = panels
+    assert "CRITICAL: exploding gradients (since epoch 3)" in growing and "orders of magnitude above its" in growing
+    assert "`dynamics/gradient_flow`" in growing and "clip gradients" in growing
+    assert "WARNING: oscillating loss" in swinging and "reverse direction" in swinging
+    assert "exploding gradients (since" not in swinging

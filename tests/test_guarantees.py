@@ -241,10 +241,11 @@ def test_default_suite_options():
         "ExemplarMonitor",
         "FeatureVisMonitor",
         "AttentionMonitor",
+        "DynamicsMonitor",
         "DiagnosisMonitor",
     ]
     assert all(cb.every_n_epochs == 3 and cb.seed == 5 for cb in suite)
-    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 3, 5, 10, 1, 1]
+    assert [cb.every_n_epochs for cb in lightning_viz.default_suite()] == [1, 1, 2, 3, 5, 10, 1, 1, 1]
     assert suite[0].max_filters == 8
     assert "FilterMonitor" not in [type(cb).__name__ for cb in lightning_viz.default_suite(filters=False)]
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['filter'\]"):

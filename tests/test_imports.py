@@ -31,7 +31,7 @@ def test_module_imports_without_lightning(module):
 def test_callbacks_still_import_from_the_package():
     done = _run(
         "from lightning_viz import FilterMonitor, default_suite; import lightning_viz as lv; "
-        "assert len(default_suite()) == 8; assert isinstance(default_suite()[0], FilterMonitor); "
+        "assert len(default_suite()) == 9; assert isinstance(default_suite()[0], FilterMonitor); "
         "assert set(lv.__all__) <= set(dir(lv)); [getattr(lv, n) for n in lv.__all__]"
     )
     assert done.returncode == 0, done.stderr

@@ -12,8 +12,8 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import diagnosis as D
+from lightning_viz._diagnosis_records import RecordReader, disabled_checks
 from lightning_viz.callbacks.base import VizCallback
-from lightning_viz.records import ActivationStats, EmbeddingQuality
 
 if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one namespace for the user
     import lightning.pytorch as pl
@@ -25,12 +25,17 @@ _VAL, _LOSS, _ACC = {"val", "valid", "validation"}, {"loss"}, {"acc", "accuracy"
 
 class DiagnosisMonitor(VizCallback):
     """Turn the suite's statistics into findings: divergence, dead filters/units, not learning, over-fitting,
-    under-training (the rules and how they judge are in :mod:`lightning_viz.diagnosis`).
+    under-training (the rules and how they judge are in :mod:`lightning_viz.diagnosis`); with a DynamicsMonitor in the
+    callbacks also vanishing and exploding gradients, unchanged trainable weights, a BatchNorm train/eval mismatch,
+    saturated activations and a loss at initialisation off its chance level; and an oscillating training loss
+    (:mod:`lightning_viz.diagnosis_rules`). One cause, one finding: consequences fold into their cause
+    (:data:`lightning_viz.diagnosis.EXPLAINS`).
 
     What it reads: the training loss from what ``training_step`` returns (averaged per epoch, so it does not depend
     on how you log); the validation loss (and accuracy, if logged) from the metrics after each validation run that
     actually ran; dead units from the ``ActivationStats`` records an ActivationMonitor publishes; k-NN accuracy from an
-    EmbeddingMonitor's ``EmbeddingQuality``. It imports no other monitor and never runs a forward pass.
+    EmbeddingMonitor's ``EmbeddingQuality``; gradients, updates, BatchNorm and saturation records from a
+    DynamicsMonitor. It imports no other monitor and never runs a forward pass.
 
     When: every ``every_n_epochs`` it judges the epoch and writes the panel at that epoch's step, once every monitor
     has published (at the next epoch's start, whatever the order of ``callbacks``). At the end of training - whatever
@@ -95,10 +100,9 @@ class DiagnosisMonitor(VizCallback):
 
     def _reset(self) -> None:
         self._history: dict[str, list[tuple[int, float]]] = {
-            k: [] for k in ("train_loss", "val_loss", "val_acc", "knn", "weight_norm")
+            k: [] for k in ("train_loss", "val_loss", "val_acc", "weight_norm")
         }
-        self._dead: dict[str, list[tuple[int, float, int, int]]] = {}
-        self._units: dict[str, str] = {}
+        self._records = RecordReader()
         self._initial_loss: float | None = None
         self._initial_norm: float | None = None
         self._nonfinite: int | None = None
@@ -215,20 +219,6 @@ class DiagnosisMonitor(VizCallback):
             self._final = False
 
     # ---------------------------------------------------------------------------------------------- judging
-    def _gather_records(self, pl_module: nn.Module) -> None:
-        for site, stats in self._bus.latest(ActivationStats).items():
-            if stats.dead_fraction is None or stats.dead_count is None:
-                continue
-            if site not in self._units:
-                self._units[site] = D.unit_kind(pl_module, site)
-            history = self._dead.setdefault(site, [])
-            if not history or history[-1][0] != stats.epoch:
-                history.append((stats.epoch, stats.dead_fraction, stats.dead_count, stats.channels))
-        for quality in self._bus.latest(EmbeddingQuality).values():
-            knn = self._history["knn"]
-            if quality.knn_accuracy is not None and (not knn or knn[-1][0] != quality.epoch):
-                knn.append((quality.epoch, quality.knn_accuracy))
-
     def evidence(self, epochs_done: int, final: bool = False) -> D.Evidence:
         """What the rules see now (public, so a user's or another engineer's rule can be tried on a run)."""
         classes = self._chance_classes
@@ -246,8 +236,9 @@ class DiagnosisMonitor(VizCallback):
             weight_norm=list(self._history["weight_norm"]),
             initial_norm=self._initial_norm,
             constant_init=self._constant,
-            dead={s: D.DeadHistory(self._units.get(s, "units"), tuple(h)) for s, h in self._dead.items()},
-            knn=list(self._history["knn"]),
+            dead=self._records.dead_histories(),
+            knn=list(self._records.knn),
+            dynamics=RecordReader.dynamics(self._bus),
             val_tag=self._tags["val"],
             early_stopping=self._early_stopping,
             dead_threshold=self.dead_threshold,
@@ -258,8 +249,19 @@ class DiagnosisMonitor(VizCallback):
         )
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
-        self._gather_records(pl_module)
-        disabled = self._disabled_checks(epochs_done)
+        self._records.gather(self._bus, pl_module)
+        disabled = disabled_checks(
+            self._bus,
+            self._records,
+            val_tag=self._tags["val"],
+            val_name=self.val_loss,
+            train_name=self.train_loss,
+            val_expected=bool(self._val_runs or epochs_done >= self._val_every or self._final),
+            has_train_loss=bool(self._history["train_loss"]),
+            epochs_done=epochs_done,
+            chance_classes=self._chance_classes,
+            warn=self._warn_once,
+        )
         findings = D.diagnose(self.evidence(epochs_done, final=self._final))
         self._announce(trainer, findings, epochs_done)
         sink = self._sink
@@ -276,35 +278,6 @@ class DiagnosisMonitor(VizCallback):
         if self._history["weight_norm"]:
             scalars["diagnosis/weight_norm"] = self._history["weight_norm"][-1][1]
         sink.scalars(scalars, step)
-
-    def _disabled_checks(self, epochs_done: int) -> list[str]:
-        """The checks that are off, and why (also warned once each)."""
-        off = []
-        if self._tags["val"] is None and (self._val_runs or epochs_done >= self._val_every or self._final):
-            off.append(
-                f"over-fitting: no validation loss among the logged metrics (looked for `{self.val_loss}`, `val/loss`, "
-                "`loss/val`, `valid_loss`, ...): log one in validation_step or pass `val_loss=...`"
-            )
-            self._warn_once("no val", f"DiagnosisMonitor: {off[-1]}; so over-fitting is not diagnosed.")
-        if not self._history["train_loss"] and epochs_done >= 1:
-            off.append(
-                f"over-/under-training, not learning: `training_step` returned no loss and no `{self.train_loss}` "
-                "is logged: return the loss, or pass `train_loss=...`"
-            )
-            self._warn_once("no train", f"DiagnosisMonitor: {off[-1]}.")
-        if not self._bus.produced(ActivationStats):
-            off.append("dead filters/units: no ActivationMonitor among the callbacks (default_suite() has one)")
-            self._warn_once("no activations", f"DiagnosisMonitor: {off[-1]}; so dead filters are not diagnosed.")
-        elif not self._dead and epochs_done >= 1:
-            off.append(
-                "dead filters/units: the ActivationMonitor reports no dead counts (no nn.ReLU-family modules: a model "
-                "that applies `F.relu` needs `ActivationMonitor(pre_activation_layers=[...])`)"
-            )
-        if not self._bus.produced(EmbeddingQuality):
-            off.append("k-NN accuracy as evidence of over-fitting: no EmbeddingMonitor among the callbacks")
-        if self._chance_classes is None:
-            off.append("not learning (chance level): no classifier output width found; pass `num_classes=...`")
-        return off
 
     def _announce(self, trainer: Any, findings: list[D.Finding], epoch: int) -> None:
         """Say in the log when a finding appears and when one is resolved."""
@@ -330,7 +303,7 @@ class DiagnosisMonitor(VizCallback):
     def _extra_state(self) -> dict[str, Any]:
         return {
             "history": {k: list(v) for k, v in self._history.items()},
-            "dead": {k: list(v) for k, v in self._dead.items()},
+            **self._records.state_dict(),
             "initial_norm": self._initial_norm,
             "initial_loss": self._initial_loss,
             "nonfinite": self._nonfinite,
@@ -341,7 +314,7 @@ class DiagnosisMonitor(VizCallback):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._history.update({k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()})
-        self._dead = {k: [tuple(p) for p in v] for k, v in state.get("dead", {}).items()}
+        self._records.load_state_dict(state)
         self._initial_norm = state.get("initial_norm", self._initial_norm)
         self._initial_loss = state.get("initial_loss", self._initial_loss)
         self._nonfinite = state.get("nonfinite")

@@ -185,6 +185,8 @@ class DynamicsMonitor(VizCallback):
             started = time.perf_counter()
             self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
             self._cost += time.perf_counter() - started
+        if self._cost and self._budget is not None:  # the sampling counts against the suite's budget too
+            self._budget.spent[self._budget_key] = self._budget.spent.get(self._budget_key, 0.0) + self._cost
         if self._cost and self.every_n_steps is None and self._step_seconds:
             # sample less often where a sample costs more than `sample_budget` of the training time
             self._every = max(self._every, math.ceil(self._cost / (self.sample_budget * self._step_seconds)))
