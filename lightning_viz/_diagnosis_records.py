@@ -15,6 +15,7 @@ from torch import nn
 from lightning_viz import diagnosis as D
 from lightning_viz.records import (
     ActivationStats,
+    AttentionStats,
     BatchNormProbe,
     BatchNormStats,
     EmbeddingQuality,
@@ -22,6 +23,7 @@ from lightning_viz.records import (
     LossStats,
     RecordBus,
     SaturationStats,
+    TokenRankStats,
     UpdateStats,
 )
 
@@ -67,6 +69,14 @@ class RecordReader:
             saturation={s: bus.history(SaturationStats, s) for s in bus.latest(SaturationStats)},
             loss=bus.latest(LossStats).get(""),
         )
+
+    @staticmethod
+    def attention(bus: RecordBus) -> dict[str, Any]:
+        """The AttentionMonitor's records per layer, oldest first, as ``Evidence`` fields (empty when none)."""
+        return {
+            "attention": {s: bus.history(AttentionStats, s) for s in bus.latest(AttentionStats)},
+            "token_rank": {s: bus.history(TokenRankStats, s) for s in bus.latest(TokenRankStats)},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"dead": {k: list(v) for k, v in self.dead.items()}, "knn": list(self.knn)}

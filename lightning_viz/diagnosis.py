@@ -43,6 +43,8 @@ FindingKind = Literal[
     "saturated_activations",
     "initial_loss",
     "oscillating_loss",
+    "attention_collapse",
+    "rank_collapse",
 ]
 Severity = Literal["info", "warning", "critical"]
 #: Severities from the mildest to the worst.
@@ -52,6 +54,8 @@ CAUSE_ORDER: tuple[str, ...] = (
     "exploding_gradients",
     "divergence",
     "batchnorm_mismatch",
+    "attention_collapse",
+    "rank_collapse",
     "unchanged_weights",
     "initial_loss",
     "saturated_activations",
@@ -71,17 +75,21 @@ _STALLED = frozenset({"not_learning", "undertraining"})
 #:   validation data: dead units, saturation, a validation loss at chance (not learning), and what looks like
 #:   under- or over-training;
 #: - saturated activations pass no gradient: vanishing gradients and a stalled loss follow;
+#: - attention that collapses onto one token makes every token the same vector (rank collapse), and tokens that are
+#:   all one vector leave the head nothing to classify with: a stalled loss follows;
 #: - unchanged weights, an initial loss off its chance level and an oscillating loss are causes of their own.
 EXPLAINS: dict[str, frozenset[str]] = {
     "exploding_gradients": frozenset(
         {"divergence", "dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
-        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch", "attention_collapse", "rank_collapse"}
     ),
     "divergence": frozenset(
         {"dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
-        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch"}
+        | {"saturated_activations", "vanishing_gradients", "batchnorm_mismatch", "attention_collapse", "rank_collapse"}
     ),
     "batchnorm_mismatch": frozenset({"dead_filters", "saturated_activations", "overfitting"} | _STALLED),
+    "attention_collapse": frozenset({"rank_collapse"} | _STALLED),
+    "rank_collapse": _STALLED,
     "saturated_activations": frozenset({"vanishing_gradients"} | _STALLED),
     "vanishing_gradients": _STALLED,
     "dead_filters": _STALLED,
@@ -178,6 +186,10 @@ class Evidence:
     early_stopping: bool = False
     #: What a DynamicsMonitor measured (``None``: none in the run; its findings are then off).
     dynamics: DynamicsEvidence | None = None
+    #: :class:`~lightning_viz.records.AttentionStats` and :class:`~lightning_viz.records.TokenRankStats` per
+    #: attention layer, oldest first, as an :class:`~lightning_viz.AttentionMonitor` published them (empty: none).
+    attention: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    token_rank: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     #: Knobs.
     dead_threshold: float = 0.2
     dead_critical: float = 0.5
@@ -486,9 +498,10 @@ def diagnose(ev: Evidence, rules: Sequence[Rule] | None = None) -> list[Finding]
     learning; over-fitting and under-training exclude each other; no remedy contradicts another finding's.
     """
     if rules is None:
-        from lightning_viz.diagnosis_rules import RULES as DYNAMICS_RULES  # they build on this module's Finding
+        from lightning_viz.diagnosis_attention import RULES as ATTENTION_RULES  # they build on this module's Finding
+        from lightning_viz.diagnosis_rules import RULES as DYNAMICS_RULES
 
-        rules = [*RULES, *DYNAMICS_RULES]
+        rules = [*RULES, *DYNAMICS_RULES, *ATTENTION_RULES]
     found = [f for f in (rule(ev) for rule in rules) if f is not None]
     rank = {k: i for i, k in enumerate(CAUSE_ORDER)}
     found.sort(key=lambda f: rank.get(f.kind, len(rank)))  # a cause takes in its consequences before it is folded

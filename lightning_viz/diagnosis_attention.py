@@ -18,10 +18,10 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from lightning_viz.diagnosis import Finding
+from lightning_viz.diagnosis import Evidence, Finding
 from lightning_viz.records import AttentionStats, TokenRankStats
 
-__all__ = ["attention_collapse", "rank_collapse"]
+__all__ = ["RULES", "attention_collapse", "rank_collapse"]
 
 
 def _collapsed_heads(first: AttentionStats, now: AttentionStats, max_keys: float, drop: float) -> list[int]:
@@ -189,3 +189,15 @@ def rank_collapse(
             "fewer blocks, or a lower learning rate / warm-up if it appeared during training",
         ],
     )
+
+
+def _attention(ev: Evidence) -> Finding | None:
+    return attention_collapse(ev.attention)
+
+
+def _rank(ev: Evidence) -> Finding | None:
+    return rank_collapse(ev.token_rank)
+
+
+#: The rules :func:`lightning_viz.diagnosis.diagnose` applies by default (``Evidence -> Finding | None``).
+RULES = [_attention, _rank]

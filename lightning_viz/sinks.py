@@ -569,6 +569,7 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
             [
                 "diagnosis/(findings|divergence|dead_filters|dead_units|not_learning|overfitting|undertraining)$",
                 "diagnosis/(exploding|vanishing)_gradients$",
+                "diagnosis/(attention|rank)_collapse$",
                 "diagnosis/(unchanged_weights|batchnorm_mismatch|saturated_activations|initial_loss|oscillating_loss)$",
             ],
         ],

@@ -10,6 +10,7 @@ from conftest import Events, loaders, make_module, trainer_kwargs
 from torch import nn
 
 from lightning_viz.callbacks.attention_monitor import AttentionMonitor
+from lightning_viz.callbacks.diagnosis_monitor import DiagnosisMonitor
 from lightning_viz.diagnosis_attention import attention_collapse, rank_collapse
 from lightning_viz.functional import attention as A
 from lightning_viz.records import AttentionStats, TokenRankStats, bus_for
@@ -176,7 +177,7 @@ def _fit(pl_ns, tmp_path, model: nn.Module, sharpen: float = 0.0, epochs: int = 
 
     monitor = AttentionMonitor(on_error="raise", methods=["rollout"], max_probes=2, tile_size=16, max_head_layers=1)
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
-    callbacks = [monitor] + ([Sharpen()] if sharpen else [])
+    callbacks = [monitor, DiagnosisMonitor(on_error="raise")] + ([Sharpen()] if sharpen else [])
     trainer = pl_ns.Trainer(callbacks=callbacks, logger=logger, **trainer_kwargs(tmp_path, max_epochs=epochs))
     train, val = loaders(n=48, size=16)
     trainer.fit(make_module(pl_ns, model, lr=0.01), train, val)
@@ -193,6 +194,8 @@ def test_planted_attention_collapse_is_found_end_to_end(tmp_path, pl_ns):
     entropy = events.scalars("attention/normalized_entropy/model.attns.3")
     assert entropy[0][1] > 0.8 and entropy[-1][1] < 0.2  # what the finding's tag shows
     assert collapse.tags[0] in events.tags["scalars"]
+    panel = events.text("diagnosis/findings")[-1][1]  # the DiagnosisMonitor applies the rule to the same records
+    assert "attention_collapse" in panel.lower().replace(" ", "_") or "attention collapse" in panel.lower(), panel
 
 
 def test_planted_rank_collapse_is_found_end_to_end(tmp_path, pl_ns):
@@ -203,3 +206,5 @@ def test_planted_rank_collapse_is_found_end_to_end(tmp_path, pl_ns):
     assert [s for s, _ in residual] == [0, 3, 6] and residual[-1][1] < 0.01
     assert events.scalars("attention/effective_rank/model.attns.3")[-1][1] < 1.1
     assert rank.tags[0] in events.tags["scalars"]
+    panel = events.text("diagnosis/findings")[-1][1]
+    assert "rank collapse" in panel.lower() or "rank_collapse" in panel, panel

@@ -239,6 +239,7 @@ class DiagnosisMonitor(VizCallback):
             dead=self._records.dead_histories(),
             knn=list(self._records.knn),
             dynamics=RecordReader.dynamics(self._bus),
+            **RecordReader.attention(self._bus),
             val_tag=self._tags["val"],
             early_stopping=self._early_stopping,
             dead_threshold=self.dead_threshold,
