@@ -415,6 +415,14 @@ def test_one_monitor_instance_watches_one_fit_at_a_time(tmp_path, pl_ns):
     monitor.setup(first, module, "fit")
     with pytest.raises(RuntimeError, match="already watching the fit of another Trainer"):
         monitor.setup(second, module, "fit")
+    released = []
+    monitor._release = lambda pl_module: released.append(pl_module)
+    monitor.on_exception(second, module, RuntimeError())  # Lightning's clean-up of the refused fit
+    monitor.teardown(second, module, "fit")
+    assert released == []  # ...leaves the running fit's hooks alone
+    monitor.on_exception(first, module, RuntimeError())
+    assert released == [module]
+    del monitor._release
     first.state.status = type(first.state.status).INTERRUPTED  # a failed fit has ended: the instance is free
     monitor.setup(second, module, "fit")
     monitor._sink = None
