@@ -225,8 +225,8 @@ class CallSiteRecorder:
         self._on_output = on_output
         self._calls: dict[str, int] = {}
         self._handles: list[Any] = []
-        self._our_depth = 0
         self._depth = 0
+        self._level = 0
         self._outer = _enclosing_modules(root, self._modules) if root is not None else []
         #: Highest number of calls seen per module within one forward pass.
         self.max_calls: dict[str, int] = {}
@@ -238,7 +238,7 @@ class CallSiteRecorder:
     def attach(self) -> None:
         if self._handles:
             return
-        self._our_depth = _OUR_PASSES[0]  # attached inside a pass of ours: that pass is what it watches
+        self._level = _OUR_PASSES[0]  # attached inside one of our passes (e.g. activation maps): record that pass
         try:
             for module in self._outer:
                 self._handles.append(module.register_forward_pre_hook(self._enter))
@@ -269,7 +269,7 @@ class CallSiteRecorder:
 
     def _hook(self, name: str) -> HookFn:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if _OUR_PASSES[0] > self._our_depth:  # a pass of ours inside what is watched (the Trainer's batches)
+            if _OUR_PASSES[0] > self._level:  # a monitor's own pass while the Trainer's batches are watched
                 return
             index = self._calls.get(name, 0)
             self._calls[name] = index + 1

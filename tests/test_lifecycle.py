@@ -11,7 +11,12 @@ from conftest import Events, TinyCNN, loaders, make_module, trainer_kwargs
 import lightning_viz
 from lightning_viz.functional import filters as F
 
-FAST = dict(featurevis={"steps": 4}, embedding={"reducer": "pca"}, saliency={"methods": ["gradient"]})
+FAST = dict(
+    featurevis={"steps": 2, "max_channels": 2},
+    embedding={"reducer": "pca"},
+    saliency={"methods": ["gradient"]},
+    exemplars={"max_channels": 2, "top_k": 2, "max_samples": 32},
+)
 
 
 def _fit(pl_ns, tmp_path, callbacks, module, name, epochs=2, ckpt_path=None, **overrides):
@@ -36,7 +41,7 @@ def test_a_sweep_with_the_same_instances_starts_each_fit_clean(tmp_path, pl_ns):
     suite = lightning_viz.default_suite(**FAST)
     torch.manual_seed(1)
     first = make_module(pl_ns, TinyCNN())
-    _fit(pl_ns, tmp_path, suite, first, "run1", epochs=3)
+    _fit(pl_ns, tmp_path, suite, first, "run1", epochs=2)
     torch.manual_seed(2)
     second = make_module(pl_ns, TinyCNN())
     w0 = second.model.conv1.weight.detach().clone()
@@ -142,6 +147,20 @@ def _child_pids() -> set[int]:
     return pids
 
 
+def _pipes() -> set[str]:
+    import os
+
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
 class _Boom(RuntimeError):
     pass
 
@@ -177,7 +196,7 @@ def test_an_interrupted_fit_leaves_no_process_thread_temp_file_or_hook_of_ours(
         ]
     embedding = _of(suite, lightning_viz.EmbeddingMonitor)
     module = make_module(pl_ns, TinyCNN())
-    hooks, threads, children = hook_count(module), set(threading.enumerate()), _child_pids()
+    hooks, threads, children, pipes = hook_count(module), set(threading.enumerate()), _child_pids(), _pipes()
     seen: dict[str, object] = {}
 
     def boom(trainer) -> None:
@@ -204,6 +223,7 @@ def test_an_interrupted_fit_leaves_no_process_thread_temp_file_or_hook_of_ours(
 
     assert seen["child"] is not None and seen["temp"], "the projection child was running when the fit failed"
     assert _child_pids() == children, "a child process of ours outlived the fit"
+    assert _pipes() <= pipes, "a pipe to the projection child was left open"
     assert not embedding._projections.running and embedding._projections.workdir is None
     assert list(temp.iterdir()) == []
     ours = [t for t in set(threading.enumerate()) - threads if "lightning_viz" in repr(getattr(t, "_target", ""))]
@@ -388,7 +408,7 @@ def test_samples_scanned_cover_every_class_of_a_validation_set_sorted_by_class(t
     val = DataLoader(TensorDataset(torch.randn(96, 3, 16, 16, generator=gen), labels), batch_size=16)
     train, _ = loaders(n=48)
     embedding = lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca", subset_size=16)
-    exemplars = lightning_viz.ExemplarMonitor(every_n_epochs=1, max_samples=16)
+    exemplars = lightning_viz.ExemplarMonitor(every_n_epochs=5, max_samples=16, log_baseline=False)  # pool only
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
     trainer = pl_ns.Trainer(callbacks=[embedding, exemplars], logger=logger, **trainer_kwargs(tmp_path, max_epochs=1))
     trainer.fit(make_module(pl_ns, TinyCNN()), train, val)
@@ -415,6 +435,14 @@ def test_one_monitor_instance_watches_one_fit_at_a_time(tmp_path, pl_ns):
     monitor.setup(first, module, "fit")
     with pytest.raises(RuntimeError, match="already watching the fit of another Trainer"):
         monitor.setup(second, module, "fit")
+    released = []
+    monitor._release = lambda pl_module: released.append(pl_module)
+    monitor.on_exception(second, module, RuntimeError())  # Lightning's clean-up of the refused fit
+    monitor.teardown(second, module, "fit")
+    assert released == []  # ...leaves the running fit's hooks alone
+    monitor.on_exception(first, module, RuntimeError())
+    assert released == [module]
+    del monitor._release
     first.state.status = type(first.state.status).INTERRUPTED  # a failed fit has ended: the instance is free
     monitor.setup(second, module, "fit")
     monitor._sink = None

@@ -241,6 +241,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         # Lightning calls no `teardown` of ours after an exception (or a KeyboardInterrupt): this is the only chance
         # to stop what we started. It must not raise: the callbacks after this one would not be called, and the
         # user would see our error instead of theirs.
+        if not self._watching(trainer):
+            return  # e.g. a second Trainer refused at setup: the fit this instance watches goes on
         for step in (self._abort, lambda: self._release(pl_module)):
             try:
                 step()
@@ -249,7 +251,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release(pl_module)
+        if self._watching(trainer):
+            self._release(pl_module)
 
     # ------------------------------------------------------------------ one fit, one history (DESIGN rule 13)
     #: Private attributes that are not per-run state: shared with other monitors, or replaced at every setup.
@@ -265,6 +268,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if probes is not None and getattr(probes, "_auto", None):
             state["probes"] = probes
         return state
+
+    def _watching(self, trainer: Any) -> bool:
+        """Whether ``trainer`` runs the fit this instance watches (or none was started: nothing to tell apart)."""
+        return self._fit_trainer is None or self._fit_trainer() in (trainer, None)
 
     def __getstate__(self) -> dict[str, Any]:
         # A process that `ddp_spawn` starts gets a pickled copy: the weak reference to a Trainer stays behind.
