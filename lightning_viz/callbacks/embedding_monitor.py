@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_viz import _budget, render
 from lightning_viz import _validate as check
-from lightning_viz import render
 from lightning_viz._hooks import ValidationCodeCapture, capture
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
@@ -226,6 +226,7 @@ class EmbeddingMonitor(VizCallback):
             self._guard("table", sink.embedding_table, "embedding/table", features.numpy(), *names, step)
         if sink.writes_images:
             self._guard("neighbours", self._log_neighbours, pl_module, features, images, labels, step)
+        _budget.projection_within(self, pl_module, trainer)  # a budgeted run on the CPU may not afford UMAP
         submitted = sink.writes_images and self._guard("map", self._submit, features, labels, step, epochs_done, tsv)
         if tsv is not None and submitted is not True:  # no child to write the projector's tensor file
             write_tensor_tsv(tsv, features.numpy())
@@ -252,7 +253,7 @@ class EmbeddingMonitor(VizCallback):
         """Log the maps whose projection is done, in order; never blocks unless ``wait``."""
         if wait and self._projections.pending and self._sink is not None and self._sink.writes_images:
             count = self._projections.pending
-            print(f"lightning_viz: waiting for {count} embedding map(s) ({self.reducer})...", flush=True)
+            print(f"lightning_viz: waiting for {count} embedding map(s) ({self._projections.method})...", flush=True)
         for projection in self._projections.finished(wait=wait):
             self._guard("map", self._log_map, projection)
 
@@ -265,7 +266,7 @@ class EmbeddingMonitor(VizCallback):
             coords = E.procrustes_align(coords, self._reference)
         self._reference = coords
         image, frame = render.embedding_map(
-            coords, labels, reducer=self.reducer, epochs_done=epochs_done, class_names=self.class_names
+            coords, labels, reducer=self._projections.method, epochs_done=epochs_done, class_names=self.class_names
         )
         sink = self._sink
         assert sink is not None

@@ -53,7 +53,9 @@ class ExemplarMonitor(VizCallback):
     monitor_name = "exemplars"
     publishes = (ExemplarStats,)
     default_every_n_epochs = 5
-    budget_knobs = {"max_samples": 256}
+    budget_knobs = {"max_samples": 64, "max_channels": 4}
+    label = "the exemplars"
+    images_only = True
 
     def __init__(
         self,
@@ -113,6 +115,11 @@ class ExemplarMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `max_samples` "
 
+    def _budget_units(self) -> float | None:
+        # a forward pass over the kept samples, then one forward and backward pass per exemplar's projection
+        channels = len(self.channels) if self.channels is not None else self.max_channels
+        return self.max_samples / 3 + channels * self.top_k * max(1, len(self._modules))
+
     def _bank_capacity(self) -> int:
         return self.max_samples
 
@@ -125,6 +132,7 @@ class ExemplarMonitor(VizCallback):
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         kept, _, indices, _ = self._samples.samples(complete=True)
+        kept, indices = kept[: self.max_samples], indices[: self.max_samples]  # (a budget may scan fewer)
         scan = self._scan(pl_module, kept, indices)
         for name in self._modules:
             self._guard(f"layer {name}", self._log_layer, pl_module, kept, indices, name, scan, step, epochs_done)
