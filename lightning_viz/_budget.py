@@ -268,7 +268,10 @@ class Budget:
         per_epoch = self.trained(epoch) / done
         chosen: dict[str, float] = {}
         names = list(self.members)
-        for index, (name, member) in enumerate(self.members.items()):
+        if last:  # the cheapest first: when not all fit, the fewest monitors are left out
+            names.sort(key=lambda n: self.estimate(n, 0.0) or 0.0)
+        for index, name in enumerate(names):
+            member = self.members[name]
             due = done - self.last_epoch.get(name, 0) >= member.cadence
             if not (due or last):
                 continue

@@ -427,9 +427,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             rank_zero_warn(
                 f"lightning_viz: the monitors have spent {budget.spent_total:.1f} s, "
                 f"{budget.spent_total / max(trained, 1e-9):.0%} of the {trained:.1f} s of training so far, over "
-                f"their budget of {budget.share:.0%} (the first call of an expensive monitor costs what it costs "
-                f"before it is known; {type(self).__name__} just took {self._seconds[-1]:.1f} s). Later calls are "
-                "scaled down or skipped; for a short run, leave the expensive monitors out "
+                f"their budget of {budget.share:.0%} ({type(self).__name__} just took {self._seconds[-1]:.1f} s, more "
+                "than estimated before its first call). Later calls are scaled down or left out; for a short run, "
+                "leave the expensive monitors out "
                 "(`default_suite(featurevis=False, exemplars=False)`) or raise `budget`."
             )
 

@@ -92,6 +92,9 @@ class ExemplarMonitor(VizCallback):
         self.tile_size = tile_size
         self.batch_size = batch_size
         self._modules: dict[str, nn.Module] = {}
+        #: receptive-field boxes by (layer, image shape) and unit position: they depend on the architecture only,
+        #: so each is computed once (a model copy and a backward pass saved at every call)
+        self._boxes: dict[tuple[int, tuple[int, ...]], dict[tuple[int, int], list[int]]] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "channels": self.channels}
@@ -212,11 +215,22 @@ class ExemplarMonitor(VizCallback):
         images = kept[flat_ids].float()
         channel_of = torch.tensor(channels).repeat_interleave(k)
         positions = top.locations.reshape(-1, 2)
-        boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
+        boxes = self._receptive_fields(pl_module, module, image_shape, positions)
         projections = X.unit_projection(
             pl_module, module, images.to(model_device(pl_module)), channel_of, positions, rule=self.projection_rule
         ).cpu()
         return images, boxes, projections
+
+    def _receptive_fields(
+        self, pl_module: nn.Module, module: nn.Module, image_shape: tuple[int, ...], positions: torch.Tensor
+    ) -> torch.Tensor:
+        known = self._boxes.setdefault((id(module), tuple(image_shape)), {})
+        wanted = [tuple(p) for p in positions.tolist()]
+        missing = sorted(set(wanted) - set(known))
+        if missing:
+            found = X.receptive_field_boxes(pl_module, module, image_shape, torch.tensor(missing, dtype=torch.long))
+            known.update(zip(missing, found.tolist()))
+        return torch.tensor([known[p] for p in wanted], dtype=torch.long).view(-1, 4)
 
 
 @dataclass

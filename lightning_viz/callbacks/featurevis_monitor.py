@@ -146,9 +146,10 @@ class FeatureVisMonitor(VizCallback):
         return "or lower `steps` / `max_channels` "
 
     def _budget_units(self) -> float | None:
-        # every step is a forward and backward pass of all of a layer's images
+        # every step is a forward and backward pass of all of a layer's images, through the parameterisation and
+        # the robustness transforms (measured: about 4 training passes per image and step)
         images = len(self.channels) if self.channels is not None else self.max_channels
-        return float(self.steps * images * self.images_per_channel * max(1, len(self._modules)))
+        return 4.0 * self.steps * images * self.images_per_channel * max(1, len(self._modules))
 
     def _bank_capacity(self) -> int:
         known = self.input_mean is not None and self.input_std is not None
