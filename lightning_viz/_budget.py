@@ -70,9 +70,11 @@ class Member:
         knobs: Mapping[str, tuple[int, int]],
         units: Callable[[float], float | None] | None = None,
         label: str = "",
+        cheap: bool = False,
     ) -> None:
         self.name, self.cadence, self.knobs, self.units = name, cadence, dict(knobs), units
         self.label = label or name
+        self.cheap = cheap  #: declared cheap (filters, activation statistics): its first call is never held back
 
     def values(self, scale: float) -> dict[str, int]:
         """Each knob's value at ``scale`` (1: as configured, 0: the smallest)."""
@@ -123,16 +125,9 @@ class Budget:
         self._closed: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ membership
-    def join(
-        self,
-        name: str,
-        cadence: int,
-        knobs: Mapping[str, tuple[int, int]],
-        units: Callable[[float], float | None] | None = None,
-        label: str = "",
-    ) -> None:
-        """Register a monitor whose schedule the budget decides."""
-        self.members[name] = Member(name, cadence, knobs, units, label)
+    def join(self, name: str, cadence: int, knobs: Mapping[str, tuple[int, int]], **work: Any) -> None:
+        """Register a monitor whose schedule the budget decides (``work``: :class:`Member`'s ``units``, ``label``)."""
+        self.members[name] = Member(name, cadence, knobs, **work)
 
     def start_fit(self, expected_epochs: int | None, fresh: bool) -> None:
         """A fit begins: a fresh one forgets what an earlier fit measured; a resumed one keeps the loaded state."""
@@ -276,9 +271,11 @@ class Budget:
             if not (due or last):
                 continue
             cost = self.estimate(name, 1.0)
-            if not member.knobs and cost is not None and cost <= CHEAP_SHARE * per_epoch:
+            if not member.knobs and (
+                (cost is None and member.cheap) or (cost is not None and cost <= CHEAP_SHARE * per_epoch)
+            ):
                 chosen[name] = 1.0
-                room -= cost
+                room -= cost or 0.0
                 continue
             # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
             # smallest call of each monitor still to be planned

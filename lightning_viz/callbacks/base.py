@@ -171,8 +171,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             knobs = {
                 k: (int(getattr(self, k)), min(low, int(getattr(self, k)))) for k, low in self.budget_knobs.items()
             }
+            label = self.label or self.monitor_name
+            cheap = not self._expensive
             self._budget.join(
-                self._budget_key, self.every_n_epochs, knobs, self._units_at, self.label or self.monitor_name
+                self._budget_key, self.every_n_epochs, knobs, units=self._units_at, label=label, cheap=cheap
             )
 
     def _units_at(self, scale: float) -> float | None:
