@@ -144,6 +144,9 @@ class EmbeddingMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `subset_size` "
 
+    def _budget_units(self) -> float | None:  # at most a forward pass over the subset (codes come from validation)
+        return self.subset_size / 3
+
     def _bank_capacity(self) -> int:
         return self.subset_size  # the probes are chosen among the subset
 
