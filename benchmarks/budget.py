@@ -97,7 +97,7 @@ def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: 
     plain, _ = fit_seconds(make_model, train, val, epochs, [], batch_size)
     suite = lightning_viz.default_suite(budget=budget)
     with_suite, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
-    spent = sum(sum(s) for _, s in costs)
+    spent = suite[0]._budget.spent_total  # every call, step 0 and end of fit included, and the one timed pass
     calls = ", ".join(f"{name.removesuffix('Monitor')} {len(s)}" for name, s in costs)
     print(
         f"| {label} | {epochs} | {plain:.1f} | {with_suite:.1f} | {(with_suite - plain) / plain:+.1%} | "
@@ -146,8 +146,9 @@ def main() -> None:
     parser.add_argument("--short-epochs", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=(), choices=("reference", "short", "fixed"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(
         "| run | epochs | without suite (s) | with default_suite() (s) | measured extra | suite's own seconds / "
         "training | budget | calls per monitor |\n|---|---|---|---|---|---|---|---|",

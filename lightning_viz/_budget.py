@@ -8,12 +8,17 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
   its last call; it runs when the seconds spent so far plus its estimated cost, plus what the last word of every
   monitor will cost, stay within ``share`` of the training done so far (pay as you go);
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
-  (1, 1/2, 1/4 or the smallest values) whose estimated cost fits, and a monitor's first call runs at the smallest;
+  (1, 1/2, 1/4 or the smallest values) whose estimated cost fits;
+* every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
+  sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
+  sample; after a call, its measured seconds take over;
+* the untrained baseline of the cheap monitors runs at the start; the expensive ones make theirs after the first
+  training batches, from the initial weights, within a bounded part (``BASELINE_SHARE``) of what the whole run is
+  expected to allow, the last words set aside;
 * in the last expected epoch (``max_epochs``) every monitor runs, at the scale the rest of the budget allows, and
   ``on_train_end`` gives the last word to any monitor that has not logged the final step (EarlyStopping,
   ``max_steps``), so every run ends with pictures of the trained network;
-* the untrained baseline runs for the cheap monitors only (those without knobs): before the first step nothing
-  says what the run will cost.
+* what cannot fit even at the smallest scale is left out, and the suite says so once, at the end of ``fit``.
 
 An epoch's plan is made once, at the first question asked in that epoch, and kept with the measured costs in the
 monitors' state: the same measurements give the same schedule, and a resumed run continues it.
@@ -21,13 +26,18 @@ monitors' state: the same measurements give the same schedule, and a resumed run
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from lightning_viz import _validate as check
+from lightning_viz._hooks import isolated
 
 __all__ = ["Budget", "budget_for"]
 
@@ -37,20 +47,44 @@ SCALES = (1.0, 0.5, 0.25, 0.0)
 #: the expensive ones spent (it is still charged): the filters and activation statistics of every epoch are the
 #: evidence a budget must not starve.
 CHEAP_SHARE = 0.01
+#: Share of what the whole run is expected to allow that the step-0 views of the expensive monitors may use.
+BASELINE_SHARE = 0.25
+#: An estimate made before a monitor's first call is this many times its declared work (sample passes) times the
+#: measured seconds per training sample (a monitor's passes are smaller batches, on a model in eval mode) ...
+SAFETY = 2.0
+#: ... plus this, for what does not scale with the work (drawing, encoding, writing).
+FIXED_SECONDS = 0.25
 
 
 class Member:
-    """What the budget knows of one monitor: its cadence, its knobs (full and smallest values)."""
+    """What the budget knows of one monitor: its cadence, its knobs (full and smallest values), and its work.
 
-    def __init__(self, name: str, cadence: int, knobs: Mapping[str, tuple[int, int]]) -> None:
-        self.name, self.cadence, self.knobs = name, cadence, dict(knobs)
+    ``units(scale)`` is the work of a call at ``scale`` in *sample passes* (one training sample's forward and backward
+    pass): what lets the budget estimate a call before the monitor ever ran. ``None`` where the monitor cannot say.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cadence: int,
+        knobs: Mapping[str, tuple[int, int]],
+        units: Callable[[float], float | None] | None = None,
+        label: str = "",
+        cheap: bool = False,
+    ) -> None:
+        self.name, self.cadence, self.knobs, self.units = name, cadence, dict(knobs), units
+        self.label = label or name
+        self.cheap = cheap  #: declared cheap (filters, activation statistics): its first call is never held back
 
     def values(self, scale: float) -> dict[str, int]:
         """Each knob's value at ``scale`` (1: as configured, 0: the smallest)."""
         return {k: int(round(low + scale * (full - low))) for k, (full, low) in self.knobs.items()}
 
     def work(self, scale: float) -> float:
-        """The share of a full call's work at ``scale`` (product of the knobs' ratios)."""
+        """The size of a call at ``scale``: its sample passes when known, else the product of the knobs' ratios."""
+        units = self.units(scale) if self.units is not None else None
+        if units is not None:
+            return max(float(units), 1e-9)
         share = 1.0
         for key, value in self.values(scale).items():
             share *= value / max(1, self.knobs[key][0])
@@ -72,27 +106,36 @@ class Budget:
         self.members: dict[str, Member] = {}
         self.expected_epochs: int | None = None
         self.said_over = False  #: whether the suite already said it went over the budget
+        self.told: set[str] = set()  #: the one-line messages already said in this run
         self._reset()
 
     def _reset(self) -> None:
         self.train_seconds = 0.0  # closed epochs
+        self.samples_trained = 0  # training samples seen (the unit of the estimates)
+        self.pass_seconds: float | None = None  # one sample's forward and backward pass, timed once per fit
+        self._last_batch: tuple[int, int] | None = None
         self.spent: dict[str, float] = {}
-        self.cost: dict[str, tuple[float, float]] = {}  # name -> (seconds, work share) of its last call
+        self.baseline_spent = 0.0  # of which the step-0 views
+        self.cost: dict[str, tuple[float, float]] = {}  # name -> (seconds, work) of its last call
         self.last_epoch: dict[str, int] = {}  # name -> epochs done at its last call
         self.plans: dict[int, dict[str, float]] = {}  # epoch -> {name: scale} of the monitors that run
+        self.baselines: dict[str, float | None] = {}  # name -> scale of its deferred step-0 view (None: left out)
+        self.dropped: list[str] = []  # what could not fit even at the smallest scale
         self._open: tuple[int, float, float] | None = None  # (epoch, started, spent then)
         self._closed: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ membership
-    def join(self, name: str, cadence: int, knobs: Mapping[str, tuple[int, int]]) -> None:
-        """Register a monitor whose schedule the budget decides."""
-        self.members[name] = Member(name, cadence, knobs)
+    def join(self, name: str, cadence: int, knobs: Mapping[str, tuple[int, int]], **work: Any) -> None:
+        """Register a monitor whose schedule the budget decides (``work``: :class:`Member`'s ``units``, ``label``)."""
+        self.members[name] = Member(name, cadence, knobs, **work)
 
     def start_fit(self, expected_epochs: int | None, fresh: bool) -> None:
         """A fit begins: a fresh one forgets what an earlier fit measured; a resumed one keeps the loaded state."""
         self.expected_epochs = expected_epochs if expected_epochs and expected_epochs > 0 else None
-        if fresh and (self.spent or self.plans or self.train_seconds):
+        if fresh and (self.spent or self.plans or self.train_seconds or self.samples_trained):
             self._reset()
+            self.told.clear()
+            self.said_over = False
 
     # ------------------------------------------------------------------------------------------ measuring
     @property
@@ -106,6 +149,49 @@ class Budget:
         self.cost[name] = (seconds, member.work(scale) if member else 1.0)
         if epoch is not None:
             self.last_epoch[name] = epoch
+        if epoch == 0:
+            self.baseline_spent += seconds
+
+    def saw_batch(self, epoch: int, index: int, samples: int) -> None:
+        """A training batch of ``samples`` ran (counted once, however many monitors report it)."""
+        if self._last_batch != (epoch, index):
+            self._last_batch = (epoch, index)
+            self.samples_trained += max(0, int(samples))
+
+    def calibrate(self, model: torch.nn.Module, images: torch.Tensor | None) -> None:
+        """Time one forward and backward pass (the gradient with respect to the input, as the monitors' passes) of
+        up to :data:`CALIBRATION_SAMPLES` of ``images`` through ``model``, without side effects; once per fit."""
+        if self.pass_seconds is not None or images is None or not images.is_floating_point() or not len(images):
+            return
+        x = images[:CALIBRATION_SAMPLES].detach().clone()
+        started = self.clock()
+        seconds = 0.0
+        try:
+            with isolated(model, grad=True):
+                x.requires_grad_(True)
+                for _ in range(2):  # the first pass warms up (allocations, kernels); the second is timed
+                    begun = self.clock()
+                    out = model(x)
+                    out = out if isinstance(out, torch.Tensor) else next(o for o in _flat(out) if o.requires_grad)
+                    torch.autograd.grad(out.float().sum(), x)
+                    if x.is_cuda:
+                        torch.cuda.synchronize(x.device)
+                    seconds = self.clock() - begun
+        except Exception:  # a model our simple pass cannot drive: the training time per sample stands in
+            seconds = 0.0
+        self.pass_seconds = seconds / len(x)
+        self.spent["calibration"] = self.spent.get("calibration", 0.0) + self.clock() - started
+
+    @property
+    def sample_seconds(self) -> float | None:
+        """Seconds of one sample's forward and backward pass: timed (:meth:`calibrate`), else the training time per
+        sample (validation included); ``None`` before the first training batch."""
+        if self.pass_seconds:
+            return self.pass_seconds
+        if not self.samples_trained:
+            return None
+        epoch = self._open[0] if self._open is not None else -1
+        return self.trained(epoch) / self.samples_trained
 
     def epoch_start(self, epoch: int) -> None:
         if self._open is None or self._open[0] != epoch:
@@ -128,22 +214,39 @@ class Budget:
         open_part = self._window() if self._open is not None and epoch not in self._closed else 0.0
         return self.train_seconds + open_part
 
+    def projected(self, epoch: int) -> float:
+        """The run's whole training time as far as it can be foreseen: the expected epochs at the pace so far (the
+        training so far when the run's length is unknown)."""
+        trained = self.trained(epoch)
+        if self.expected_epochs is None:
+            return trained
+        # asked at the end of an epoch (validation or training end): the open epoch counts as done
+        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        return max(trained, trained / done * self.expected_epochs) if done else trained
+
     # ------------------------------------------------------------------------------------------ deciding
     def estimate(self, name: str, scale: float) -> float | None:
-        """Estimated seconds of a call of ``name`` at ``scale``; ``None`` before its first call."""
-        if name not in self.cost:
+        """Estimated seconds of a call of ``name`` at ``scale``: from its last call, or, before it ever ran, from
+        its declared work times the measured seconds per training sample; ``None`` when neither is known."""
+        member = self.members.get(name)
+        if name in self.cost:
+            seconds, work = self.cost[name]
+            return seconds * member.work(scale) / max(work, 1e-9) if member is not None else seconds
+        units = member.units(scale) if member is not None and member.units is not None else None
+        if units is None or self.sample_seconds is None:
             return None
-        seconds, work = self.cost[name]
-        return seconds * self.members[name].work(scale) / max(work, 1e-9) if name in self.members else seconds
+        return FIXED_SECONDS + SAFETY * float(units) * self.sample_seconds
 
     def _scale_within(self, name: str, room: float) -> float | None:
-        """The largest scale whose estimated cost fits in ``room`` seconds (the smallest when nothing is known)."""
+        """The largest scale whose estimated cost fits in ``room`` seconds (``None``: not even the smallest); a
+        monitor's first call runs at its smallest scale (its estimate is the least sure)."""
         member = self.members[name]
-        if self.estimate(name, 1.0) is None:  # never ran: its first call runs at the smallest scale, if any room
-            return (0.0 if member.knobs else 1.0) if room > 0 else None
-        for scale in SCALES if member.knobs else (1.0,):
+        scales = SCALES if name in self.cost else SCALES[-1:]
+        for scale in scales if member.knobs else (1.0,):
             estimate = self.estimate(name, scale)
-            if estimate is not None and estimate <= room:
+            if estimate is None:  # nothing known: the smallest call, if there is any room at all
+                return (0.0 if member.knobs else 1.0) if room > 0 else None
+            if estimate <= room:
                 return scale
         return None
 
@@ -159,50 +262,109 @@ class Budget:
         room = self.share * self.trained(epoch) - self.spent_total
         per_epoch = self.trained(epoch) / done
         chosen: dict[str, float] = {}
-        for name, member in self.members.items():
+        names = list(self.members)
+        if last:  # the cheapest first: when not all fit, the fewest monitors are left out
+            names.sort(key=lambda n: self.estimate(n, 0.0) or 0.0)
+        for index, name in enumerate(names):
+            member = self.members[name]
             due = done - self.last_epoch.get(name, 0) >= member.cadence
             if not (due or last):
                 continue
             cost = self.estimate(name, 1.0)
-            if not member.knobs and cost is not None and cost <= CHEAP_SHARE * per_epoch:
+            if not member.knobs and (
+                (cost is None and member.cheap) or (cost is not None and cost <= CHEAP_SHARE * per_epoch)
+            ):
                 chosen[name] = 1.0
-                room -= cost
+                room -= cost or 0.0
                 continue
-            reserve = 0.0 if last else self._last_word_reserve({name})
+            # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
+            # smallest call of each monitor still to be planned
+            reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name})
             scale = self._scale_within(name, room - reserve)
             if scale is None:
-                if not last:
-                    continue
-                scale = 0.0  # the last word is never dropped: it runs at the smallest scale
+                if last:
+                    self.drop(f"the view of the trained network of {member.label}")
+                continue
             chosen[name] = scale
             room -= self.estimate(name, scale) or 0.0
         self.plans[epoch] = chosen
         return chosen
 
-    def last_word(self, name: str, epoch: int) -> float:
-        """Scale of the end-of-fit call of ``name``: what the rest of the budget allows, at least the smallest."""
+    def baseline(self, name: str, epoch: int) -> float | None:
+        """Scale of the step-0 view of ``name``, made after the first training batches (``None``: left out).
+
+        It may use a bounded part (:data:`BASELINE_SHARE`) of what the whole run is expected to allow, once the
+        last words of every monitor are set aside; decided once and kept.
+        """
+        if name in self.baselines:
+            return self.baselines[name]
+        member = self.members.get(name)
+        allowance = self.share * self.projected(epoch)
+        room = min(
+            BASELINE_SHARE * allowance - self.baseline_spent,
+            allowance - self.spent_total - self._last_word_reserve(set()),
+        )
+        scale = self._scale_within(name, room) if member is not None else 1.0
+        if scale is None and member is not None:
+            self.drop(f"the step-0 view of {member.label}")
+        self.baselines[name] = scale
+        return scale
+
+    def last_word(self, name: str, epoch: int) -> float | None:
+        """Scale of the end-of-fit call of ``name``: what the rest of the budget allows (``None``: left out)."""
         room = self.share * self.trained(epoch) - self.spent_total
-        scale = self._scale_within(name, room) if name in self.members else 1.0
-        return 0.0 if scale is None else scale
+        if name not in self.members:
+            return 1.0
+        scale = self._scale_within(name, room)
+        if scale is None:
+            self.drop(f"the view of the trained network of {self.members[name].label}")
+        return scale
+
+    def affords(self, seconds: float, epoch: int, what: str) -> bool:
+        """Whether the whole run is expected to afford ``seconds`` more, the last words set aside (if not, ``what``
+        is said to be left out)."""
+        room = self.share * self.projected(epoch) - self.spent_total - self._last_word_reserve(set())
+        if room < seconds:
+            self.drop(what)
+        return room >= seconds
+
+    def drop(self, what: str) -> None:
+        if what not in self.dropped:
+            self.dropped.append(what)
+
+    def tell_once(self, key: str) -> bool:
+        """Whether the one-line message ``key`` is still to be said in this run (and mark it said)."""
+        if key in self.told:
+            return False
+        self.told.add(key)
+        return True
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
             "share": self.share,
             "train_seconds": self.train_seconds,
+            "samples_trained": self.samples_trained,
+            "pass_seconds": self.pass_seconds,
             "spent": dict(self.spent),
+            "baseline_spent": self.baseline_spent,
             "cost": {k: list(v) for k, v in self.cost.items()},
             "last_epoch": dict(self.last_epoch),
             "plans": {int(k): dict(v) for k, v in self.plans.items()},
+            "baselines": dict(self.baselines),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._reset()
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.samples_trained = int(state.get("samples_trained", 0))
+        self.pass_seconds = state.get("pass_seconds")
         self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
+        self.baseline_spent = float(state.get("baseline_spent", 0.0))
         self.cost = {k: (float(v[0]), float(v[1])) for k, v in state.get("cost", {}).items()}
         self.last_epoch = {k: int(v) for k, v in state.get("last_epoch", {}).items()}
         self.plans = {int(k): dict(v) for k, v in state.get("plans", {}).items()}
+        self.baselines = dict(state.get("baselines", {}))
         self._closed = set(range(max(self.plans, default=-1) + 1))
 
 
@@ -232,3 +394,51 @@ def expected_epochs(trainer: Any) -> int | None:
         by_steps = math.ceil(max_steps / batches)
         epochs = by_steps if epochs is None else min(epochs, by_steps)
     return epochs
+
+
+#: Samples of the one timed forward and backward pass (:meth:`Budget.calibrate`).
+CALIBRATION_SAMPLES = 16
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tuple, list or dict of them)."""
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, list | tuple) else [out]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+#: CPU seconds of a projection child's first UMAP / t-SNE map (start, numba compilation, projection), one core.
+CHILD_SECONDS = {"umap": 15.0, "tsne": 10.0, "pca": 0.0}
+
+
+def projection_within(monitor: Any, model: Any, trainer: Any) -> None:
+    """Choose the embedding map's method before the projection child starts: under a budget, on a model trained on
+    the CPU, the child competes with training, so a run that cannot afford its UMAP / t-SNE gets PCA (said once);
+    elsewhere the child has a CPU core to itself."""
+    budget, client = monitor._budget, monitor._projections
+    if not monitor._budget_managed or budget is None or client.running or client.method == "pca":
+        return
+    on_cpu = next((p.device.type for p in model.parameters()), "cpu") == "cpu"
+    what = f"the {client.method} map of the embedding (PCA instead)"
+    if on_cpu and not budget.affords(CHILD_SECONDS.get(client.method, 0.0), trainer.current_epoch, what):
+        client.method = "pca"
+
+
+#: Work expected to take longer than this (seconds) says what it is doing, in one line.
+PROGRESS_SECONDS = 2.0
+
+
+def say(trainer: Any, line: str) -> None:
+    """Print ``line`` once on rank zero without breaking Lightning's progress bar (above a tqdm bar, through a rich
+    bar's console); quiet (the ``lightning_viz`` log's info level) when the Trainer shows no progress bar."""
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None or not getattr(bar, "is_enabled", True):
+        logging.getLogger("lightning_viz").info(line)
+        return
+    if any(cls.__name__ == "TQDMProgressBar" for cls in type(bar).__mro__):
+        from tqdm import tqdm  # a bar may be open or not (before training starts): tqdm.write keeps any open one
+
+        tqdm.write(line, file=sys.stdout)
+    else:
+        bar.print(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -86,10 +87,10 @@ def test_schedule_is_deterministic_within_budget_and_ends_with_the_trained_netwo
         # the budget is a ceiling: 24 s of training, 12.5 % of it
         assert budget.train_seconds == 24.0
         assert budget.spent_total <= 0.125 * budget.train_seconds
-        # the cheap monitor has its baseline and logs often; the expensive one has no baseline, logs rarely and
-        # scaled down, and both show the trained network at the end
+        # the cheap monitor has its baseline and logs often; the expensive one makes its step-0 view after the
+        # first epoch (from the initial weights), logs rarely and scaled down; both show the trained network at the end
         assert _steps(cheap)[0] == 0 and len(cheap.calls) >= 5
-        assert 0 not in _steps(costly) and 1 <= len(costly.calls) < len(cheap.calls)
+        assert _steps(costly)[0] == 0 and 2 <= len(costly.calls) <= len(cheap.calls)
         assert _steps(cheap)[-1] == _steps(costly)[-1] == final
         assert all(work < 8 for _, work in costly.calls)
         for monitor in (cheap, costly):
@@ -150,15 +151,29 @@ def test_resumed_run_continues_the_same_schedule(tmp_path, pl_ns):
     assert costly.calls == [c for c in whole[1] if c[0] > 12]
 
 
-def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(tmp_path, pl_ns):
-    suite = lightning_viz.default_suite(featurevis={"steps": 4}, embedding={"reducer": "pca"})
+@pytest.fixture
+def one_thread():
+    """Real timings on a shared CPU: one torch thread (several spin against other processes' load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(tmp_path, pl_ns, one_thread):
+    suite = lightning_viz.default_suite(budget=0.5, featurevis={"steps": 4}, embedding={"reducer": "pca"})
     budgeted = [cb for cb in suite if cb.monitor_name != "diagnosis"]  # the verdict is written every epoch
     assert all(cb._budget is suite[0]._budget is not None for cb in budgeted)
     assert suite[-1].monitor_name == "diagnosis" and suite[-1]._budget is None
     assert not any(cb._budget_managed for cb in lightning_viz.default_suite(every_n_epochs=1))
     with pytest.raises(ValueError, match="`budget`"):
         lightning_viz.default_suite(budget=0.0)
-    _fit(pl_ns, tmp_path, suite, max_epochs=6)
+
+    class Slow(pl_ns.Callback):  # training steps of a real model's length: 6 epochs of 0.5 s
+        def on_train_batch_end(self, *args, **kwargs):
+            time.sleep(0.125)
+
+    _fit(pl_ns, tmp_path, [Slow(), *suite], max_epochs=6)
     events = Events(str(tmp_path / "run"))
     final = 6 * STEPS_PER_EPOCH
     for cb in suite:
@@ -166,7 +181,8 @@ def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(
             continue  # text, no images
         tags = [t for t in events.tags["images"] if t.split("/")[0] in (cb.monitor_name, "activation", "exemplar")]
         assert tags, cb.monitor_name
-        assert any(final in events.image_steps(t) for t in tags), (cb.monitor_name, tags)
+        missing = [t for t in tags if final not in events.image_steps(t)]
+        assert not missing, (cb.monitor_name, missing)
     spent = suite[0]._budget.spent_total
     assert spent > 0
 
@@ -212,3 +228,60 @@ def test_cheap_monitors_keep_their_cadence_when_expensive_ones_spent_the_budget(
     assert sum("featurevis" in budget.plans[e] for e in range(4)) <= 2
     # a monitor without knobs that is *not* cheap is budgeted like the others
     assert budget.estimate("filters", 1.0) == 0.05
+
+
+class Declared(Sleepy):
+    """An expensive monitor that declares its work: 4 sample passes per unit of `work` (8 at full scale)."""
+
+    def _budget_units(self):
+        return 4.0 * self.work
+
+
+def test_cost_is_estimated_before_the_first_call_and_the_last_word_fits(tmp_path, pl_ns):
+    # 1 s per training step of 16 samples; a call costs 1.5 s * work / 8: at full scale 1.5 s, 0.375 s at the smallest
+    clock = FakeClock()
+    budget = Budget(0.1, clock=clock)
+    costly = Declared("costly", 1.5, clock, budget=budget, log_baseline=False)
+    _fit(pl_ns, tmp_path, [_tick(pl_ns, clock), costly], max_epochs=3)
+    # 12 s of training, 1.2 s of budget: known before it ever ran, the one call (the last epoch's) is scaled to fit
+    assert budget.spent_total <= 0.1 * budget.train_seconds
+    assert [step for step, _ in costly.calls][-1] == 3 * STEPS_PER_EPOCH
+    assert all(work < 8 for _, work in costly.calls)
+
+
+def test_what_cannot_fit_is_left_out_and_said_once(tmp_path, pl_ns, capsys):
+    clock = FakeClock()
+    budget = Budget(0.01, clock=clock)  # 0.04 s per epoch: not even the smallest call (0.375 s) fits
+    monitors = [Declared(name, 1.5, clock, budget=budget) for name in ("first", "second")]
+    _fit(pl_ns, tmp_path, [_tick(pl_ns, clock), *monitors], max_epochs=2, enable_progress_bar=True)
+    assert all(not m.calls for m in monitors)
+    said = [line for line in capsys.readouterr().out.splitlines() if "left out" in line]
+    assert len(said) == 1 and "first" in said[0] and "second" in said[0] and "Raise `budget`" in said[0]
+
+
+def test_long_work_says_what_it_is_doing_in_one_line(tmp_path, pl_ns, capsys):
+    clock = FakeClock()
+    budget = Budget(1.0, clock=clock)
+    monitors = [Declared(name, 16.0, clock, budget=budget) for name in ("first", "second")]  # 4 s at the smallest
+    _fit(pl_ns, tmp_path, [_tick(pl_ns, clock, 4.0), *monitors], max_epochs=2, enable_progress_bar=True)
+    out = capsys.readouterr().out
+    untrained = [line for line in out.splitlines() if "drawing the untrained network's views" in line]
+    assert len(untrained) == 1 and "lightning_viz: " in untrained[0]
+    assert monitors[0].calls[0][0] == 0  # a step-0 view (0.25 of the run's allowance may go to them)
+    # no progress bar: nothing printed
+    _fit(pl_ns, tmp_path / "quiet", [_tick(pl_ns, FakeClock(), 4.0), Declared("q", 16.0, FakeClock(), budget=0.5)])
+    assert "lightning_viz: drawing" not in capsys.readouterr().out
+
+
+def test_a_suite_without_an_image_logger_warns_once_and_skips_image_only_work(tmp_path, pl_ns):
+    suite = lightning_viz.default_suite(featurevis={"steps": 2}, embedding={"reducer": "pca"})
+    train, val = loaders()
+    logger = pl_ns.loggers.CSVLogger(str(tmp_path))
+    trainer = pl_ns.Trainer(callbacks=suite, logger=logger, **trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(make_module(pl_ns), train, val)
+    said = [str(w.message) for w in caught if "TensorBoardLogger" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("lightning_viz: ")
+    skipped = {cb.monitor_name for cb in suite if not cb._seconds}
+    assert {"saliency", "exemplars", "featurevis"} <= skipped
+    assert "filters" not in skipped  # its scale scalars and statistics still go to the CSV logger

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_viz import _data
 from lightning_viz import _validate as check
-from lightning_viz._budget import Budget, budget_for, expected_epochs
+from lightning_viz._budget import PROGRESS_SECONDS, Budget, budget_for, expected_epochs, say
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated, silenced_logging
 from lightning_viz._inputs import FIX, InputFn, input_hint, model_inputs, resolve_input_fn
@@ -77,6 +77,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     #: The visualization (a ``_guard`` key) that alone needs image samples, when the rest of the monitor works on any
     #: input (``None``: the whole monitor needs images and steps aside when the inputs are not images).
     image_part: ClassVar[str | None] = None
+    #: Whether everything this monitor makes is images or text: without a logger that takes them it does nothing.
+    images_only: ClassVar[bool] = False
+    #: What the monitor shows, in words (progress lines, the budget's message).
+    label: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -107,6 +111,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._budget: Budget | None = budget if isinstance(budget, Budget) else None
         self._scale = 1.0
         self._last_word_scale: float | None = None
+        self._baseline_scale: float | None = None
         self.on_error = on_error
         self.log_baseline = log_baseline
         self.seed = seed
@@ -145,17 +150,20 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._start_fit(trainer)
         self._active = True
         if getattr(trainer, "fast_dev_run", False):
-            self._warn_once(
+            _data.tell_once(  # one warning per run, by the suite, not one per monitor
+                trainer,
                 "fast_dev_run",
-                f"{type(self).__name__}: `fast_dev_run` replaces the Trainer's loggers with a dummy; "
-                "nothing is logged.",
+                "lightning_viz: `fast_dev_run` replaces the Trainer's loggers with a dummy; nothing is logged.",
             )
             self._active = False
             return
         if not trainer.loggers:
             raise ValueError(NO_LOGGER_MESSAGE)
         if not takes_images(trainer.loggers):
-            self._warn_once("no_tensorboard", f"{type(self).__name__}: {NO_IMAGE_LOGGER_MESSAGE}")
+            _data.tell_once(trainer, "no_tensorboard", f"lightning_viz: {NO_IMAGE_LOGGER_MESSAGE}")
+            if self.images_only:  # its output could not be written: the work is not done at all
+                self._active = False
+                return
         self._sink = Sink.for_trainer(trainer, max_image_side=self.max_image_side)
         self._bus = bus_for(trainer)
         for kind in self.publishes:
@@ -178,7 +186,27 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             knobs = {
                 k: (int(getattr(self, k)), min(low, int(getattr(self, k)))) for k, low in self.budget_knobs.items()
             }
-            self._budget.join(self._budget_key, self.every_n_epochs, knobs)
+            label = self.label or self.monitor_name
+            cheap = not self._expensive
+            self._budget.join(
+                self._budget_key, self.every_n_epochs, knobs, units=self._units_at, label=label, cheap=cheap
+            )
+
+    def _units_at(self, scale: float) -> float | None:
+        """The work of a call at ``scale`` in sample passes (see :meth:`_budget_units`)."""
+        with self._scaled(scale):
+            return self._budget_units()
+
+    def _budget_units(self) -> float | None:
+        """The work of one call with the current settings, in *sample passes* (one training sample's forward and
+        backward pass; a forward alone is about a third of one): the budget's estimate of a call before it ever ran.
+        ``None``: cheap, or unknown until measured."""
+        return None
+
+    @property
+    def _expensive(self) -> bool:
+        """Whether the budget defers this monitor's step-0 view until it knows what the run can afford."""
+        return bool(self.budget_knobs) or not self.budget_baseline
 
     @property
     def _budget_managed(self) -> bool:
@@ -195,10 +223,13 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         # The baseline shows the untrained state; a resumed run (global_step > 0) already has it.
         if self._budget is not None:
             self._budget.expected_epochs = expected_epochs(trainer)
-        if self._budget_managed and (self.budget_knobs or not self.budget_baseline):
-            return  # an expensive monitor: before the first step nothing says the run can afford its baseline
         if self.log_baseline and trainer.global_step == 0 and self._last_step is None:
-            if self._has_data():
+            if self._budget_managed and self._expensive:
+                # before the first step nothing says what the run can afford: the step-0 view is made after the
+                # first training batches (from the initial weights, kept now), at the scale the budget allows
+                _data.keep_initial_weights(trainer, pl_module)
+                self._deferred = True
+            elif self._has_data():
                 self._run(trainer, pl_module, epochs_done=0)
             else:
                 self._defer_baseline(trainer, pl_module)
@@ -227,10 +258,22 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if self._budget_managed and self._budget is not None and self._wants_last_word(trainer):
             self._budget.epoch_end(trainer.current_epoch)
             self._last_word_scale = self._budget.last_word(self._budget_key, trainer.current_epoch)
+            if self._last_word_scale is None:
+                return  # it cannot fit even at the smallest scale: said once, at the end of fit
             try:
                 self._run(trainer, pl_module, epochs_done=trainer.current_epoch)
             finally:
                 self._last_word_scale = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        budget = self._budget
+        if budget is not None and budget.dropped and budget.tell_once("dropped"):
+            say(
+                trainer,
+                f"lightning_viz: to stay within its budget ({budget.share:.0%} of the training time) the suite left "
+                f"out {'; '.join(budget.dropped)}. Raise `budget` to see them.",
+            )
 
     def _wants_last_word(self, trainer: Any) -> bool:
         step = int(trainer.global_step)
@@ -348,7 +391,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if self._last_word_scale is not None:
             return self._last_word_scale
         if epochs_done == 0:
-            return 1.0
+            return self._baseline_scale if self._deferred == "running" and self._baseline_scale is not None else 1.0
         return self._budget.plans.get(epochs_done - 1, {}).get(self._budget_key, 1.0)
 
     @contextlib.contextmanager
@@ -415,6 +458,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             self._last_step = step  # rank zero alone draws and writes; the others keep the same schedule
             return
         scale = self._call_scale(epochs_done)
+        self._say_progress(trainer, step, epochs_done, scale)
         clock = self._budget.clock if self._budget is not None else time.perf_counter
         started = clock()
         extra = self._samples.extra_inputs
@@ -444,6 +488,27 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if not self._budget_managed:
             self._check_overhead(seconds)
 
+    def _say_progress(self, trainer: Any, step: int, epochs_done: int, scale: float) -> None:
+        """One line before work that takes more than a couple of seconds: the step-0 views together, the views of
+        the trained network together, or one long call."""
+        budget = self._budget
+        if budget is not None and self._budget_managed:
+            estimate = budget.estimate(self._budget_key, scale)
+        else:
+            estimate = self._seconds[-1] if self._seconds else None
+        if step == 0 or self._last_word_scale is not None:
+            phase = "untrained" if step == 0 else "trained"
+            if budget is not None:  # the whole phase, every monitor at its smallest
+                estimate = sum(budget.estimate(n, 0.0) or 0.0 for n in budget.members) + (estimate or 0.0)
+            key = f"phase {phase}"
+            what = f"drawing the {phase} network's views"
+        else:
+            key, what = f"call {self.monitor_name} {step}", f"{type(self).__name__} at epoch {epochs_done}"
+        told = budget.told if budget is not None else self._warned
+        if estimate is not None and estimate > PROGRESS_SECONDS and key not in told:
+            told.add(key)
+            say(trainer, f"lightning_viz: {what} (about {estimate:.0f} s)...")
+
     def _check_budget(self, trainer: Any) -> None:
         """Say once per suite when it is over its budget (a first call costs what it costs before it is known)."""
         budget = self._budget
@@ -454,9 +519,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             rank_zero_warn(
                 f"lightning_viz: the monitors have spent {budget.spent_total:.1f} s, "
                 f"{budget.spent_total / max(trained, 1e-9):.0%} of the {trained:.1f} s of training so far, over "
-                f"their budget of {budget.share:.0%} (the first call of an expensive monitor costs what it costs "
-                f"before it is known; {type(self).__name__} just took {self._seconds[-1]:.1f} s). Later calls are "
-                "scaled down or skipped; for a short run, leave the expensive monitors out "
+                f"their budget of {budget.share:.0%} ({type(self).__name__} just took {self._seconds[-1]:.1f} s, more "
+                "than estimated before its first call). Later calls are scaled down or left out; for a short run, "
+                "leave the expensive monitors out "
                 "(`default_suite(featurevis=False, exemplars=False)`) or raise `budget`."
             )
 
@@ -530,6 +595,14 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _run_deferred_baseline(self, trainer: Any, pl_module: nn.Module) -> None:
         ready = self._deferred is True and self._has_data() and _data.has_initial_weights(trainer)
+        budget = self._budget
+        if ready and self._budget_managed and self._expensive and budget is not None:
+            if budget.sample_seconds is None:
+                return  # no training batch measured yet
+            self._baseline_scale = budget.baseline(self._budget_key, trainer.current_epoch)
+            if self._baseline_scale is None:
+                self._deferred = False  # not even the smallest step-0 view fits: said once, at the end of fit
+                return
         if ready and self._last_step is None:
             self._deferred = "running"
             try:
@@ -563,6 +636,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._budget is not None:  # the seconds per training sample: the unit of the budget's estimates
+            images, _ = _data.split_batch(batch)
+            self._budget.saw_batch(trainer.current_epoch, batch_idx, len(images) if images is not None else 0)
+            if self._budget_managed and self._budget.pass_seconds is None and self._active:
+                self._budget.calibrate(pl_module, images)
         if self._take_training_batches and self._samples.capacity:
             self._samples.offer(("train", trainer.current_epoch), batch)
             self._check_inputs(trainer)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_viz import _budget, render
 from lightning_viz import _validate as check
-from lightning_viz import render
 from lightning_viz._classes import find_class_names
 from lightning_viz._data import split_batch
 from lightning_viz._hooks import ValidationCodeCapture, capture
@@ -140,6 +140,9 @@ class EmbeddingMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `subset_size` "
 
+    def _budget_units(self) -> float | None:  # at most a forward pass over the subset (codes come from validation)
+        return self.subset_size / 3
+
     def _bank_capacity(self) -> int:
         return self.subset_size  # the probes are chosen among the subset
 
@@ -228,6 +231,7 @@ class EmbeddingMonitor(VizCallback):
             self._guard("table", sink.embedding_table, "embedding/table", features.numpy(), *names, step)
         if sink.writes_images:
             self._guard("neighbours", self._log_neighbours, pl_module, features, images, labels, step)
+        _budget.projection_within(self, pl_module, trainer)  # a budgeted run on the CPU may not afford UMAP
         submitted = sink.writes_images and self._guard("map", self._submit, features, labels, step, epochs_done, tsv)
         if tsv is not None and submitted is not True:  # no child to write the projector's tensor file
             write_tensor_tsv(tsv, features.numpy())
@@ -251,7 +255,8 @@ class EmbeddingMonitor(VizCallback):
     def _log_maps(self, wait: bool = False) -> None:
         """Log the maps whose projection is done, in order; never blocks unless ``wait``."""
         if wait and self._projections.pending and self._sink is not None and self._sink.writes_images:
-            print(f"lightning_viz: waiting for {self._projections.pending} {self.reducer} map(s)...", flush=True)
+            count = self._projections.pending
+            print(f"lightning_viz: waiting for {count} embedding map(s) ({self._projections.method})...", flush=True)
         for projection in self._projections.finished(wait=wait):
             self._guard("map", self._log_map, projection)
 
@@ -264,7 +269,7 @@ class EmbeddingMonitor(VizCallback):
             coords = E.procrustes_align(coords, self._reference)
         self._reference = coords
         image, frame = render.embedding_map(
-            coords, labels, reducer=self.reducer, epochs_done=epochs_done, class_names=self._class_names
+            coords, labels, reducer=self._projections.method, epochs_done=epochs_done, class_names=self._class_names
         )
         assert (sink := self._sink) is not None
         sink.image("embedding/map", image, step)

@@ -65,7 +65,9 @@ class ExemplarMonitor(VizCallback):
     monitor_name = "exemplars"
     publishes = (ExemplarStats,)
     default_every_n_epochs = 5
-    budget_knobs = {"max_samples": 256}
+    budget_knobs = {"max_samples": 64, "max_channels": 4}
+    label = "the exemplars"
+    images_only = True
 
     def __init__(
         self,
@@ -106,6 +108,9 @@ class ExemplarMonitor(VizCallback):
         self._class_names: list[str] | None = None
         self._grids: dict[str, tuple[TokenGrid | None, bool]] = {}  # layer -> (token grid, channels last)
         self._flow_done = False
+        #: receptive-field boxes by (layer, image shape) and unit position: they depend on the architecture only,
+        #: so each is computed once (a model copy and a backward pass saved at every call)
+        self._boxes: dict[tuple[int, tuple[int, ...]], dict[tuple[int, int], list[int]]] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "channels": self.channels}
@@ -129,6 +134,11 @@ class ExemplarMonitor(VizCallback):
 
     def _cheaper_hint(self) -> str:
         return "or lower `max_samples` "
+
+    def _budget_units(self) -> float | None:
+        # a forward pass over the kept samples, then one forward and backward pass per exemplar's projection
+        channels = len(self.channels) if self.channels is not None else self.max_channels
+        return self.max_samples / 3 + channels * self.top_k * max(1, len(self._modules))
 
     def _bank_capacity(self) -> int:
         return self.max_samples
@@ -162,6 +172,8 @@ class ExemplarMonitor(VizCallback):
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         kept, labels, indices, _ = self._samples.samples(complete=True)
+        kept, indices = kept[: self.max_samples], indices[: self.max_samples]  # (a budget may scan fewer)
+        labels = labels[: self.max_samples] if labels is not None else None
         self._labels, self._class_names = labels, find_class_names(trainer, pl_module)  # for the captions
         self._follow_data_flow(pl_module, kept)
         scan = self._scan(pl_module, kept, indices)
@@ -250,12 +262,23 @@ class ExemplarMonitor(VizCallback):
         if grid is not None:  # a token's exemplar is its patch: attention lets every token see the whole image
             boxes = X.patch_boxes(grid, positions, *image_shape[-2:])
         else:
-            boxes = X.receptive_field_boxes(pl_module, module, image_shape, positions)
+            boxes = self._receptive_fields(pl_module, module, image_shape, positions)
         projections = X.unit_projection(
             pl_module, module, images.to(model_device(pl_module)), channel_of, positions, self.projection_rule,
             view=self._view(name),
         ).cpu()  # fmt: skip
         return images, boxes, projections
+
+    def _receptive_fields(
+        self, pl_module: nn.Module, module: nn.Module, image_shape: tuple[int, ...], positions: torch.Tensor
+    ) -> torch.Tensor:
+        known = self._boxes.setdefault((id(module), tuple(image_shape)), {})
+        wanted = [tuple(p) for p in positions.tolist()]
+        missing = sorted(set(wanted) - set(known))
+        if missing:
+            found = X.receptive_field_boxes(pl_module, module, image_shape, torch.tensor(missing, dtype=torch.long))
+            known.update(zip(missing, found.tolist()))
+        return torch.tensor([known[p] for p in wanted], dtype=torch.long).view(-1, 4)
 
 
 @dataclass

@@ -67,8 +67,10 @@ class FeatureVisMonitor(VizCallback):
     monitor_name = "featurevis"
     publishes = (FeatureVisStats,)
     default_every_n_epochs = 10
-    budget_knobs = {"steps": 16}
+    budget_knobs = {"steps": 8}
     needs_grad = True
+    label = "feature visualisation"
+    images_only = True
 
     def __init__(
         self,
@@ -161,6 +163,12 @@ class FeatureVisMonitor(VizCallback):
 
     def _cheaper_hint(self) -> str:
         return "or lower `steps` / `max_channels` "
+
+    def _budget_units(self) -> float | None:
+        # every step is a forward and backward pass of all of a layer's images, through the parameterisation and
+        # the robustness transforms (measured: about 4 training passes per image and step)
+        images = len(self.channels) if self.channels is not None else self.max_channels
+        return 4.0 * self.steps * images * self.images_per_channel * max(1, len(self._modules))
 
     def _bank_capacity(self) -> int:
         known = self.input_mean is not None and self.input_std is not None

@@ -147,7 +147,9 @@ class SaliencyMonitor(VizCallback):
 
     monitor_name = "saliency"
     default_every_n_epochs = 2
-    budget_knobs = {"smoothgrad_samples": 4, "max_probes": 2}
+    budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1}
+    label = "saliency"
+    images_only = True
     needs_grad = True
 
     def __init__(
@@ -291,6 +293,14 @@ class SaliencyMonitor(VizCallback):
         sal.resolve_head(self.head, out.shape[1])  # fails naming `head` when it cannot read that many outputs
 
     @override
+    def _budget_units(self) -> float | None:
+        # per probe: a forward and backward pass per gradient method and noisy copy, occlusion's forward passes
+        passes = len(self.methods) + (self.smoothgrad_samples if "smoothgrad" in self.methods else 0)
+        if "occlusion" in self.methods:
+            positions = max(1, 64 // self.occlusion_stride) ** 2  # (the image side is not known here: 64)
+            passes += positions / 3
+        return float(self.max_probes * passes)
+
     def _cheaper_hint(self) -> str:
         return "or lower `smoothgrad_samples`, `max_probes`, or leave out `occlusion` "
 
