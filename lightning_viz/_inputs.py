@@ -110,6 +110,17 @@ def split_inputs(inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
     return inputs, ()
 
 
+def single_input_pair(batch: Any, input_fn: InputFn | None, pl_module: Any) -> tuple[torch.Tensor, Any] | None:
+    """``(model input, target)`` of a batch for work that calls the model with one input (``input_fn``, else the
+    module's ``viz_input``, else the default rule); ``None`` when the model takes other inputs too or it cannot tell."""
+    try:
+        inputs, target = resolve_input_fn(input_fn, pl_module)[0](batch)
+        first, extra = split_inputs(inputs)
+    except Exception:
+        return None
+    return (first, target) if isinstance(first, torch.Tensor) and not extra else None
+
+
 def class_labels(target: Any, n: int) -> torch.Tensor | None:
     """``(n,)`` long class labels from a target, or ``None`` when it holds none (float scores, multi-label rows).
 

@@ -180,6 +180,9 @@ def test_default_suite_has_a_budget_and_every_monitor_shows_the_trained_network(
         if cb.monitor_name == "diagnosis":
             continue  # text, no images
         tags = [t for t in events.tags["images"] if t.split("/")[0] in (cb.monitor_name, "activation", "exemplar")]
+        if cb.monitor_name == "attention":  # a CNN has no attention: the monitor steps aside and writes nothing
+            assert not tags
+            continue
         assert tags, cb.monitor_name
         missing = [t for t in tags if final not in events.image_steps(t)]
         assert not missing, (cb.monitor_name, missing)

@@ -304,9 +304,13 @@ def _binary_module(pl_ns, model: nn.Module):
 
 
 def test_monitor_on_a_single_logit_binary_classifier(tmp_path, pl_ns, monkeypatch):
-    labels_seen: list[list[str]] = []
-    real = render.labelled_grid
-    monkeypatch.setattr(render, "labelled_grid", lambda t, c, rows: labels_seen.append(list(rows)) or real(t, c, rows))
+    seen: list[tuple[list[str], list[str]]] = []  # (column titles, row captions) of each saliency grid drawn
+    real = render.saliency_panel
+    monkeypatch.setattr(
+        render,
+        "saliency_panel",
+        lambda t, titles, rows, **kw: seen.append((list(titles), list(rows))) or real(t, titles, rows, **kw),
+    )
     data = make_data(48, classes=2)
     probes = ProbeSet(data.tensors[0][:4], data.tensors[1][:4].tolist())
     monitor = SaliencyMonitor(
@@ -318,7 +322,9 @@ def test_monitor_on_a_single_logit_binary_classifier(tmp_path, pl_ns, monkeypatc
     module = _binary_module(pl_ns, OneLogit())
     trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(make_data(16, classes=2, seed=1), batch_size=16))
     grid = Events(str(tmp_path / "run")).image("saliency/grid")
-    assert grid.shape[1] == 64 + 1 + (1 + 6 + 2) * (24 + 1)  # input, six maps, occlusion probability and top class
+    assert grid.shape[1] <= render.CARD_WIDTH
+    titles, captions = seen[-1]
+    assert len(titles) == 1 + 6 + 2  # input, six maps, occlusion probability and top class: no method switched off
     module.eval()
     with torch.no_grad():
         logit = module(probes.images).squeeze(1)
@@ -326,10 +332,10 @@ def test_monitor_on_a_single_logit_binary_classifier(tmp_path, pl_ns, monkeypatc
     p = torch.where(pred == 1, logit.sigmoid(), 1 - logit.sigmoid())
     expected = []
     for i, (y, c) in enumerate(zip(probes.labels.tolist(), pred.tolist())):
-        expected.append(f"p{i} true {y}\npred {c} {float(p[i]):.2f}")
+        expected.append(f"p{i}: true {y}, pred {c} {float(p[i]):.2f}")
         if c != y:
-            expected.append(f"p{i} pred {c}\n({float(p[i]):.2f})")
-    assert labels_seen[-1] == expected
+            expected.append(f"p{i}: pred {c} {float(p[i]):.2f} (explained)")
+    assert captions == expected
 
 
 def test_monitor_head_that_does_not_fit_the_model_fails_at_setup(tmp_path, pl_ns):

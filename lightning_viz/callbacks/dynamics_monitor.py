@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
+from lightning_viz._inputs import single_input_pair
 from lightning_viz._layers import model_device
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import dynamics as D
@@ -213,7 +214,8 @@ class DynamicsMonitor(VizCallback):
             return
         if not self._probe_fixed:  # a few samples of each of the first validation batches (never drawn by us)
             take = max(1, self.probe_samples // self.max_batches)
-            self._probe = D.extend_probe(self._probe, batch, take=take, limit=self.probe_samples)
+            pair = single_input_pair(batch, self.input_fn, pl_module)  # dicts, (path, image, label), input_fn
+            self._probe = D.extend_probe(self._probe, pair, take=take, limit=self.probe_samples)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
