@@ -250,8 +250,16 @@ class Budget:
                 return scale
         return None
 
-    def _last_word_reserve(self, skip: set[str]) -> float:
-        return sum(self.estimate(n, 0.0) or 0.0 for n in self.members if n not in skip)
+    def _last_word_reserve(self, skip: set[str], epoch: int) -> float:
+        """Seconds set aside for the smallest last words of the members not in ``skip``: those that the run is
+        expected to afford, cheapest first (a last word that cannot fit anyway must not starve the others)."""
+        room = self.share * self.projected(epoch) - self.spent_total
+        reserve = 0.0
+        for cost in sorted(self.estimate(n, 0.0) or 0.0 for n in self.members if n not in skip):
+            if reserve + cost > room:
+                break
+            reserve += cost
+        return reserve
 
     def plan(self, epoch: int) -> dict[str, float]:
         """Who runs at the end of ``epoch`` (0-based), at which scale; made once per epoch and kept."""
@@ -279,7 +287,7 @@ class Budget:
                 continue
             # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
             # smallest call of each monitor still to be planned
-            reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name})
+            reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
             scale = self._scale_within(name, room - reserve)
             if scale is None:
                 if last:
@@ -302,7 +310,7 @@ class Budget:
         allowance = self.share * self.projected(epoch)
         room = min(
             BASELINE_SHARE * allowance - self.baseline_spent,
-            allowance - self.spent_total - self._last_word_reserve(set()),
+            allowance - self.spent_total - self._last_word_reserve(set(), epoch),
         )
         scale = self._scale_within(name, room) if member is not None else 1.0
         if scale is None and member is not None:
@@ -323,7 +331,7 @@ class Budget:
     def affords(self, seconds: float, epoch: int, what: str) -> bool:
         """Whether the whole run is expected to afford ``seconds`` more, the last words set aside (if not, ``what``
         is said to be left out)."""
-        room = self.share * self.projected(epoch) - self.spent_total - self._last_word_reserve(set())
+        room = self.share * self.projected(epoch) - self.spent_total - self._last_word_reserve(set(), epoch)
         if room < seconds:
             self.drop(what)
         return room >= seconds
