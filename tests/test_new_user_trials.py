@@ -22,3 +22,29 @@ def test_default_suite_with_saliency_at_its_defaults_trains_to_the_end(tmp_path,
     trainer.fit(make_module(pl_ns), train, val)
     assert trainer.current_epoch == 3  # it raised a TypeError at the step-0 views
     assert "filters/model.conv1" in Events(str(tmp_path / "run")).tags["images"]
+
+
+def test_a_trained_view_written_at_the_last_word_is_not_said_to_be_left_out():
+    # the last epoch's plan leaves the filters out (room kept for a costlier monitor's smallest call), the costlier
+    # one does not fit either, and at the end of fit the filters' last word fits after all: the end-of-fit line
+    # listed "the view of the trained network of filters" although that view was written
+    from lightning_viz._budget import Budget
+
+    now = [0.0]
+    budget = Budget(0.05, clock=lambda: now[0])
+    budget.join("filters", 1, {}, label="filters")
+    budget.join("big", 1, {"steps": (64, 8)}, label="big")
+    budget.start_fit(2, fresh=True)
+    budget.epoch_start(0)
+    now[0] += 4.0
+    budget.epoch_end(0)
+    budget.charge("filters", 0.045, epoch=1)  # 1.1 % of an epoch: not cheap enough to keep its cadence
+    budget.charge("big", 0.3, scale=0.0, epoch=1)
+    budget.epoch_start(1)
+    now[0] += 4.0
+    budget.epoch_end(1)
+    assert budget.plan(1) == {}  # 0.4 - 0.345 = 0.055 s left: not the filters *and* big's smallest call (0.3 s)
+    assert budget.last_word("filters", 1) == 1.0
+    assert budget.last_word("big", 1) is None
+    assert budget.dropped == ["the view of the trained network of big"]
+
