@@ -48,3 +48,23 @@ def test_a_trained_view_written_at_the_last_word_is_not_said_to_be_left_out():
     assert budget.last_word("big", 1) is None
     assert budget.dropped == ["the view of the trained network of big"]
 
+
+def test_at_the_largest_budget_the_left_out_line_does_not_say_raise_it(caplog):
+    # `budget` is at most 1.0: "Raise `budget`" was advice the user could not follow; `budget=None` they can
+    import logging
+    from types import SimpleNamespace
+
+    from lightning_viz import FilterMonitor
+    from lightning_viz._budget import Budget
+
+    lines = {}
+    for share in (1.0, 0.05):
+        budget = Budget(share)
+        budget.drop("the view of the trained network of saliency")
+        monitor = FilterMonitor(budget=budget)
+        with caplog.at_level(logging.INFO, logger="lightning_viz"):
+            caplog.clear()
+            monitor.on_fit_end(SimpleNamespace(progress_bar_callback=None, is_global_zero=True), None)
+        lines[share] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(lines[1.0]) == 1 and "Raise `budget`" not in lines[1.0][0] and "`budget=None`" in lines[1.0][0]
+    assert len(lines[0.05]) == 1 and "Raise `budget`" in lines[0.05][0] and "`budget=None`" in lines[0.05][0]
