@@ -68,3 +68,24 @@ def test_at_the_largest_budget_the_left_out_line_does_not_say_raise_it(caplog):
         lines[share] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(lines[1.0]) == 1 and "Raise `budget`" not in lines[1.0][0] and "`budget=None`" in lines[1.0][0]
     assert len(lines[0.05]) == 1 and "Raise `budget`" in lines[0.05][0] and "`budget=None`" in lines[0.05][0]
+
+
+def test_a_resumed_fit_between_validations_still_knows_the_validation_loss(tmp_path, pl_ns, recwarn):
+    # check_val_every_n_epoch=2, resumed after a validation: the first resumed epoch has none, and the diagnosis
+    # said "no validation loss among the logged metrics (looked for `val_loss`, ...)" though `val_loss` was logged
+    from lightning_viz import DiagnosisMonitor
+
+    train, val = loaders()
+    kwargs = trainer_kwargs(tmp_path, check_val_every_n_epoch=2)
+    logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    first = pl_ns.Trainer(callbacks=[DiagnosisMonitor()], logger=logger, **{**kwargs, "max_epochs": 2})
+    first.fit(make_module(pl_ns), train, val)
+    first.save_checkpoint(str(tmp_path / "last.ckpt"))
+    monitor = DiagnosisMonitor()
+    second = pl_ns.Trainer(callbacks=[monitor], logger=logger, **{**kwargs, "max_epochs": 3})
+    second.fit(make_module(pl_ns), train, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert second.current_epoch == 3
+    said = [str(w.message) for w in recwarn if "no validation loss" in str(w.message)]
+    assert not said, said
+    panel = Events(str(tmp_path / "run")).text("diagnosis/findings")[-1][1]
+    assert "no validation loss" not in panel
