@@ -89,3 +89,18 @@ def test_a_resumed_fit_between_validations_still_knows_the_validation_loss(tmp_p
     assert not said, said
     panel = Events(str(tmp_path / "run")).text("diagnosis/findings")[-1][1]
     assert "no validation loss" not in panel
+
+
+def test_the_report_renders_the_findings_tables_as_tables():
+    # the dead-filters finding carries a Markdown table; the report showed its rows as raw "| a | b |" paragraphs
+    from lightning_viz.report import markdown_to_html
+
+    page = markdown_to_html(
+        "Dead filters in 2 layer(s).\n\n- look at: `x`\n\n| site | dead now |\n|---|---:|\n"
+        "| `conv1` | 3 of 8 <b> |\n| `conv2` | 1 of 16 |\n\nChecks switched off:"
+    )
+    assert "|---" not in page and "| site" not in page
+    assert "<table>" in page and page.count("<tr>") == 3
+    assert "<th>site</th>" in page and "<td><code>conv1</code></td>" in page
+    assert "3 of 8 &lt;b&gt;" in page  # escaped, as everything else
+    assert page.index("</ul>") < page.index("<table>") < page.index("</table>") < page.index("Checks switched off")
