@@ -38,7 +38,7 @@ def _distance(final: torch.Tensor, initial: torch.Tensor) -> float:
 
 
 def test_a_sweep_with_the_same_instances_starts_each_fit_clean(tmp_path, pl_ns):
-    suite = lightning_viz.default_suite(**FAST)
+    suite = lightning_viz.default_suite(budget=None, **FAST)  # the budget may leave the tiny runs out
     torch.manual_seed(1)
     first = make_module(pl_ns, TinyCNN())
     _fit(pl_ns, tmp_path, suite, first, "run1", epochs=2)
