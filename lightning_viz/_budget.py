@@ -324,8 +324,11 @@ class Budget:
         if name not in self.members:
             return 1.0
         scale = self._scale_within(name, room)
+        what = f"the view of the trained network of {self.members[name].label}"
         if scale is None:
-            self.drop(f"the view of the trained network of {self.members[name].label}")
+            self.drop(what)
+        elif what in self.dropped:  # the last epoch's plan left it out, but it fits now: it is not left out
+            self.dropped.remove(what)
         return scale
 
     def affords(self, seconds: float, epoch: int, what: str) -> bool:

@@ -236,12 +236,29 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 
 
+def _table_row(line: str, cell: str) -> str:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return "<tr>" + "".join(f"<{cell}>{_inline(c)}</{cell}>" for c in cells) + "</tr>"
+
+
 def markdown_to_html(markdown: str) -> str:
-    """A small Markdown subset: headings, bullet lists, paragraphs, inline code and bold; everything escaped."""
+    """A small Markdown subset: headings, bullet lists, tables, paragraphs, inline code and bold; everything
+    escaped."""
     out: list[str] = []
     in_list = False
-    for line in markdown.splitlines():
+    table: list[str] = []  # the rows of the table being read
+    for line in [*markdown.splitlines(), ""]:
         stripped = line.strip()
+        if stripped.startswith("|"):
+            if in_list:
+                out.append("</ul>")
+                in_list = False
+            if not re.fullmatch(r"\|[\s:|-]*", stripped):  # the |---|---:| line under the header
+                table.append(_table_row(stripped, "td" if table else "th"))
+            continue
+        if table:
+            out.append("<table>" + "".join(table) + "</table>")
+            table = []
         if stripped.startswith("- "):
             if not in_list:
                 out.append("<ul>")
@@ -505,6 +522,8 @@ h3 { font-size: 14px; margin: 10px 6px 0; color: #444; }
 .numbers th { text-align: left; padding-right: 16px; font-weight: normal; } .numbers td { padding-right: 16px; }
 .muted { color: #777; font-size: 12px; }
 .findings { background: #fafafa; border: 1px solid #ddd; padding: 8px 16px; }
+.findings table { border-collapse: collapse; font-size: 13px; }
+.findings th, .findings td { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 figure { display: inline-block; margin: 8px; vertical-align: top; }
 figcaption { font-size: 12px; color: #555; }
 img { image-rendering: pixelated; max-width: 100%; }

@@ -311,6 +311,8 @@ class DiagnosisMonitor(VizCallback):
             "constant": list(self._constant),
             "seen": dict(self._active_keys),
             "resolved": list(self._resolved),
+            "tags": dict(self._tags),  # the metric names found: a resumed fit may start between validations
+            "val_runs": self._val_runs,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -322,3 +324,5 @@ class DiagnosisMonitor(VizCallback):
         self._constant = tuple(state.get("constant", self._constant))
         self._active_keys = dict(state.get("seen", {}))
         self._resolved = list(state.get("resolved", []))
+        self._tags.update(state.get("tags", {}))
+        self._val_runs = int(state.get("val_runs", self._val_runs))
