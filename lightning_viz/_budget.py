@@ -71,8 +71,11 @@ class Member:
         units: Callable[[float], float | None] | None = None,
         label: str = "",
         cheap: bool = False,
+        evidence: bool = False,
     ) -> None:
         self.name, self.cadence, self.knobs, self.units = name, cadence, dict(knobs), units
+        #: its records are what the final diagnosis judges: the last epoch always has its call (never left out)
+        self.evidence = evidence
         self.label = label or name
         self.cheap = cheap  #: declared cheap (filters, activation statistics): its first call is never held back
 
@@ -279,6 +282,10 @@ class Budget:
             if not (due or last):
                 continue
             cost = self.estimate(name, 1.0)
+            if last and member.evidence:  # the final verdict must not judge an older epoch's numbers
+                chosen[name] = 1.0 if not member.knobs else SCALES[-1]
+                room -= self.estimate(name, chosen[name]) or 0.0
+                continue
             if not member.knobs and (
                 (cost is None and member.cheap) or (cost is not None and cost <= CHEAP_SHARE * per_epoch)
             ):
@@ -319,11 +326,16 @@ class Budget:
         return scale
 
     def last_word(self, name: str, epoch: int) -> float | None:
-        """Scale of the end-of-fit call of ``name``: what the rest of the budget allows (``None``: left out)."""
+        """Scale of the end-of-fit call of ``name``: what the rest of the budget allows (``None``: left out).
+
+        A member whose records the final diagnosis judges (``evidence``) is never left out, so that the verdict is not
+        drawn from an older epoch's numbers (its cost is still counted)."""
         room = self.share * self.trained(epoch) - self.spent_total
         if name not in self.members:
             return 1.0
         scale = self._scale_within(name, room)
+        if scale is None and self.members[name].evidence:
+            scale = SCALES[-1] if self.members[name].knobs else 1.0
         what = f"the view of the trained network of {self.members[name].label}"
         if scale is None:
             self.drop(what)

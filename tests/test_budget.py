@@ -288,3 +288,19 @@ def test_a_suite_without_an_image_logger_warns_once_and_skips_image_only_work(tm
     skipped = {cb.monitor_name for cb in suite if not cb._seconds}
     assert {"saliency", "exemplars", "featurevis"} <= skipped
     assert "filters" not in skipped  # its scale scalars and statistics still go to the CSV logger
+
+
+def test_what_the_final_diagnosis_judges_is_measured_at_the_end_whatever_the_budget(tmp_path, pl_ns):
+    """A budget too small for anything else still lets the dead-unit and dynamics monitors measure the trained network:
+    the final verdict is never drawn from an older epoch's numbers."""
+    from lightning_viz.records import ActivationStats, GradientStats, bus_for
+
+    suite = lightning_viz.default_suite(budget=0.001, featurevis=False, exemplars=False, embedding=False)
+    trainer = _fit(pl_ns, tmp_path, suite, max_epochs=3)
+    bus = bus_for(trainer)
+    final = 3 * STEPS_PER_EPOCH
+    assert final in Events(str(tmp_path / "run")).image_steps("activations/dead_channels_by_layer")
+    assert {stats.epoch for stats in bus.latest(ActivationStats).values()} == {3}
+    assert {stats.epoch for stats in bus.latest(GradientStats).values()} == {3}
+    saliency = next(cb for cb in suite if cb.monitor_name == "saliency")
+    assert any("saliency" in what for what in saliency._budget.dropped)  # the rest was left out, and said

@@ -75,6 +75,7 @@ class ActivationMonitor(VizCallback):
     image_part = "maps"  # the statistics work on any input; only the maps need an image
     publishes = (ActivationStats,)
     default_every_n_epochs = 1
+    diagnosis_evidence = True  # the dead-unit counts the final verdict judges
 
     def __init__(
         self,

@@ -72,6 +72,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     #: Attributes a budget may scale down for a cheaper call, each with its smallest value (expensive monitors only:
     #: a monitor with knobs has no step-0 baseline under a budget, since nothing yet says the run can afford it).
     budget_knobs: ClassVar[dict[str, int]] = {}
+    #: Whether the records of this monitor are evidence the final diagnosis judges: its end-of-fit call is then never
+    #: left out by a budget (a verdict from an older epoch's numbers would be stated as current).
+    diagnosis_evidence: ClassVar[bool] = False
     #: Whether the untrained baseline is cheap enough to run under a budget before anything is measured.
     budget_baseline: ClassVar[bool] = True
     #: The visualization (a ``_guard`` key) that alone needs image samples, when the rest of the monitor works on any
@@ -189,7 +192,13 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             label = self.label or self.monitor_name
             cheap = not self._expensive
             self._budget.join(
-                self._budget_key, self.every_n_epochs, knobs, units=self._units_at, label=label, cheap=cheap
+                self._budget_key,
+                self.every_n_epochs,
+                knobs,
+                units=self._units_at,
+                label=label,
+                cheap=cheap,
+                evidence=self.diagnosis_evidence,
             )
 
     def _units_at(self, scale: float) -> float | None:

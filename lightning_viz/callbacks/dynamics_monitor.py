@@ -79,6 +79,7 @@ class DynamicsMonitor(VizCallback):
     sample_budget: ClassVar[float] = 0.01
     publishes = (GradientStats, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
     default_every_n_epochs = 1
+    diagnosis_evidence = True  # the gradient, update and BatchNorm records the final verdict judges
 
     def __init__(
         self,
