@@ -25,9 +25,8 @@ def test_default_suite_with_saliency_at_its_defaults_trains_to_the_end(tmp_path,
 
 
 def test_a_trained_view_written_at_the_last_word_is_not_said_to_be_left_out():
-    # the last epoch's plan leaves the filters out (room kept for a costlier monitor's smallest call), the costlier
-    # one does not fit either, and at the end of fit the filters' last word fits after all: the end-of-fit line
-    # listed "the view of the trained network of filters" although that view was written
+    # a costlier monitor's smallest call that cannot fit anyway must not hold the filters back, and the end-of-fit
+    # line names only what was really left out (it once listed the filters' view although that view was written)
     from lightning_viz._budget import Budget
 
     now = [0.0]
@@ -43,8 +42,8 @@ def test_a_trained_view_written_at_the_last_word_is_not_said_to_be_left_out():
     budget.epoch_start(1)
     now[0] += 4.0
     budget.epoch_end(1)
-    assert budget.plan(1) == {}  # 0.4 - 0.345 = 0.055 s left: not the filters *and* big's smallest call (0.3 s)
-    assert budget.last_word("filters", 1) == 1.0
+    # 0.4 - 0.345 = 0.055 s left: big's smallest call (0.3 s) cannot fit, so no room is kept for it and the filters run
+    assert budget.plan(1) == {"filters": 1.0}
     assert budget.last_word("big", 1) is None
     assert budget.dropped == ["the view of the trained network of big"]
 
