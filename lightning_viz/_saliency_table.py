@@ -1,13 +1,19 @@
-"""The records of :class:`~lightning_viz.SaliencyMonitor`'s table of methods: a new method is one ``Method`` entry."""
+"""The table of :class:`~lightning_viz.SaliencyMonitor`'s methods (what each computes and how its columns are drawn):
+a new method is one ``Method`` entry in :data:`TABLE`."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_viz import render
+from lightning_viz.functional import occlusion as occ
+from lightning_viz.functional import saliency as sal
 
 
 @dataclass(frozen=True)
@@ -43,3 +49,81 @@ class Method:
     runs_on_copy: bool
     compute: Callable[[Any, Inputs], dict[str, torch.Tensor]]  # (the SaliencyMonitor, inputs)
     columns: tuple[Column, ...]
+
+
+def _gradient(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    return {"map": sal.gradient(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+
+
+def _smoothgrad(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    # a generator seeded alike at every call: the same noise at every epoch, so maps stay comparable
+    options = {"n": m.smoothgrad_samples, "noise_level": m.noise_level, "generator": m._generator()}
+    return {"map": sal.smoothgrad(i.fast, i.xr, i.target, **options, batch_size=m.batch_size)}
+
+
+def _rule(fn: Callable[..., torch.Tensor]) -> Callable[[Any, Inputs], dict[str, torch.Tensor]]:
+    def compute(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once at setup
+            return {"map": fn(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+
+    return compute
+
+
+def _gradcam(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    assert m._gradcam_name is not None
+    on = sal.calling_copy(i.fast, i.model, m._gradcam_name)
+    layer, (grid, channels_last) = on.get_submodule(m._gradcam_name), m._gradcam_view
+    options = {"batch_size": m.batch_size, "grid": grid, "channels_last": channels_last}
+    return {"map": sal.grad_cam(on, i.xr, i.target, layer, **options)}
+
+
+def _fullgrad(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    return {"map": sal.fullgrad(i.model, i.xr, i.target, batch_size=m.batch_size)}
+
+
+def _occlusion(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    # every probe once (not once per row), then each row reads its class. The folded copy has no `occlusion_layer`
+    # to hook, so a layer map runs on the model itself.
+    on, x, bs = i.fast if m._occlusion_module is None else i.model, i.x, m.batch_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", occ.IncrementalMismatchWarning)
+        result = occ.occlusion(
+            on, x, window=m._window, stride=m._stride, baseline=m.occlusion_baseline,
+            max_batch_bytes=bs * x[0].numel() * x.element_size(), layer=m._occlusion_module,
+        )  # fmt: skip
+    for w in caught:  # the fallback to full passes is said once per run, not at every call
+        if issubclass(w.category, occ.IncrementalMismatchWarning):
+            m._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result.rows(i.index).upsampled(i.target, tuple(x.shape[-2:]), m.head)
+
+
+#: The methods, in the order their columns appear: a new method is one entry here.
+TABLE = (
+    Method("gradient", True, _gradient, (Column("map", "gradient", render.heat_tiles),)),
+    Method("smoothgrad", True, _smoothgrad, (Column("map", "smoothgrad", render.heat_tiles),)),
+    Method(
+        "guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided bp", render.signed_tiles, False),)
+    ),
+    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconvnet", render.signed_tiles, False),)),
+    Method("gradcam", True, _gradcam, (Column("map", "Grad-CAM", render.heat_tiles),)),
+    Method("fullgrad", False, _fullgrad, (Column("map", "FullGrad", render.heat_tiles),)),  # needs BatchNorm biases
+    Method(
+        "occlusion",
+        True,
+        _occlusion,
+        (
+            Column("probability", "occl. prob", render.probability_tiles),
+            Column("top_class", "occl. top", render.class_map_tiles, False),
+            Column("layer_total", "occl. act", render.heat_tiles),
+        ),
+    ),
+)
+#: The colour bar each column's title needs under the grid (heat maps, occlusion probabilities).
+BARS = {"gradient": "saliency", "smoothgrad": "saliency", "Grad-CAM": "saliency", "FullGrad": "saliency",
+         "occl. act": "saliency", "occl. prob": "occlusion"}  # fmt: skip
+BY_NAME = {method.name: method for method in TABLE}
+#: Available methods, in the order their columns appear.
+METHODS = tuple(BY_NAME)

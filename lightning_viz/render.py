@@ -1036,17 +1036,20 @@ def log_heatmap(
     low: float,
     high: float,
     title: str,
+    meaning: str = "value, log10 colour scale",
     colormap: str = "viridis",
     cell: int = 12,
-    label_width: int = 160,
+    label_width: int = 110,
+    width: int = CARD_WIDTH,
 ) -> np.ndarray:
     """A heat map of positive values on a log10 colour scale from ``10**low`` to ``10**high`` (fixed by the caller,
-    so images compare), with row labels on the left, column labels on top, a title and a colour bar with its decades.
+    so images compare), laid out for TensorBoard's card (``width`` pixels): the title wrapped into lines, row labels
+    on the left (the end of a long name kept), column labels on top, and a colour bar with its ends and ``meaning``.
 
     Zero or negative values are drawn black-ish (below the scale), NaN/Inf in :data:`NAN_COLOUR`.
 
     Shape:
-        values: (rows, columns) float. Returns (H, W, 3) uint8.
+        values: (rows, columns) float. Returns (H, width, 3) uint8.
     """
     if values.ndim != 2:
         raise ValueError(f"`values` must have shape (rows, columns), got {tuple(values.shape)}.")
@@ -1058,32 +1061,62 @@ def log_heatmap(
     unit = ((logs - low) / (high - low)).clamp(0, 1).float()
     unit[~finite] = float("nan")
     rows, cols = v.shape
-    cell_w = max(2, min(cell, 900 // max(1, cols)))
-    body = to_uint8(apply_colormap(unit, colormap).repeat_interleave(cell, 1).repeat_interleave(cell_w, 2))
-    top, bar_h = 30, 40
-    width = label_width + body.shape[1] + 8
-    canvas = Image.new("RGB", (max(width, label_width + 260), top + body.shape[0] + bar_h + 8), (255, 255, 255))
-    canvas.paste(Image.fromarray(body), (label_width, top))
+    font = label_font(MIN_TEXT_PX)
+    room = width - label_width - 4
+    cell_w = max(1, min(cell, room // max(1, cols)))
+    body = Image.fromarray(to_uint8(apply_colormap(unit, colormap)))
+    body = body.resize((min(room, cell_w * cols), cell * rows), Image.Resampling.NEAREST)
+    head = wrapped_text(title, width)
+    top = MIN_TEXT_PX + 6
+    canvas = Image.new("RGB", (width, top + body.height + 2), (255, 255, 255))
+    canvas.paste(body, (label_width, top))
     draw = ImageDraw.Draw(canvas)
-    font = _font()
-    draw.text((4, 2), title, fill=(0, 0, 0), font=font)
-    step = max(1, -(-cols * 40 // max(1, body.shape[1])))  # a column label every ~40 pixels
+    step = max(1, -(-cols * 44 // max(1, body.width)))  # a column label every ~44 pixels
     for c in range(0, cols, step):
-        draw.text((label_width + c * cell_w, 16), str(column_labels[c]), fill=(60, 60, 60), font=font)
-    row_step = max(1, -(-10 // cell))
+        x = label_width + round(c * body.width / max(1, cols))
+        if x + _text_width(str(column_labels[c]), font) <= width:
+            draw.text((x, 1), str(column_labels[c]), fill=(60, 60, 60), font=font)
+    row_step = max(1, -(-(MIN_TEXT_PX + 1) // cell))
     for r in range(0, rows, row_step):
-        draw.text((2, top + r * cell), str(row_labels[r])[-26:], fill=(0, 0, 0), font=font)
-    # the colour bar: one column per 1/40 decade, labelled at each decade
-    bar_top, bar_w = top + body.shape[0] + 6, 240
-    ramp = apply_colormap(torch.linspace(0, 1, bar_w).view(1, -1), colormap).repeat_interleave(12, 1)
-    canvas.paste(Image.fromarray(to_uint8(ramp)), (label_width, bar_top))
-    decades = int(round(high - low))
-    every = max(1, -(-decades // 6))
-    for d in range(0, decades + 1, every):
-        x = label_width + round(d / max(1, decades) * (bar_w - 1))
-        draw.line([(x, bar_top + 12), (x, bar_top + 16)], fill=(0, 0, 0))
-        draw.text((max(0, x - 10), bar_top + 17), f"1e{int(low) + d}", fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+        draw.text((2, top + r * cell), _cut_left(str(row_labels[r]), label_width - 6, font), fill=(0, 0, 0), font=font)
+    bar = colour_bar(
+        width, colormap, meaning, low=f"1e{int(round(low))}", high=f"1e{int(round(high))}",
+        marks=[("NaN/Inf", NAN_COLOUR)],
+    )  # fmt: skip
+    return stack_rows([head, np.asarray(canvas), bar], gap=2)
+
+
+def gradient_flow(
+    norms: torch.Tensor, layers: Sequence[str], steps: Sequence[int], low: float, high: float, epochs_done: int
+) -> np.ndarray:
+    """The DynamicsMonitor's picture: gradient norm per layer (rows) at an epoch's sampled steps (columns), on the
+    fixed log10 scale ``10**low`` to ``10**high``, at card width (:func:`log_heatmap`).
+
+    Shape:
+        norms: (layers, steps). Returns (H, :data:`CARD_WIDTH`, 3) uint8.
+    """
+    title = f"gradient norm per layer (rows) at the sampled steps (columns) of {epoch_label(epochs_done)}"
+    meaning = "gradient norm, log10 colour scale"
+    return log_heatmap(norms, layers, [str(s) for s in steps], low=low, high=high, title=title, meaning=meaning)
+
+
+def _cut_left(text: str, width: int, font: Any) -> str:
+    """``text`` shortened from the left ("…ures.3.conv") so it fits ``width`` pixels: a layer name's end says most."""
+    while len(text) > 2 and _text_width(text, font) > width:
+        text = "…" + text[2:]
+    return text
+
+
+def wrapped_text(text: str, width: int, *, size: int = MIN_TEXT_PX) -> np.ndarray:
+    """``text`` wrapped at spaces into lines ``width`` pixels wide, on white. Returns (H, width, 3) uint8."""
+    font = label_font(size)
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(f"{lines[-1]} {word}", font) <= width - 4:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return stack_rows([text_strip(line, width, size=size) for line in lines or [""]], gap=0)
 
 
 # ------------------------------------------------------------------------------------ card-sized panels (issue 17)
@@ -1385,3 +1418,46 @@ def exemplar_panel(
         return None
     key = "per exemplar: its crop, then what the channel sees (grey = 0)"
     return stack_rows([caption_strips(rows, tiles_per_item=per_item, width=width), text_strip(key, width)], gap=2)
+
+
+# ------------------------------------------------------------------------------------ attention at card width (#17)
+def attention_panel(
+    columns: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    row_labels: Sequence[str],
+    *,
+    tile_size: int,
+    scale_high: str,
+    notes: Sequence[str] = (),
+    width: int = CARD_WIDTH,
+    min_tile: int = 32,
+) -> np.ndarray:
+    """Attention maps at card width: a row per probe (labelled), a column per view (vertical titles), then the
+    colour bar of the fixed attention scale (0 to ``scale_high``) and one line per note.
+
+    When the columns would make tiles smaller than ``min_tile`` (many heads), each probe's tiles wrap into rows
+    instead, each tile carrying its title in its corner, under a caption line naming the probe.
+
+    Shape:
+        columns: each (R, 3, h, w) in [0, 1]; ``len(titles) == len(columns)``, ``len(row_labels) == R``.
+        Returns (H, W, 3) uint8, W <= ``width``.
+    """
+    label_width = 30
+    side = fit_tile_side(len(columns), tile_size, width=width, left=label_width)
+    if side >= min(tile_size, min_tile):
+        tiles = column_tiles(columns, side)
+        rows = labelled_rows([(label, tile_row(row)) for label, row in zip(row_labels, tiles)], label_width=label_width)
+        parts = [vertical_header(titles, side, left=label_width), rows]
+    else:
+        side = min(tile_size, min_tile)
+        ncol = max(1, (width - 1) // (side + 1))
+        tiles = column_tiles(columns, side)
+        parts = []
+        for label, row in zip(row_labels, tiles):
+            parts.append(text_strip(label, width))
+            parts.append(numbered_grid(row, list(titles), ncol=ncol, max_side=10_000))
+    parts.append(
+        colour_bar(width, "inferno", "attention to a patch, in multiples of 1/patches", low="0", high=scale_high)
+    )
+    parts.extend(text_strip(note, width) for note in notes)
+    return stack_rows(parts, gap=1)

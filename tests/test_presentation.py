@@ -366,3 +366,80 @@ def test_featurevis_of_a_grayscale_network_is_gray():
         plain = image.astype(int)
         assert (plain[..., 0] == plain[..., 1]).all() and (plain[..., 1] == plain[..., 2]).all()
     assert grid.shape[1] <= render.CARD_WIDTH
+
+
+# ------------------------------------------------------------------------------------------ the ViT suite, card width
+def test_every_image_of_the_default_suite_on_a_tiny_vit_fits_the_card(tmp_path):
+    """The suite on a transformer writes attention grids and the gradient flow: they fit the card too."""
+    import pytorch_lightning as pl
+    from conftest import Events, loaders, make_module, trainer_kwargs
+    from test_attention import TinyViT
+
+    import lightning_viz
+
+    torch.manual_seed(0)
+    callbacks = lightning_viz.default_suite(
+        budget=None,
+        max_overhead=100.0,
+        filters=False,
+        saliency=False,
+        embedding=False,
+        featurevis=False,
+        exemplars=False,
+        attention={"max_probes": 3},
+        dynamics={"every_n_steps": 1},
+    )
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl.Trainer(callbacks=callbacks, logger=logger, **trainer_kwargs(tmp_path))
+    trainer.fit(make_module(pl, TinyViT(heads=4)), *loaders(size=16))
+    events = Events(str(tmp_path / "run"))
+    tags = events.tags["images"]
+    for wanted in ("dynamics/gradient_flow", "attention/rollout", "attention/heads/model.attns.0"):
+        assert wanted in tags, wanted
+    assert any(t.startswith("attention/filmstrip/") for t in tags)
+    for tag in tags:
+        for index in range(len(events.image_steps(tag))):
+            width = events.image(tag, index).shape[1]
+            assert width <= render.CARD_WIDTH, f"{tag} is {width} px wide: TensorBoard would shrink its labels"
+    assert _ramp_rows(events.image("attention/rollout"), "inferno")  # the attention scale's colour bar
+    assert _ramp_rows(events.image("dynamics/gradient_flow"), "viridis")  # "gradient norm, log10 colour scale"
+
+
+def test_gradient_flow_and_many_heads_stay_card_wide_and_legible():
+    image = render.gradient_flow(
+        torch.rand(15, 40), [f"features.{i}.block.0.conv" for i in range(15)], range(0, 4000, 100), -4, 2, 3
+    )
+    assert image.shape[1] == render.CARD_WIDTH and image.shape[0] > 15 * 12
+    assert _ramp_rows(image, "viridis")
+    heads = [torch.rand(2, 3, 14, 14) for _ in range(13)]  # the input and 12 heads: tiles wrap, labelled in corners
+    panel = render.attention_panel(heads, ["input"] + [f"h{h}" for h in range(12)], ["p0", "p1"], tile_size=48,
+                                   scale_high="2x")  # fmt: skip
+    assert panel.shape[1] <= render.CARD_WIDTH and _ramp_rows(panel, "inferno")
+
+
+def test_a_deep_model_gets_few_activation_cards_per_layer(tmp_path):
+    """15 ReLU layers: per layer three charts (sparsity, dead fraction, dead count) and two histograms, not more
+    (the two map layers add their map's scale); the mean activation stays in the records."""
+    import pytorch_lightning as pl
+    from conftest import Events, loaders, make_module, trainer_kwargs
+    from torch import nn
+
+    from lightning_viz import ActivationMonitor
+    from lightning_viz.records import ActivationStats, bus_for
+
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 16 * 16, 8)]
+    for _ in range(14):
+        layers += [nn.ReLU(), nn.Linear(8, 8)]
+    model = nn.Sequential(*layers, nn.ReLU(), nn.Linear(8, 4))
+    monitor = ActivationMonitor(max_batches=2)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl.Trainer(callbacks=[monitor], logger=logger, **trainer_kwargs(tmp_path, max_epochs=1))
+    module = make_module(pl, model)
+    trainer.fit(module, *loaders(n=32, size=16))
+    events = Events(str(tmp_path / "run"))
+    per_layer = [t for t in events.tags["scalars"] if t.startswith("activations/") and "map_scale" not in t]
+    histograms = [t for t in events.tags["histograms"] if t.startswith("activations/")]
+    assert len(per_layer) == 3 * 15 and len(histograms) == 2 * 15
+    assert not any(t.startswith("activations/mean/") for t in events.tags["scalars"])
+    stats = bus_for(module.trainer).latest(ActivationStats)
+    assert len(stats) == 15 and all(s.mean is not None for s in stats.values())

@@ -44,15 +44,14 @@ class ActivationMonitor(VizCallback):
     Channels follow the layer (:func:`~lightning_viz.functional.activations.channel_layouts`): a ViT's MLP GELU
     output (N, tokens, D) is counted per hidden unit D, never per token; GELU gets sparsity, not dead units.
 
-    Logged per site: scalars ``activations/sparsity/<site>`` (share of values <= 0), ``activations/mean/<site>``
-    and, for the ReLU family, ``activations/dead_fraction/<site>`` and ``activations/dead_count/<site>``; histograms
-    ``activations/firing_rate/<site>`` (per channel) and ``activations/values/<site>`` (a bounded random sample);
-    one image ``activations/dead_channels_by_layer`` for the whole model (per layer: rows = logged epochs, columns =
-    channels coloured by firing rate, dead channels red; a colour bar; its tag sorts before the per-layer charts in
-    TensorBoard); text ``activations/dead_channels`` (dead channel indices per site); and image
-    ``activations/maps/<site>`` for the map layers: the probe image, then each channel's map of it as a numbered tile,
-    on one colour scale per site and call (its colour bar states the value; also ``activations/map_scale/<site>``),
-    dead channels framed in red.
+    Logged per site: scalars ``activations/sparsity/<site>`` (share of values <= 0) and, for the ReLU family,
+    ``activations/dead_fraction/<site>`` and ``activations/dead_count/<site>`` (the mean activation is in the
+    :class:`~lightning_viz.records.ActivationStats` record only); histograms ``activations/firing_rate/<site>`` (per
+    channel) and ``activations/values/<site>`` (a bounded sample); one image ``activations/dead_channels_by_layer`` for
+    the whole model (per layer: rows = logged epochs, columns = channels by firing rate, dead ones red; a colour bar;
+    it sorts before the per-layer charts); text ``activations/dead_channels`` (dead channel indices per site); image
+    ``activations/maps/<site>`` for the map layers: the probe image, then each channel's map as a numbered tile on one
+    scale per site and call (its colour bar states it; also ``activations/map_scale/<site>``), dead ones framed red.
 
     Args:
         layers: names of activation modules (``nn.ReLU``, ``nn.GELU``, ...); default: all of them.
@@ -149,14 +148,7 @@ class ActivationMonitor(VizCallback):
             self._modules, self._recorder = {}, None
             return
         modules, dead = A.activation_layers(pl_module, self.layers, self.pre_activation_layers, self.count_dead)
-        if self.map_layers is None:
-            names = list(modules)
-            self._map_modules = names[:1] + names[-1:] if len(names) > 1 else names
-        else:
-            unknown = [n for n in self.map_layers if n not in modules]
-            if unknown:
-                raise ValueError(f"`map_layers`: {unknown} are not monitored layers; choose from {list(modules)[:40]}.")
-            self._map_modules = list(self.map_layers)
+        self._map_modules = A.map_layers(list(modules), self.map_layers)
         self._modules = modules
         self._dead_defined = dead
         self._stats.layouts = A.channel_layouts(pl_module, list(modules))
@@ -299,11 +291,8 @@ class ActivationMonitor(VizCallback):
         sparsity, mean, missing = stats.sparsity(), stats.mean(), stats.missing_fraction()
         # NaN/Inf activations are missing values (DESIGN rule 14): never zeros, never "dead"; a statistic with no
         # finite value behind it is not logged at all.
-        scalars = {
-            f"activations/{name}/{site}": value
-            for name, value in (("sparsity", sparsity), ("mean", mean))
-            if math.isfinite(value)
-        }
+        # one chart per quantity a reader compares across layers (the mean is in the record): few cards per layer
+        scalars = {f"activations/sparsity/{site}": sparsity} if math.isfinite(sparsity) else {}
         if missing:
             scalars[f"activations/nonfinite_fraction/{site}"] = missing
             self._warn_once(
@@ -329,16 +318,14 @@ class ActivationMonitor(VizCallback):
 
     def _probe_image(self, trainer: Any) -> torch.Tensor:
         resolve_probes(self.probes, trainer, ("val_dataloaders",) if self._source == "val" else ("train_dataloader",))
-        images = self.probes.images
-        assert images is not None
-        if self.map_probe >= len(images):
+        if self.map_probe >= len(images := self.probes.images):
             raise ValueError(f"`map_probe`={self.map_probe} but the probe set has {len(images)} image(s).")
         return images[self.map_probe : self.map_probe + 1]
 
     def _log_maps(self, trainer: Any, pl_module: nn.Module, sites: list[tuple[str, Site]], step: int) -> None:
         if not self._map_modules or self._sink is None or not self._sink.writes_images:
             return
-        image = self._probe_image(trainer).to(model_device(pl_module))
+        image, p = self._probe_image(trainer).to(model_device(pl_module)), self.map_probe
         shown = render.display_image(image[0])
         modules = {n: self._modules[n] for n in self._map_modules}
         captured = A.site_maps(pl_module, modules, image, self._stats.layouts)
@@ -348,8 +335,7 @@ class ActivationMonitor(VizCallback):
             maps = captured[key][: self.max_channels]
             scale = A.map_scale(maps)
             dead = self._stats[key].dead_mask()[: len(maps)] if self._dead_defined.get(key[0]) else None
-            title = f"{site}: probe {self.map_probe}"
-            panel = render.activation_panel(shown, maps, scale, dead, range(len(maps)), title=title)
+            panel = render.activation_panel(shown, maps, scale, dead, range(len(maps)), title=f"{site}: probe {p}")
             self._sink.image(f"activations/maps/{site}", panel, step)
             self._sink.scalars({f"activations/map_scale/{site}": scale}, step)
 

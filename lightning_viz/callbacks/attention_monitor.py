@@ -251,6 +251,7 @@ class AttentionMonitor(VizCallback):
         scale = self.attention_scale / (rows * cols)
         display = torch.stack([render.display_image(img) for img in images])
         row_labels = [f"p{i}" for i in range(len(images))]
+        high = f"{self.attention_scale:g}x"
 
         def overlays(patch_maps: torch.Tensor, fixed: bool = True) -> torch.Tensor:
             return torch.stack(
@@ -262,9 +263,10 @@ class AttentionMonitor(VizCallback):
                 continue
             maps = A.patch_map(weights[name], prefix, rows, cols)  # (N, H, rows, cols)
             columns = {"input": display, **{f"h{h}": overlays(maps[:, h]) for h in range(maps.shape[1])}}
-            tiles = render.column_tiles(list(columns.values()), self.tile_size)
-            grid = render.labelled_grid(tiles, list(columns), row_labels)
-            sink.image(f"attention/heads/{name}", grid, step)
+            panel = render.attention_panel(
+                list(columns.values()), list(columns), row_labels, tile_size=self.tile_size, scale_high=high
+            )
+            sink.image(f"attention/heads/{name}", panel, step)
 
         if not self._rollout_ok:
             return
@@ -279,18 +281,18 @@ class AttentionMonitor(VizCallback):
         if len(columns) == 1:
             return
         titles = [_TITLES[n] for n in columns]
-        tiles = render.column_tiles(list(columns.values()), self.tile_size)
-        sink.image("attention/rollout", render.labelled_grid(tiles, titles, row_labels), step)
-        small = max(8, self.tile_size * 2 // 3)
-        head = render.header(titles, small)
+        notes = ["grad roll: each map to its own maximum"] if "grad_rollout" in columns else []
+        panel = render.attention_panel(
+            list(columns.values()), titles, row_labels, tile_size=self.tile_size, scale_high=high, notes=notes
+        )
+        sink.image("attention/rollout", panel, step)
+        small = render.fit_tile_side(len(columns), max(8, self.tile_size * 2 // 3), left=36)  # rows accumulate
         for probe in range(min(self.filmstrip_probes, len(images))):
-            tiles = torch.stack([render.resize_tiles(c[probe : probe + 1], small)[0] for c in columns.values()])
-            strip = (
-                self._filmstrips[probe]
-                .push(render.epoch_label(epochs_done), render.tile_grid(tiles, ncol=len(tiles)))
-                .rows()
+            row = render.tile_row(torch.stack([c[probe] for c in columns.values()]), small)
+            strip = self._filmstrips[probe].push(render.epoch_label(epochs_done), row)
+            sink.image(
+                f"attention/filmstrip/probe_{probe:02d}", render.column_filmstrip(titles, strip.images(), small), step
             )
-            sink.image(f"attention/filmstrip/probe_{probe:02d}", render.stack_rows([head, strip], gap=0), step)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"probes": self.probes.state_dict(), "filmstrips": self._filmstrips.state_dict()}

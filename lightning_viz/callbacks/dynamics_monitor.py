@@ -271,9 +271,8 @@ class DynamicsMonitor(VizCallback):
         if self._sink.writes_images:
             grid, rows = D.gradient_grid(samples, names, self.max_layers)
             low, high = self._scale = D.log_range(grid.flatten().tolist(), *self._scale)
-            title = f"gradient norm per layer (log10 colour) at the sampled steps of epoch {epochs_done}"
             labels = [r or "<root>" for r in rows]
-            image = render.log_heatmap(grid, labels, [s for s, _ in samples], low=low, high=high, title=title)
+            image = render.gradient_flow(grid, labels, [s for s, _ in samples], low, high, epochs_done)
             self._sink.image("dynamics/gradient_flow", image, step)
 
     def _log_updates(self, step: int, epochs_done: int) -> None:

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_viz import _budget, render
 from lightning_viz import _validate as check
-from lightning_viz._classes import find_class_names
+from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import split_batch
 from lightning_viz._hooks import ValidationCodeCapture, capture
 from lightning_viz._layers import head_module, last_linear, model_device, resolve_layers
@@ -203,10 +203,6 @@ class EmbeddingMonitor(VizCallback):
         wanted = min(self.sprite_size, image_side or self.sprite_size)
         return render.sprite_tile_side(count, wanted)
 
-    def _names(self, classes: torch.Tensor | None) -> list[str] | None:
-        names = self._class_names or []
-        return None if classes is None else [names[c] if c < len(names) else str(c) for c in classes.tolist()]
-
     # --------------------------------------------------------------------------------------------------- log
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
         sink = self._sink
@@ -224,7 +220,9 @@ class EmbeddingMonitor(VizCallback):
             self._publish(EmbeddingQuality(step, epochs_done, self.layer or "", knn_accuracy=knn, silhouette=sil))
             quality = (("embedding/knn_accuracy", knn), ("embedding/silhouette", sil))
             sink.scalars({k: v for k, v in quality if v is not None}, step)
-        names = self._names(labels), self._names(predicted)
+        names = [
+            None if c is None else [class_name(i, self._class_names) for i in c.tolist()] for c in (labels, predicted)
+        ]
         tsv = self._guard("projector", sink.projector, features, *names, thumbs, step) if projector else None
         tsv = tsv if isinstance(tsv, str) else None
         if sink.writes_tables:  # W&B, MLflow, folder: the codes as a table (TensorBoard has the projector)

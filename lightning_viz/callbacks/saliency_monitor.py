@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,93 +15,14 @@ from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import resolve_probes, step_aside
 from lightning_viz._hooks import isolated
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
-from lightning_viz._saliency_table import Column, Inputs, Method
+from lightning_viz._saliency_table import BARS, BY_NAME, METHODS, TABLE, Inputs  # noqa: F401 (TABLE: public)
 from lightning_viz.callbacks.base import VizCallback
-from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
 from lightning_viz.functional._autograd import relu_modules
 from lightning_viz.probes import ProbeSet
 
 if TYPE_CHECKING:  # annotations only
     import lightning.pytorch as pl
-
-
-def _gradient(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-    return {"map": sal.gradient(i.fast, i.xr, i.target, batch_size=m.batch_size)}
-
-
-def _smoothgrad(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-    # a generator seeded alike at every call: the same noise at every epoch, so maps stay comparable
-    options = {"n": m.smoothgrad_samples, "noise_level": m.noise_level, "generator": m._generator()}
-    return {"map": sal.smoothgrad(i.fast, i.xr, i.target, **options, batch_size=m.batch_size)}
-
-
-def _rule(fn: Callable[..., torch.Tensor]) -> Callable[[SaliencyMonitor, Inputs], dict[str, torch.Tensor]]:
-    def compute(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # said once at setup
-            return {"map": fn(i.fast, i.xr, i.target, batch_size=m.batch_size)}
-
-    return compute
-
-
-def _gradcam(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-    assert m._gradcam_name is not None
-    on = sal.calling_copy(i.fast, i.model, m._gradcam_name)
-    layer, (grid, channels_last) = on.get_submodule(m._gradcam_name), m._gradcam_view
-    options = {"batch_size": m.batch_size, "grid": grid, "channels_last": channels_last}
-    return {"map": sal.grad_cam(on, i.xr, i.target, layer, **options)}
-
-
-def _fullgrad(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-    return {"map": sal.fullgrad(i.model, i.xr, i.target, batch_size=m.batch_size)}
-
-
-def _occlusion(m: SaliencyMonitor, i: Inputs) -> dict[str, torch.Tensor]:
-    # every probe once (not once per row), then each row reads its class. The folded copy has no `occlusion_layer`
-    # to hook, so a layer map runs on the model itself.
-    on, x, bs = i.fast if m._occlusion_module is None else i.model, i.x, m.batch_size
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", occ.IncrementalMismatchWarning)
-        result = occ.occlusion(
-            on, x, window=m._window, stride=m._stride, baseline=m.occlusion_baseline,
-            max_batch_bytes=bs * x[0].numel() * x.element_size(), layer=m._occlusion_module,
-        )  # fmt: skip
-    for w in caught:  # the fallback to full passes is said once per run, not at every call
-        if issubclass(w.category, occ.IncrementalMismatchWarning):
-            m._warn_once("occlusion incremental", f"SaliencyMonitor: {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result.rows(i.index).upsampled(i.target, tuple(x.shape[-2:]), m.head)
-
-
-#: The methods, in the order their columns appear: a new method is one entry here.
-TABLE = (
-    Method("gradient", True, _gradient, (Column("map", "gradient", render.heat_tiles),)),
-    Method("smoothgrad", True, _smoothgrad, (Column("map", "smoothgrad", render.heat_tiles),)),
-    Method(
-        "guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided bp", render.signed_tiles, False),)
-    ),
-    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconvnet", render.signed_tiles, False),)),
-    Method("gradcam", True, _gradcam, (Column("map", "Grad-CAM", render.heat_tiles),)),
-    Method("fullgrad", False, _fullgrad, (Column("map", "FullGrad", render.heat_tiles),)),  # needs BatchNorm biases
-    Method(
-        "occlusion",
-        True,
-        _occlusion,
-        (
-            Column("probability", "occl. prob", render.probability_tiles),
-            Column("top_class", "occl. top", render.class_map_tiles, False),
-            Column("layer_total", "occl. act", render.heat_tiles),
-        ),
-    ),
-)
-#: The colour bar each column's title needs under the grid (heat maps, occlusion probabilities).
-_BARS = {"gradient": "saliency", "smoothgrad": "saliency", "Grad-CAM": "saliency", "FullGrad": "saliency",
-         "occl. act": "saliency", "occl. prob": "occlusion"}  # fmt: skip
-_BY_NAME = {method.name: method for method in TABLE}
-#: Available methods, in the order their columns appear.
-METHODS = tuple(_BY_NAME)
 
 
 class SaliencyMonitor(VizCallback):
@@ -323,7 +243,7 @@ class SaliencyMonitor(VizCallback):
         images, labels = self._probe_batch(trainer, pl_module)
         x = images.to(model_device(pl_module))
         self._follow_data_flow(pl_module, x)
-        methods = [_BY_NAME[name] for name in self.methods]
+        methods = [BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
         copies = self._copies.setdefault(tuple(keep), sal.InferenceCopy(keep=keep))
         fast = copies(pl_module, example=x) if any(m.runs_on_copy for m in methods) else pl_module  # checked on x
@@ -347,7 +267,7 @@ class SaliencyMonitor(VizCallback):
                     classes |= set(maps.unique().tolist()) if column.key == "top_class" else set()
         # sized for TensorBoard's card: `tile_size`, smaller when the columns would not fit its width
         tiles = render.column_tiles(columns, render.fit_tile_side(len(columns), self.tile_size))
-        bars = list(dict.fromkeys(_BARS[t] for t in titles if t in _BARS))
+        bars = list(dict.fromkeys(BARS[t] for t in titles if t in BARS))
         key = (sorted(int(c) for c in classes), [class_name(int(c), names) for c in sorted(classes)])
 
         # sink: the grid, and a filmstrip of each of the first probes' first row

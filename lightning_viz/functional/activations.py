@@ -395,3 +395,21 @@ def map_scale(maps: torch.Tensor, quantile: float = 0.995) -> float:
     finite = maps[torch.isfinite(maps)]
     scale = float(torch.quantile(finite, quantile)) if finite.numel() else 0.0
     return scale if scale > 0 else 1.0
+
+
+def map_layers(monitored: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
+    """The layers whose activation maps are drawn: ``chosen`` (each one monitored), by default the first and last.
+
+    Args:
+        monitored: the monitored layer names, in model order.
+        chosen: the user's ``map_layers``, or ``None``.
+
+    Returns:
+        The layer names.
+    """
+    names = list(monitored)
+    if chosen is None:
+        return names[:1] + names[-1:] if len(names) > 1 else names
+    if unknown := [n for n in chosen if n not in names]:
+        raise ValueError(f"`map_layers`: {unknown} are not monitored layers; choose from {names[:40]}.")
+    return list(chosen)
