@@ -297,7 +297,7 @@ class SaliencyMonitor(VizCallback):
         # per probe: a forward and backward pass per gradient method and noisy copy, occlusion's forward passes
         passes = len(self.methods) + (self.smoothgrad_samples if "smoothgrad" in self.methods else 0)
         if "occlusion" in self.methods:
-            positions = max(1, 64 // self.occlusion_stride) ** 2  # (the image side is not known here: 64)
+            positions = max(1, 64 // self._stride) ** 2  # (the image side is not known here: 64)
             passes += positions / 3
         return float(self.max_probes * passes)
 
