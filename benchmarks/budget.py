@@ -106,8 +106,12 @@ def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: 
         flush=True,
     )
     # the budget's ledger: what each monitor spent (step-0 views and the one timed pass apart), as a share of training
-    rows = ", ".join(f"{k.removesuffix('Monitor')} {v:.2f} s ({v / plain:.2%})" for k, v in ledger.spent.items() if v)
-    print(f"  ledger: {rows}; of which step 0 {ledger.baseline_spent:.2f} s", flush=True)
+    rows = ", ".join(f"{k.split('{')[0]} {v:.2f} s ({v / plain:.2%})" for k, v in ledger.spent.items() if v)
+    print(
+        f"  ledger: {rows}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: {spent:.2f} s "
+        f"of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.1%})",
+        flush=True,
+    )
 
 
 def fixed_costs(repeats: int) -> None:

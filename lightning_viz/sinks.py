@@ -61,10 +61,10 @@ HISTOGRAM_BINS = 64
 #: zlib level of the PNGs we encode (TensorBoard, folder, projector sprite): level 1 encodes our rendered images 2-3x
 #: faster than PIL's default (6) for files about 10 % larger; encoding is a fixed CPU cost no accelerator shrinks.
 PNG_COMPRESS_LEVEL = 1
-#: A TensorBoard event file is flushed at most this often (seconds) by our calls; the logger's own flush at the end of
-#: ``fit`` (``finalize``) writes the rest. Waiting for the writer thread after every monitor call cost more than the
-#: encoding itself.
-FLUSH_SECONDS = 10.0
+#: A TensorBoard event file is flushed at most this often (seconds) by our calls (TensorBoard reloads every 30 s); the
+#: logger's own flush at the end of ``fit`` (``finalize``) writes the rest. Waiting for the writer thread after every
+#: monitor call cost more than the encoding itself.
+FLUSH_SECONDS = 30.0
 
 
 def takes_images(loggers: Sequence[Any]) -> bool:
@@ -529,7 +529,6 @@ def write_projector_step(
     Returns the path of the embedding's tensor file, which the caller writes.
     """
     from google.protobuf import text_format
-    from PIL import Image
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     from lightning_viz.render import sprite
@@ -542,8 +541,7 @@ def write_projector_step(
         rows.append(f"{labels[i] if labels is not None else '?'}\t{predicted[i] if predicted is not None else '?'}")
     with open(os.path.join(path, "metadata.tsv"), "w") as f:
         f.write("\n".join(rows) + "\n")
-    if thumbnails is not None:
-        Image.fromarray(sprite(thumbnails)).save(os.path.join(path, "sprite.png"), compress_level=PNG_COMPRESS_LEVEL)
+    sprite_path = _shared_sprite(log_dir, tag, sprite(thumbnails)) if thumbnails is not None else None
     config_path = os.path.join(log_dir, "projector_config.pbtxt")
     config = ProjectorConfig()
     if os.path.exists(config_path):
@@ -556,7 +554,7 @@ def write_projector_step(
     info.tensor_path = os.path.join(subdir, "tensors.tsv")
     info.metadata_path = os.path.join(subdir, "metadata.tsv")
     if thumbnails is not None:
-        info.sprite.image_path = os.path.join(subdir, "sprite.png")
+        info.sprite.image_path = sprite_path
         info.sprite.single_image_dim.extend([thumbnails.shape[-1], thumbnails.shape[-2]])
     name_projector_steps(config, tag)
     tmp = config_path + ".tmp"
@@ -564,6 +562,24 @@ def write_projector_step(
         f.write(text_format.MessageToString(config))
     os.replace(tmp, config_path)
     return os.path.join(path, "tensors.tsv")
+
+
+def _shared_sprite(log_dir: str, tag: str, sheet: np.ndarray) -> str:
+    """The sprite sheet's path relative to ``log_dir``: one PNG per distinct sheet (``<tag>/sprite_<digest>.png``),
+    encoded once and shared by every step that shows the same thumbnails (the embedding keeps its subset)."""
+    import hashlib
+
+    from PIL import Image
+
+    digest = hashlib.blake2b(sheet.tobytes(), digest_size=8)
+    digest.update(repr(sheet.shape).encode())
+    relative = os.path.join(tag, f"sprite_{digest.hexdigest()}.png")
+    path = os.path.join(log_dir, relative)
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        Image.fromarray(sheet).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        os.replace(tmp, path)
+    return relative
 
 
 def _projector_step(tag: str, tensor_path: str) -> int | None:
