@@ -97,11 +97,19 @@ def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: 
     plain, _ = fit_seconds(make_model, train, val, epochs, [], batch_size)
     suite = lightning_viz.default_suite(budget=budget)
     with_suite, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
-    spent = suite[0]._budget.spent_total  # every call, step 0 and end of fit included, and the one timed pass
+    ledger = suite[0]._budget
+    spent = ledger.spent_total  # every call, step 0 and end of fit included, and the one timed pass
     calls = ", ".join(f"{name.removesuffix('Monitor')} {len(s)}" for name, s in costs)
     print(
         f"| {label} | {epochs} | {plain:.1f} | {with_suite:.1f} | {(with_suite - plain) / plain:+.1%} | "
         f"{spent / plain:.1%} | {budget:.0%} | {calls} |",
+        flush=True,
+    )
+    # the budget's ledger: what each monitor spent (step-0 views and the one timed pass apart), as a share of training
+    rows = ", ".join(f"{k.split('{')[0]} {v:.2f} s ({v / plain:.2%})" for k, v in ledger.spent.items() if v)
+    print(
+        f"  ledger: {rows}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: {spent:.2f} s "
+        f"of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.1%})",
         flush=True,
     )
 

@@ -1,8 +1,9 @@
 """The fixed CPU-side cost of one logged epoch of ``default_suite()``: what a faster accelerator does not shrink.
 
-Every monitor of the default suite logs at every epoch (``every_n_epochs=1``, no budget) on a small model, and each
-monitor's calls are profiled (cProfile). The time spent in each kind of fixed work is summed and divided by the
-number of logged epochs (the step-0 view counts as one):
+Two fits on a small model, each monitor's calls profiled apart (cProfile): (1) ``default_suite()`` as it is, its
+calls scheduled and scaled by its budget, baseline and end of fit included, the cost divided by the run's logged
+epochs (every epoch and step 0: the cheap monitors log at each); (2) every monitor at every epoch at full scale
+(``every_n_epochs=1``, no budget), the cost per call of each monitor. The kinds of fixed work:
 
 * image encoding (PNG, for TensorBoard's event file and the projector's sprite),
 * file writing (event records, flushes, the projector's files),
@@ -11,7 +12,8 @@ number of logged epochs (the step-0 view counts as one):
 * host <-> device copies (``Tensor.cpu``, ``Tensor.to``, ``Tensor.numpy``; on a CPU-only run mostly no-ops),
 
 next to the rest (the monitors' own computation, which does shrink on a GPU). Target: <= 0.1 s of fixed cost per
-logged epoch. Run: ``python benchmarks/fixed_costs.py [--model resnet18|mobilenet_v3_small] [--epochs 2]``.
+logged epoch for the default suite. Run:
+``python benchmarks/fixed_costs.py [--model resnet18|mobilenet_v3_small] [--epochs 6] [--skip full|default]``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,12 +51,18 @@ KINDS = {
 }
 
 
-def profiled_fit(make_model, data, epochs: int, batch_size: int) -> tuple[pstats.Stats, float, int, list]:
-    """Fit with every monitor at every epoch, profiling the monitors' calls only."""
-    profile = cProfile.Profile()
+def profiled_fit(
+    make_model, data, epochs: int, batch_size: int, full: bool
+) -> tuple[dict[str, pstats.Stats], list, Any]:
+    """Fit with ``default_suite()``, profiling each monitor's calls apart (one profile per monitor).
+
+    ``full``: every monitor at every epoch at full scale (``every_n_epochs=1``, no budget); else the default suite as
+    it is, its calls scheduled and scaled by its budget (baseline and end of fit included)."""
+    profiles: dict[str, cProfile.Profile] = {}
     original = VizCallback._run
 
     def run(self, *args, **kwargs):
+        profile = profiles.setdefault(type(self).__name__, cProfile.Profile())
         profile.enable()
         try:
             return original(self, *args, **kwargs)
@@ -62,13 +71,13 @@ def profiled_fit(make_model, data, epochs: int, batch_size: int) -> tuple[pstats
 
     VizCallback._run = run
     try:
-        suite = lightning_viz.default_suite(every_n_epochs=1, budget=None)
+        suite = lightning_viz.default_suite(every_n_epochs=1, budget=None) if full else lightning_viz.default_suite()
         train, val = data
-        seconds, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
+        _, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
     finally:
         VizCallback._run = original
-    rounds = max(len(s) for name, s in costs if name != "DiagnosisMonitor")
-    return pstats.Stats(profile), seconds, rounds, costs
+    stats = {name: pstats.Stats(p) for name, p in profiles.items() if p.getstats()}
+    return stats, costs, suite[0]._budget
 
 
 def kinds_of(stats: pstats.Stats) -> dict[str, float]:
@@ -87,13 +96,36 @@ def kinds_of(stats: pstats.Stats) -> dict[str, float]:
     return totals
 
 
+def table(title: str, stats: dict[str, pstats.Stats], costs: list, per: dict[str, int]) -> None:
+    """One row per kind of fixed work, one column per monitor (seconds per ``per[monitor]`` calls) and the suite."""
+    names = [n for n, s in costs if sum(s) > 0]
+    kinds = {n: kinds_of(stats[n]) if n in stats else dict.fromkeys(KINDS, 0.0) for n in names}
+    short = [n.removesuffix("Monitor") for n in names]
+    print(f"\n{title}\n\n| seconds | {' | '.join(short)} | **suite** |\n|---|{'---|' * (len(names) + 1)}")
+    for kind in [*KINDS, "fixed, in all", "computation (the rest)", "calls"]:
+        cells, total = [], 0.0
+        for n, s in costs:
+            if n not in kinds:
+                continue
+            fixed = sum(kinds[n].values())
+            value = {
+                "fixed, in all": fixed, "computation (the rest)": sum(s) - fixed, "calls": len(s)
+            }.get(kind, kinds[n].get(kind, 0.0))  # fmt: skip
+            if kind == "calls":
+                cells.append(str(value))
+                continue
+            cells.append(f"{value / max(1, per[n]):.3f}")
+            total += value / max(1, per["suite"])
+        suite = "" if kind == "calls" else f"**{total:.3f}**"
+        print(f"| {kind} | {' | '.join(cells)} | {suite} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="resnet18", choices=("resnet18", "mobilenet_v3_small"))
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=8, help="training steps per epoch (resnet18)")
-    parser.add_argument("--top", action="store_true", help="also print the 25 functions with the most own time")
-    parser.add_argument("--dump", help="write the profile (pstats) to this file")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("full", "default"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,23 +136,26 @@ def main() -> None:
     else:
         make, data, batch = (lambda: mobilenet_v3_small(num_classes=10)), digits_64(), 64
     started = time.perf_counter()
-    stats, _, rounds, costs = profiled_fit(make, data, args.epochs, batch)
-    monitors = sum(sum(s) for _, s in costs)
-    kinds = kinds_of(stats)
-    fixed = sum(kinds.values())
-    print(f"\n{args.model}, {args.epochs} epochs, every monitor every epoch: {rounds} logged epochs (with step 0)")
-    print("\n| fixed CPU-side cost | seconds per logged epoch |\n|---|---|")
-    for kind, seconds in kinds.items():
-        print(f"| {kind} | {seconds / rounds:.3f} |")
-    print(f"| **fixed, in all** (target <= 0.1) | **{fixed / rounds:.3f}** |")
-    print(f"| the monitors' computation (the rest) | {(monitors - fixed) / rounds:.3f} |")
-    per_monitor = ", ".join(f"{n.removesuffix('Monitor')} {sum(s) / rounds:.3f}" for n, s in costs)
-    print(f"\nper monitor, seconds per logged epoch: {per_monitor}")
-    print(f"(benchmark wall time {time.perf_counter() - started:.0f} s, torch threads {torch.get_num_threads()})")
-    if args.top:
-        stats.sort_stats("tottime").print_stats(25)
-    if args.dump:
-        stats.dump_stats(args.dump)
+    if "default" not in args.skip:
+        stats, costs, _ = profiled_fit(make, data, args.epochs, batch, full=False)
+        table(
+            f"{args.model}, default_suite() under its budget, {args.epochs} epochs (step 0 and end of fit included): "
+            f"seconds per epoch of the run ({args.epochs + 1} logged epochs with step 0; every cheap monitor logs "
+            f"each epoch), per monitor and for the suite (target for the suite's fixed cost: <= 0.1)",
+            stats,
+            costs,
+            {**{n: args.epochs + 1 for n, _ in costs}, "suite": args.epochs + 1},
+        )
+    if "full" not in args.skip:
+        stats, costs, _ = profiled_fit(make, data, min(args.epochs, 2), batch, full=True)
+        table(
+            f"{args.model}, every monitor at every epoch at full scale (no budget), {min(args.epochs, 2)} epochs: "
+            "seconds per call of each monitor; the suite's column per logged epoch (step 0 counts)",
+            stats,
+            costs,
+            {**{n: len(s) for n, s in costs}, "suite": max(len(s) for _, s in costs)},
+        )
+    print(f"\n(benchmark wall time {time.perf_counter() - started:.0f} s, torch threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

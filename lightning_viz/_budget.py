@@ -6,9 +6,10 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
 
 * a monitor is a candidate at the end of an epoch once its own cadence (``default_every_n_epochs``) has passed since
   its last call; it runs when the seconds spent so far plus its estimated cost, plus what the last word of every
-  monitor will cost, stay within ``share`` of the training done so far (pay as you go);
+  monitor will cost, stay within the pace of the training done so far (pay as you go);
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
-  (1, 1/2, 1/4 or the smallest values) whose estimated cost fits;
+  (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace; the step-0 view and the last word of a
+  monitor may, at their smallest scale, draw on the whole ceiling (a short run still gets its pictures);
 * every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
   sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
   sample; after a call, its measured seconds take over;
@@ -49,6 +50,11 @@ SCALES = (1.0, 0.5, 0.25, 0.0)
 CHEAP_SHARE = 0.01
 #: Share of what the whole run is expected to allow that the step-0 views of the expensive monitors may use.
 BASELINE_SHARE = 0.25
+#: The pace the calls keep to, as a part of the ceiling (``share``): a fifth, 1 % of training under the default 5 %.
+#: An expensive monitor's call (one with knobs) is planned and scaled within the pace; only its smallest step-0 view and
+#: its smallest last word may draw on the ceiling, so that a short run still gets its pictures while a long run does not
+#: spend the ceiling just because it may (the ceiling is not a target: on the reference workload, about 1 %).
+PACE = 0.2
 #: An estimate made before a monitor's first call is this many times its declared work (sample passes) times the
 #: measured seconds per training sample (a monitor's passes are smaller batches, on a model in eval mode) ...
 SAFETY = 2.0
@@ -253,6 +259,18 @@ class Budget:
                 return scale
         return None
 
+    def _paced(self, name: str, paced: float, ceiling: float | None) -> float | None:
+        """The largest scale that keeps to the pace (``paced``: room in seconds), else, where a ``ceiling`` room is
+        given (a step-0 view, a last word), the smallest call if it fits there; ``None``: neither."""
+        scale = self._scale_within(name, paced)
+        if scale is not None or ceiling is None:
+            return scale
+        smallest = 0.0 if self.members[name].knobs else 1.0
+        estimate = self.estimate(name, smallest)
+        return (
+            smallest if (estimate is None and ceiling > 0) or (estimate is not None and estimate <= ceiling) else None
+        )
+
     def _last_word_reserve(self, skip: set[str], epoch: int) -> float:
         """Seconds set aside for the smallest last words of the members not in ``skip``: those that the run is
         expected to afford, cheapest first (a last word that cannot fit anyway must not starve the others)."""
@@ -271,6 +289,7 @@ class Budget:
         done = epoch + 1
         last = self.expected_epochs is not None and done >= self.expected_epochs
         room = self.share * self.trained(epoch) - self.spent_total
+        paced = self.share * PACE * self.trained(epoch) - self.spent_total
         per_epoch = self.trained(epoch) / done
         chosen: dict[str, float] = {}
         names = list(self.members)
@@ -291,17 +310,21 @@ class Budget:
             ):
                 chosen[name] = 1.0
                 room -= cost or 0.0
+                paced -= cost or 0.0
                 continue
             # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
             # smallest call of each monitor still to be planned
             reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
-            scale = self._scale_within(name, room - reserve)
+            # the expensive monitors (with knobs) keep to the pace; the others, cheap enough to be the evidence of every
+            # few epochs, only to the ceiling
+            scale = self._paced(name, (paced if member.knobs else room) - reserve, room - reserve if last else None)
             if scale is None:
                 if last:
                     self.drop(f"the view of the trained network of {member.label}")
                 continue
             chosen[name] = scale
             room -= self.estimate(name, scale) or 0.0
+            paced -= self.estimate(name, scale) or 0.0
         self.plans[epoch] = chosen
         return chosen
 
@@ -314,12 +337,15 @@ class Budget:
         if name in self.baselines:
             return self.baselines[name]
         member = self.members.get(name)
-        allowance = self.share * self.projected(epoch)
-        room = min(
-            BASELINE_SHARE * allowance - self.baseline_spent,
-            allowance - self.spent_total - self._last_word_reserve(set(), epoch),
-        )
-        scale = self._scale_within(name, room) if member is not None else 1.0
+
+        def room(share: float) -> float:
+            allowance = share * self.projected(epoch)
+            return min(
+                BASELINE_SHARE * allowance - self.baseline_spent,
+                allowance - self.spent_total - self._last_word_reserve(set(), epoch),
+            )
+
+        scale = self._paced(name, room(self.share * PACE), room(self.share)) if member is not None else 1.0
         if scale is None and member is not None:
             self.drop(f"the step-0 view of {member.label}")
         self.baselines[name] = scale
@@ -330,10 +356,12 @@ class Budget:
 
         A member whose records the final diagnosis judges (``evidence``) is never left out, so that the verdict is not
         drawn from an older epoch's numbers (its cost is still counted)."""
-        room = self.share * self.trained(epoch) - self.spent_total
+        trained = self.trained(epoch)
         if name not in self.members:
             return 1.0
-        scale = self._scale_within(name, room)
+        scale = self._paced(
+            name, self.share * PACE * trained - self.spent_total, self.share * trained - self.spent_total
+        )
         if scale is None and self.members[name].evidence:
             scale = SCALES[-1] if self.members[name].knobs else 1.0
         what = f"the view of the trained network of {self.members[name].label}"

@@ -304,3 +304,22 @@ def test_what_the_final_diagnosis_judges_is_measured_at_the_end_whatever_the_bud
     assert {stats.epoch for stats in bus.latest(GradientStats).values()} == {3}
     saliency = next(cb for cb in suite if cb.monitor_name == "saliency")
     assert any("saliency" in what for what in saliency._budget.dropped)  # the rest was left out, and said
+
+
+def test_a_long_run_keeps_to_the_pace_not_the_ceiling():
+    """The budget is a ceiling, not a target: on long epochs an expensive monitor keeps to a fifth of it (1 %)."""
+    now = [0.0]
+    budget = Budget(0.05, clock=lambda: now[0])
+    budget.join("featurevis", 1, {"steps": (64, 8)})
+    budget.charge("featurevis", 3.0, scale=1.0, epoch=0)  # 3 s at full scale: 3 % of a 100 s epoch
+    budget.spent.clear()
+    for epoch in range(20):
+        budget.epoch_start(epoch)
+        now[0] += 100.0
+        budget.epoch_end(epoch)
+        for name, scale in budget.plan(epoch).items():
+            budget.charge(name, budget.estimate(name, scale), scale=scale, epoch=epoch + 1)
+    # within the ceiling it could have run every epoch at full scale (3 %); it kept to about 1 % instead
+    assert budget.spent_total <= 0.01 * budget.train_seconds + 3.0
+    scales = [plan["featurevis"] for plan in budget.plans.values() if plan]
+    assert scales and sum(scales) < 0.5 * len(scales)  # mostly scaled down, not at full scale every epoch

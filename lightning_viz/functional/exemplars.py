@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -72,6 +74,16 @@ def _positive_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Mo
     """
     names = {m: n for n, m in model.named_modules()}
     target_name = names[layer]
+    # the copy's weights are constants: it depends on the model's structure only, so it is made once per structure
+    shape = tuple((n, type(m).__name__) for n, m in model.named_modules())
+    shape += tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in model.state_dict().items())
+    try:
+        kept = _POSITIVE_COPIES.get(model)
+    except TypeError:  # a model that cannot be weakly referenced: a fresh copy each time
+        kept = None
+    if kept is not None and kept[0] == shape:
+        return kept[1], kept[1].get_submodule(target_name)
+    original = model
     model = detached_deepcopy(model).eval()
     with torch.no_grad():
         for name, module in list(model.named_modules()):
@@ -94,7 +106,13 @@ def _positive_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Mo
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, _PositivePath(module))
+    with contextlib.suppress(TypeError):
+        _POSITIVE_COPIES[original] = (shape, model)
     return model, model.get_submodule(target_name)
+
+
+#: model -> (its structure, its positive copy): see :func:`_positive_copy`.
+_POSITIVE_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def receptive_field_boxes(
