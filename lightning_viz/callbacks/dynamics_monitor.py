@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
+from lightning_viz._budget import PACE
 from lightning_viz._inputs import single_input_pair
 from lightning_viz._layers import model_device
 from lightning_viz.callbacks.base import VizCallback
@@ -56,15 +57,13 @@ class DynamicsMonitor(VizCallback):
       (``dynamics/initial_loss``, ``dynamics/chance_loss``), and the epoch's mean training loss
       (``dynamics/train_loss``), as ``training_step`` returned it.
 
-    Everything is published as records (:mod:`lightning_viz.records`: ``GradientStats``, ``UpdateStats``,
-    ``BatchNormStats``, ``BatchNormProbe``, ``SaturationStats``, ``LossStats``) for the rules in
-    :mod:`lightning_viz.diagnosis_rules`.
+    Everything is published as records (:mod:`lightning_viz.records`) for :mod:`lightning_viz.diagnosis_rules`.
 
     Args:
         layers: names of modules that own parameters to follow; default: all of them.
         every_n_steps: sample gradients and updates every n-th optimizer step of an epoch (its first included);
-            default: about ``samples_per_epoch`` samples per epoch, fewer where a sample would cost more than 1 %
-            of the training time (:attr:`sample_budget`; the interval only ever grows).
+            default: about ``samples_per_epoch`` per epoch, fewer where a sample would cost over 1 % of the training
+            time (:attr:`sample_budget`; in a suite's budget 0.25 %; the interval only ever grows).
         samples_per_epoch: target number of sampled steps per epoch when ``every_n_steps`` is ``None``.
         update_ratio: measure update ratios (``False`` saves the copy of the parameters).
         max_batches: at most this many validation batches feed the BatchNorm and saturation statistics.
@@ -75,11 +74,9 @@ class DynamicsMonitor(VizCallback):
     """
 
     monitor_name = "dynamics"
-    #: With ``every_n_steps=None``, sampling thins out until a sample costs at most this share of the training time.
-    sample_budget: ClassVar[float] = 0.01
+    sample_budget: ClassVar[float] = 0.01  #: with ``every_n_steps=None``: the most a sample may cost, as a share
     publishes = (GradientStats, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
-    default_every_n_epochs = 1
-    diagnosis_evidence = True  # the gradient, update and BatchNorm records the final verdict judges
+    default_every_n_epochs, diagnosis_evidence = 1, True  # its records are what the final verdict judges
 
     def __init__(
         self,
@@ -190,8 +187,9 @@ class DynamicsMonitor(VizCallback):
         if self._cost and self._budget is not None:  # the sampling counts against the suite's budget too
             self._budget.spent[self._budget_key] = self._budget.spent.get(self._budget_key, 0.0) + self._cost
         if self._cost and self.every_n_steps is None and self._step_seconds:
-            # sample less often where a sample costs more than `sample_budget` of the training time
-            self._every = max(self._every, math.ceil(self._cost / (self.sample_budget * self._step_seconds)))
+            # sample less often where a sample costs more than `sample_budget` (in a budget: a quarter of its pace)
+            share = min(self.sample_budget, self._budget.share * PACE / 4) if self._budget else self.sample_budget
+            self._every = max(self._every, math.ceil(self._cost / (share * self._step_seconds)))
         self._cost = 0.0
         loss = D.returned_loss(outputs)
         if loss is not None:  # Lightning divides the returned loss by the accumulation
