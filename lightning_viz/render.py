@@ -564,16 +564,6 @@ def class_map_tiles(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([class_map(m) for m in maps.detach().cpu()])
 
 
-def explained_label(probe: int, target: int, probs: torch.Tensor, labels: torch.Tensor | None) -> str:
-    """The row label of probe ``probe`` explained for class ``target``: the true class (when ``labels`` are known)
-    or the predicted one, and the prediction's probability (``probs``: that probe's class probabilities, (K,))."""
-    pred = int(probs.argmax())
-    p = float(probs[pred])
-    if labels is not None and target == int(labels[probe]):
-        return f"p{probe} true {target}\npred {pred} {p:.2f}"
-    return f"p{probe} pred {pred}\n({p:.2f})"
-
-
 def column_tiles(columns: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """Columns of tiles, each (R, 3, h, w), resized to ``size`` and stacked per row. Returns (R, M, 3, size, size)."""
     return torch.stack([resize_tiles(c, size) for c in columns], dim=1)
@@ -584,18 +574,7 @@ def tile_row(tiles: torch.Tensor, size: int | None = None) -> np.ndarray:
     return tile_grid(tiles if size is None else resize_tiles(tiles, size), ncol=len(tiles))
 
 
-def labelled_grid(tiles: torch.Tensor, titles: Sequence[str], row_labels: Sequence[str]) -> np.ndarray:
-    """A grid of tiles with a title over each column and a label left of each row, no gaps.
-
-    Shape:
-        tiles: (R, M, 3, s, s) in [0, 1]; ``len(titles) == M``, ``len(row_labels) == R``. Returns (H, W, 3) uint8.
-    """
-    rows = [label_left(tile_row(row), label) for row, label in zip(tiles, row_labels)]
-    return stack_rows([header(titles, tiles.shape[-1]), *rows], gap=0)
-
-
 # ---- exemplar and feature-visualisation drawing ----
-
 #: Colour of the receptive-field outline on an exemplar image (yellow: it stands out on gray and on colour images).
 OUTLINE_COLOUR = (1.0, 0.85, 0.0)
 

@@ -51,28 +51,6 @@ def test_class_map_tiles_use_categorical_colours():
     assert torch.equal(tiles[0, :, 0, 1], render.CATEGORICAL[1])
 
 
-def test_explained_label_names_true_or_predicted_class():
-    probs = torch.tensor([0.1, 0.7, 0.2])
-    assert render.explained_label(0, 1, probs, torch.tensor([1])) == "p0 true 1\npred 1 0.70"
-    assert render.explained_label(0, 2, probs, torch.tensor([2])) == "p0 true 2\npred 1 0.70"
-    assert render.explained_label(0, 1, probs, torch.tensor([2])) == "p0 pred 1\n(0.70)"
-    assert render.explained_label(3, 1, probs, None) == "p3 pred 1\n(0.70)"
-
-
-def test_labelled_grid_has_header_row_labels_and_every_tile():
-    columns = [torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)]
-    tiles = render.column_tiles(columns, 16)
-    assert tiles.shape == (3, 2, 3, 16, 16)
-    grid = render.labelled_grid(tiles, ["input", "grad"], ["a", "b", "c"])
-    row = render.tile_row(tiles[0])
-    assert grid.dtype == np.uint8 and grid.shape == (14 + 3 * row.shape[0], 64 + row.shape[1], 3)
-    # the header strip carries text, the body the tiles: black tiles in column one, white in column two
-    assert (grid[:14] < 128).any()
-    assert (grid[14 + 1 : 14 + 17, 64 + 1 : 64 + 17] == 0).all()
-    assert (grid[14 + 1 : 14 + 17, 64 + 18 : 64 + 34] == 255).all()
-    assert (grid[14:, :64] < 128).any()  # row labels
-
-
 def test_tile_row_resizes_and_with_header_adds_titles():
     tiles = torch.rand(3, 3, 16, 16)
     row = render.tile_row(tiles, 8)
