@@ -315,7 +315,13 @@ def batchnorm_mismatch(
             *(f"dynamics/bn_mean_shift/{r.subject}" for r in far[:3]),
         ],
         remedies=[
-            "a larger BatchNorm momentum (e.g. 0.1; torchvision's MobileNet/EfficientNet use 0.01) or more steps",
+            # a larger momentum only where the layers' is small (advice to raise 0.1 to 0.1 helps nobody)
+            *(
+                ["a larger BatchNorm momentum (e.g. 0.1; torchvision's MobileNet/EfficientNet use 0.01)"]
+                if momenta and max(momenta) < 0.1
+                else []
+            ),
+            "more training steps before the running statistics are trusted",
             "recompute the running statistics on training data before evaluating (torch.optim.swa_utils.update_bn)",
             "check that training and validation data are preprocessed alike (normalisation, resizing)",
             "larger batches, or GroupNorm/LayerNorm where batches must stay small",

@@ -407,6 +407,9 @@ def test_rules_on_planted_records_and_silence_on_healthy_ones():
     near = rec.BatchNormStats(step=9, epoch=3, subject="bn", mean_shift=0.1, var_log_ratio=0.1, momentum=0.1, batches=4)
     finding = R.batchnorm_mismatch(probe, [far])
     assert finding is not None and finding.severity == "critical" and "momentum of those layers: 0.01" in str(finding)
+    assert any("larger BatchNorm momentum" in r for r in finding.remedies)
+    usual = rec.BatchNormStats(**{**far.__dict__, "momentum": 0.1})  # already the usual momentum: not advised again
+    assert not any("momentum" in r for r in R.batchnorm_mismatch(probe, [usual]).remedies)
     assert R.batchnorm_mismatch(probe, [near]) is None  # eval is worse, but not explained by the running stats
     fine = rec.BatchNormProbe(**{**probe.__dict__, "eval_loss": 0.06, "eval_accuracy": 0.97})
     assert R.batchnorm_mismatch(fine, [far]) is None
