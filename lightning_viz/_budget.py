@@ -85,6 +85,11 @@ class Member:
         self.label = label or name
         self.cheap = cheap  #: declared cheap (filters, activation statistics): its first call is never held back
 
+    @property
+    def smallest(self) -> float:
+        """The scale of its smallest call: 0 (every knob at its smallest value), or 1 for a monitor without knobs."""
+        return SCALES[-1] if self.knobs else 1.0
+
     def values(self, scale: float) -> dict[str, int]:
         """Each knob's value at ``scale`` (1: as configured, 0: the smallest)."""
         return {k: int(round(low + scale * (full - low))) for k, (full, low) in self.knobs.items()}
@@ -265,7 +270,7 @@ class Budget:
         scale = self._scale_within(name, paced)
         if scale is not None or ceiling is None:
             return scale
-        smallest = 0.0 if self.members[name].knobs else 1.0
+        smallest = self.members[name].smallest
         estimate = self.estimate(name, smallest)
         return (
             smallest if (estimate is None and ceiling > 0) or (estimate is not None and estimate <= ceiling) else None
@@ -302,7 +307,7 @@ class Budget:
                 continue
             cost = self.estimate(name, 1.0)
             if last and member.evidence:  # the final verdict must not judge an older epoch's numbers
-                chosen[name] = 1.0 if not member.knobs else SCALES[-1]
+                chosen[name] = member.smallest
                 room -= self.estimate(name, chosen[name]) or 0.0
                 continue
             if not member.knobs and (
@@ -363,7 +368,7 @@ class Budget:
             name, self.share * PACE * trained - self.spent_total, self.share * trained - self.spent_total
         )
         if scale is None and self.members[name].evidence:
-            scale = SCALES[-1] if self.members[name].knobs else 1.0
+            scale = self.members[name].smallest
         what = f"the view of the trained network of {self.members[name].label}"
         if scale is None:
             self.drop(what)
