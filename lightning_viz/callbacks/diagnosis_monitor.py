@@ -130,14 +130,21 @@ class DiagnosisMonitor(VizCallback):
             self._chance_classes = None
         self._val_every = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
         self._early_stopping = any("EarlyStopping" in type(cb).__name__ for cb in trainer.callbacks)
-        self._initial_norm = D.weight_norm(pl_module)
-        self._constant = tuple(
-            name
-            for name, m in pl_module.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            and m.weight.numel() > 1
-            and bool((m.weight.detach() == m.weight.detach().flatten()[0]).all())
-        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The weights the first optimizer step starts from: taken here, after a checkpoint restore and after weights
+        # loaded in the user's `setup` / `on_fit_start`, never at setup. A resumed run keeps what its state saved.
+        if self._active and int(trainer.global_step) == 0:
+            self._initial_norm = D.weight_norm(pl_module)
+            self._constant = tuple(
+                name
+                for name, m in pl_module.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and m.weight.numel() > 1
+                and bool((m.weight.detach() == m.weight.detach().flatten()[0]).all())
+            )
+        super().on_train_start(trainer, pl_module)
 
     # ---------------------------------------------------------------------------------------------- gathering
     @override
