@@ -103,6 +103,8 @@ class DiagnosisMonitor(VizCallback):
             k: [] for k in ("train_loss", "val_loss", "val_acc", "weight_norm")
         }
         self._records = RecordReader()
+        self._lr: list[tuple[int, float, float, float]] = []  # (epoch, first, highest, last learning rate)
+        self._lr_epoch: list[float] = []
         self._initial_loss: float | None = None
         self._initial_norm: float | None = None
         self._nonfinite: int | None = None
@@ -158,6 +160,8 @@ class DiagnosisMonitor(VizCallback):
         value = loss.detach().float().reshape(())
         if self._initial_loss is None and not self._history["train_loss"] and self._batch_count == 0:
             self._initial_loss = float(value)  # computed before the first update: the loss at initialisation
+        if (lr := D.learning_rate(trainer)) is not None:  # the schedule, so that a restart is not an oscillation
+            self._lr_epoch = [lr, lr, lr] if not self._lr_epoch else [self._lr_epoch[0], max(self._lr_epoch[1], lr), lr]
         self._batch_sum = self._batch_sum + value
         self._batch_sq = self._batch_sq + value * value
         self._batch_count += 1
@@ -180,6 +184,9 @@ class DiagnosisMonitor(VizCallback):
         if self._nonfinite is None and ((mean is not None and not math.isfinite(mean)) or not math.isfinite(norm)):
             self._nonfinite = epoch
         self._history["weight_norm"].append((epoch, norm))
+        if self._lr_epoch:
+            self._lr = [p for p in self._lr if p[0] != epoch] + [(epoch, *self._lr_epoch)]  # type: ignore[list-item]
+        self._lr_epoch = []
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,6 +248,7 @@ class DiagnosisMonitor(VizCallback):
             chance_loss=math.log(classes) if classes else None,
             nonfinite_epoch=self._nonfinite,
             weight_norm=list(self._history["weight_norm"]),
+            learning_rate=list(self._lr),
             initial_norm=self._initial_norm,
             constant_init=self._constant,
             dead=self._records.dead_histories(),
@@ -318,6 +326,7 @@ class DiagnosisMonitor(VizCallback):
             "constant": list(self._constant),
             "seen": dict(self._active_keys),
             "resolved": list(self._resolved),
+            "learning_rate": list(self._lr),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -329,3 +338,4 @@ class DiagnosisMonitor(VizCallback):
         self._constant = tuple(state.get("constant", self._constant))
         self._active_keys = dict(state.get("seen", {}))
         self._resolved = list(state.get("resolved", []))
+        self._lr = [tuple(p) for p in state.get("learning_rate", [])]  # type: ignore[misc]
