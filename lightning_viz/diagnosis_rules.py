@@ -534,8 +534,7 @@ def oscillating_loss(
         severity="warning",
         since_epoch=first,
         summary="The training loss oscillates: it goes up and down from epoch to epoch instead of settling"
-        + ("." if ongoing else f" (epochs {first}-{last}).")
-        ,
+        + ("." if ongoing else f" (epochs {first}-{last})."),
         evidence=evidence,
         tags=["diagnosis/train_loss", "dynamics/train_loss"],
         remedies=[

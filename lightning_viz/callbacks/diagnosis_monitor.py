@@ -150,6 +150,15 @@ class DiagnosisMonitor(VizCallback):
 
     # ---------------------------------------------------------------------------------------------- gathering
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # the learning rate this batch's step uses (schedulers step after the batch), so a restart is no oscillation
+        if self._active and (lr := D.learning_rate(trainer)) is not None:
+            first, peak = self._lr_epoch[:2] if self._lr_epoch else (lr, lr)
+            self._lr_epoch = [first, max(peak, lr), lr]
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -160,8 +169,6 @@ class DiagnosisMonitor(VizCallback):
         value = loss.detach().float().reshape(())
         if self._initial_loss is None and not self._history["train_loss"] and self._batch_count == 0:
             self._initial_loss = float(value)  # computed before the first update: the loss at initialisation
-        if (lr := D.learning_rate(trainer)) is not None:  # the schedule, so that a restart is not an oscillation
-            self._lr_epoch = [lr, lr, lr] if not self._lr_epoch else [self._lr_epoch[0], max(self._lr_epoch[1], lr), lr]
         self._batch_sum = self._batch_sum + value
         self._batch_sq = self._batch_sq + value * value
         self._batch_count += 1
