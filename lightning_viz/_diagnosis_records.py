@@ -70,6 +70,7 @@ class RecordReader:
             saturation={s: bus.history(SaturationStats, s) for s in bus.latest(SaturationStats)},
             loss=bus.latest(LossStats).get(""),
             trace=bus.history(GradientTrace, ""),
+            bn_probes=bus.history(BatchNormProbe, ""),
         )
 
     @staticmethod

@@ -150,6 +150,8 @@ class DynamicsEvidence:
     loss: Any = None
     #: :class:`~lightning_viz.records.GradientTrace` per logged epoch (every step's total gradient norm), oldest first.
     trace: Sequence[Any] = ()
+    #: Every :class:`~lightning_viz.records.BatchNormProbe`, oldest first.
+    bn_probes: Sequence[Any] = ()
 
 
 @dataclass

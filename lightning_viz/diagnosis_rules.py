@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from lightning_viz.diagnosis import Evidence, Finding, loss_curve
 from lightning_viz.records import (
@@ -279,6 +280,12 @@ def unchanged_weights(updates: Iterable[UpdateStats]) -> Finding | None:
     )
 
 
+def _eval_worse(probe: BatchNormProbe, loss_ratio: float = 2.0, min_gap: float = 0.1) -> bool:
+    """Eval mode scores at least ``loss_ratio`` times worse than batch statistics, by ``min_gap`` of ``ln C``."""
+    gap = probe.eval_loss - probe.batch_stat_loss
+    return probe.eval_loss >= loss_ratio * probe.batch_stat_loss and gap >= min_gap * math.log(max(2, probe.classes))
+
+
 def batchnorm_mismatch(
     probe: BatchNormProbe | None,
     layers: Iterable[BatchNormStats],
@@ -304,10 +311,9 @@ def batchnorm_mismatch(
     records = sorted(layers, key=lambda r: -max(r.mean_shift / shift, r.var_log_ratio / var_log_ratio))
     if probe is None or not records:
         return None
-    chance = math.log(max(2, probe.classes))
-    gap = probe.eval_loss - probe.batch_stat_loss
-    if not (probe.eval_loss >= loss_ratio * probe.batch_stat_loss and gap >= min_gap * chance):
+    if not _eval_worse(probe, loss_ratio, min_gap):
         return None
+    chance = math.log(max(2, probe.classes))
     far = [r for r in records if r.mean_shift >= shift or r.var_log_ratio >= var_log_ratio]
     if not far:
         return None
@@ -585,9 +591,17 @@ def unchanged(ev: Evidence) -> Finding | None:
 
 
 def batchnorm(ev: Evidence) -> Finding | None:
-    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records."""
+    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records, once the probe before it agrees: running
+    statistics lag the weights for an epoch when the learning rate is high or the weights jump, and settle by the
+    next (a mismatch of one epoch is not a finding). At the end of the fit the latest probe alone decides."""
     dyn = ev.dynamics
-    return batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+    finding = batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+    if finding is None or dyn is None:
+        return None
+    earlier = [p for p in dyn.bn_probes if p.epoch < dyn.bn_probe.epoch]
+    if earlier and _eval_worse(earlier[-1]):
+        return replace(finding, since_epoch=earlier[-1].epoch)
+    return finding if ev.final else None
 
 
 def saturation(ev: Evidence) -> Finding | None:
