@@ -476,6 +476,7 @@ def oscillating_loss(
     train_loss: Sequence[tuple[int, float | None]],
     *,
     learning_rate: Sequence[tuple[int, float, float, float]] = (),
+    noise: float = 0.0,
     min_epochs: int = 5,
     window: int = 6,
     amplitude: float = 0.1,
@@ -496,6 +497,9 @@ def oscillating_loss(
         train_loss: (epoch, training loss) per logged epoch.
         learning_rate: (epoch, first, highest, last learning rate of the epoch) per epoch; without it no rise is
             excused.
+        noise: standard error of an epoch's mean loss (batch-to-batch spread / sqrt(batches)): a sustained
+            oscillation rises at least twice in the window by more than twice this and ``min_swing`` of the curve's
+            largest value (one spike, or the noise of small batches, is not an oscillation).
         min_epochs: epochs needed before judging.
         window: epochs judged together.
         amplitude: RMS of the residuals around a straight-line trend, as a share of the window's mean loss, that
@@ -514,11 +518,12 @@ def oscillating_loss(
         return None
     lr_at = {e: (a, b, c) for e, a, b, c in learning_rate}
     values, excused = _scheduled_rises([v for _, v in points], [lr_at.get(e) for e, _ in points], undo=undo)
-    size = min(window, len(values))
+    size, big = min(window, len(values)), max(min_swing * scale, 2 * noise)
     firing = []
     for j in range(len(values) - size + 1):
         rms, level, turns, travelled, net = _swings(values[j : j + size])
-        if level and rms / level >= amplitude and rms >= min_swing * scale and turns >= reversals:
+        ups = sum(1 for a, b in zip(values[j : j + size], values[j + 1 : j + size]) if b - a > big)
+        if level and rms / level >= amplitude and rms >= min_swing * scale and turns >= reversals and ups >= 2:
             if travelled >= path * net:
                 firing.append((j, rms / level, turns, travelled, net, level))
     if not firing:
@@ -645,7 +650,7 @@ def initial_loss(ev: Evidence) -> Finding | None:
 
 def oscillating(ev: Evidence) -> Finding | None:
     """:func:`oscillating_loss` on the per-epoch training loss and learning rate."""
-    return oscillating_loss(list(ev.train_loss), learning_rate=list(ev.learning_rate))
+    return oscillating_loss(list(ev.train_loss), learning_rate=list(ev.learning_rate), noise=ev.train_loss_sem)
 
 
 #: The kinds of finding these rules raise.
