@@ -484,6 +484,7 @@ def oscillating_loss(
     reversals: float = 0.5,
     path: float = 2.0,
     undo: float = 0.75,
+    recovered: float = 0.1,
 ) -> Finding | None:
     """An episode of the run in which the per-epoch training loss goes up and down around its trend with a large
     amplitude, without diverging.
@@ -509,6 +510,8 @@ def oscillating_loss(
         reversals: share of consecutive changes that reverse direction that fires; the path travelled must also be
             at least ``path`` times the net change.
         undo: a restart's rise is the schedule's while it gives back at most this share of the previous cycle's fall.
+        recovered: an episode that settled is no finding when the loss then fell below this share of the episode's
+            mean level (swings on the way down of a run that went on converging).
     """
     points = [(e, v) for e, v in train_loss if v is not None and math.isfinite(v)]
     if len(points) < min_epochs or len(points) < len(train_loss):
@@ -531,6 +534,9 @@ def oscillating_loss(
     first, last = points[firing[0][0]][0], points[firing[-1][0] + size - 1][0]
     j, share, turns, travelled, net, level = max(firing, key=lambda f: f[1])
     ongoing = firing[-1][0] + size == len(values)
+    episode = statistics.fmean(abs(v) for _, v in points[firing[0][0] : firing[-1][0] + size])
+    if not ongoing and abs(points[-1][1]) < recovered * episode:
+        return None  # swings of the steep descent, after which the loss fell tenfold: a phase, not a problem
     evidence = [
         f"epochs {first}-{last}" + ("" if ongoing else f" (settled by epoch {points[-1][0]})") + f": residuals "
         f"around the trend up to {share:.0%} of the mean loss {level:.4g} (RMS, epochs {points[j][0]}-"
