@@ -24,7 +24,8 @@ initial_loss           last layer's weights x100; unnormalised inputs (x40) into
 oscillating_loss       a restart every other epoch to a learning rate far too high: SGD MLP, SGD CNN with
                        BatchNorm, Adam MLP
 healthy                sensible settings: CNN+BN (SGD), MLP (Adam), ResNet (SGD, cosine), CNN (Adam), tanh MLP
-                       with Xavier init (Adam), shallow sigmoid MLP (Adam)
+                       with Xavier init (Adam), shallow sigmoid MLP (Adam), CNN+BN with SGDR warm restarts every 2
+                       epochs (per step), MLP with batches of 4 (SGD: a noisy loss)
 =====================  ==========================================================================================
 
 Data: scikit-learn's 8x8 digits, standardised (75 % train, 25 % validation, split by the seed).
@@ -166,6 +167,7 @@ class Plant:
     input_scale: float = 1.0
     input_shift: float = 0.0
     optimise: str = "all"  # "skip_last_hidden", "lr0_first"
+    batch_size: int = 32
     seed: int = 0
     expected: set[str] = field(default_factory=set)
 
@@ -210,6 +212,9 @@ class Module(pl.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=p.lr)
         else:
             opt = torch.optim.SGD(params, lr=p.lr, momentum=0.9)
+        if p.schedule == "warm_restarts":  # intended: SGDR, a restart to a sensible peak every 2 epochs, per step
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2 * self.steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if p.schedule == "cosine":
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.epochs)}
         if p.schedule == "exp":  # stepped per epoch: gamma > 1 (meant 0.x) multiplies the lr every epoch
@@ -264,7 +269,7 @@ def run(p: Plant, logdir: str) -> tuple[set[str], set[str], Recorder]:
     n_val = len(x) // 4
     train = TensorDataset(x[perm[n_val:]], y[perm[n_val:]])
     val = TensorDataset(x[perm[:n_val]], y[perm[:n_val]])
-    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(p.seed))
+    loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, generator=torch.Generator().manual_seed(p.seed))
     diagnosis = Recorder()
     callbacks = [lightning_viz.ActivationMonitor(max_batches=4), lightning_viz.DynamicsMonitor(), diagnosis]
     trainer = quiet_trainer(logdir, p.label(), callbacks, max_epochs=p.epochs)
@@ -284,6 +289,9 @@ def plan(seeds: list[int]) -> list[Plant]:
             Plant("healthy", "cnn-adam", lambda: cnn(), 2e-3, optimiser="adam", epochs=10),
             Plant("healthy", "tanh_mlp-xavier-adam", lambda: xavier(mlp(nn.Tanh)), 1e-3, optimiser="adam"),
             Plant("healthy", "sigmoid_mlp-adam", lambda: mlp(nn.Sigmoid, depth=1, width=64), 3e-3, optimiser="adam"),
+            Plant("healthy", "cnn_bn-sgd-warm_restarts", lambda: cnn(bn=True), 0.05, schedule="warm_restarts",
+                  epochs=8),
+            Plant("healthy", "mlp-sgd-batch4", lambda: mlp(nn.ReLU), 0.01, batch_size=4, epochs=8),
             # vanishing gradients
             Plant("vanishing_gradients", "deep_sigmoid_mlp", lambda: mlp(nn.Sigmoid, depth=10), 0.05),
             Plant("vanishing_gradients", "deep_sigmoid_cnn", lambda: cnn(nn.Sigmoid, depth=6, width=8), 0.02),

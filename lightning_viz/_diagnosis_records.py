@@ -20,6 +20,7 @@ from lightning_viz.records import (
     BatchNormStats,
     EmbeddingQuality,
     GradientStats,
+    GradientTrace,
     LossStats,
     RecordBus,
     SaturationStats,
@@ -68,6 +69,8 @@ class RecordReader:
             bn_layers=list(bus.latest(BatchNormStats).values()),
             saturation={s: bus.history(SaturationStats, s) for s in bus.latest(SaturationStats)},
             loss=bus.latest(LossStats).get(""),
+            trace=bus.history(GradientTrace, ""),
+            bn_probes=bus.history(BatchNormProbe, ""),
         )
 
     @staticmethod

@@ -60,9 +60,9 @@ CAUSE_ORDER: tuple[str, ...] = (
     "initial_loss",
     "saturated_activations",
     "vanishing_gradients",
+    "oscillating_loss",
     "dead_filters",
     "not_learning",
-    "oscillating_loss",
     "overfitting",
     "undertraining",
 )
@@ -77,7 +77,9 @@ _STALLED = frozenset({"not_learning", "undertraining"})
 #: - saturated activations pass no gradient: vanishing gradients and a stalled loss follow;
 #: - attention that collapses onto one token makes every token the same vector (rank collapse), and tokens that are
 #:   all one vector leave the head nothing to classify with: a stalled loss follows;
-#: - unchanged weights, an initial loss off its chance level and an oscillating loss are causes of their own.
+#: - a loss that oscillates (a learning rate too high for the schedule) kills ReLU units on its swings: the dead
+#:   filters that follow are its consequence (dead units make a loss stall, never swing), and so is a stalled loss;
+#: - unchanged weights and an initial loss off its chance level are causes of their own.
 EXPLAINS: dict[str, frozenset[str]] = {
     "exploding_gradients": frozenset(
         {"divergence", "dead_filters", "not_learning", "overfitting", "undertraining", "oscillating_loss"}
@@ -92,6 +94,7 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "rank_collapse": _STALLED,
     "saturated_activations": frozenset({"vanishing_gradients"} | _STALLED),
     "vanishing_gradients": _STALLED,
+    "oscillating_loss": frozenset({"dead_filters"} | _STALLED),
     "dead_filters": _STALLED,
     "not_learning": frozenset({"overfitting", "undertraining"}),
     "overfitting": frozenset({"undertraining"}),
@@ -145,6 +148,10 @@ class DynamicsEvidence:
     saturation: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     #: The latest :class:`~lightning_viz.records.LossStats` (initial loss, chance level).
     loss: Any = None
+    #: :class:`~lightning_viz.records.GradientTrace` per logged epoch (every step's total gradient norm), oldest first.
+    trace: Sequence[Any] = ()
+    #: Every :class:`~lightning_viz.records.BatchNormProbe`, oldest first.
+    bn_probes: Sequence[Any] = ()
 
 
 @dataclass
@@ -170,6 +177,8 @@ class Evidence:
     chance_loss: float | None = None
     #: First epoch in which a training loss or a weight was NaN/Inf (``None``: never).
     nonfinite_epoch: int | None = None
+    #: (epoch, first, highest, last learning rate of the epoch): the largest over the optimizers' param groups.
+    learning_rate: Sequence[tuple[int, float, float, float]] = ()
     #: Total weight norm per epoch, and at the start of the fit.
     weight_norm: Series = ()
     initial_norm: float | None = None
@@ -229,6 +238,13 @@ def slope_per_epoch(points: Series) -> float:
     mv = sum(v for _, v in pts) / len(pts)
     den = sum((e - me) ** 2 for e, _ in pts)
     return sum((e - me) * (v - mv) for e, v in pts) / den if den > 0 else 0.0
+
+
+def learning_rate(trainer: Any) -> float | None:
+    """The highest learning rate over the Trainer's optimizers' param groups now (``None`` without one)."""
+    rates = [g.get("lr") for opt in getattr(trainer, "optimizers", None) or () for g in opt.param_groups]
+    rates = [float(r) for r in rates if isinstance(r, (int, float))]
+    return max(rates) if rates else None
 
 
 def loss_curve(ev: Evidence) -> list[tuple[int, float]]:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from lightning_viz.diagnosis import Evidence, Finding, loss_curve
 from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
     GradientStats,
+    GradientTrace,
     LossStats,
     SaturationStats,
     UpdateStats,
@@ -140,6 +142,7 @@ def vanishing_gradients(
 def exploding_gradients(
     history: Mapping[str, Sequence[GradientStats]],
     *,
+    trace: Sequence[GradientTrace] = (),
     orders: float = 2.0,
     critical_orders: float = 4.0,
     nonfinite_alone: bool = True,
@@ -148,8 +151,13 @@ def exploding_gradients(
     epoch (its median there against the largest sampled norm since, so that a growth within the epoch before a
     divergence counts), or every sampled step of the latest epoch had NaN/Inf gradients.
 
+    With ``trace`` (every optimizer step's total norm), a growth between two sampled steps counts too: the third
+    largest norm of a logged epoch (a growth lasts several steps; a lone spike does not count) against the median
+    of the fit's first steps. A ResNet whose learning rate grows within an epoch shows it there and nowhere else.
+
     Args:
         history: per layer, its :class:`GradientStats`, oldest first.
+        trace: :class:`GradientTrace` per logged epoch, oldest first.
         orders: growth (log10 of the peak / the first epoch's median total norm) that fires; ``critical_orders``
             makes it critical.
         nonfinite_alone: fire on NaN/Inf gradients without a measured growth (``False`` in the diagnosis: NaN from
@@ -182,16 +190,33 @@ def exploding_gradients(
                 f"total gradient norm reached {peak:.3g} in epoch {peak_epoch}, {growth:.1f} orders of magnitude "
                 f"above its typical {totals[0][1]:.3g} in epoch {totals[0][0]}"
             )
+    since = next((e for e, v in later if math.log10(v / totals[0][1]) >= orders), latest) if later else latest
+    start = trace[0].initial if trace else None
+    grown = [(r.epoch, r.peak) for r in trace if start and r.peak and math.log10(r.peak / start) >= orders]
+    if grown and start:
+        sampled, (epoch, peak) = growth, max(grown, key=lambda p: p[1])
+        if math.log10(peak / start) > growth:
+            growth = math.log10(peak / start)
+            steps = sum(r.steps for r in trace)
+            evidence.append(
+                f"the total gradient norm, read at every one of {steps} optimizer steps, reached {peak:.3g} in epoch "
+                f"{epoch} (its third largest value there), {growth:.1f} orders of magnitude above {start:.3g} at the "
+                "first steps"
+            )
+        since = grown[0][0] if since is None or sampled < orders else min(since, grown[0][0])
     if not evidence or (not nonfinite_alone and growth < orders):
         return None
-    since = next((e for e, v in later if math.log10(v / totals[0][1]) >= orders), latest)
     return Finding(
         kind="exploding_gradients",
         severity="critical" if growth >= critical_orders or nonfinite.get(latest or -1) else "warning",
         since_epoch=since if since is not None else 0,
         summary="Gradients are exploding: their norm grows by orders of magnitude.",
         evidence=evidence,
-        tags=["dynamics/gradient_flow", *(f"dynamics/grad_norm/{s}" for s in list(history)[-2:])],
+        tags=[
+            "dynamics/gradient_flow",
+            *(["dynamics/grad_norm_total/peak"] if trace else []),
+            *(f"dynamics/grad_norm/{s}" for s in list(history)[-2:]),
+        ],
         remedies=[
             "clip gradients (Trainer(gradient_clip_val=1.0))",
             "lower the learning rate, or add warm-up",
@@ -255,6 +280,12 @@ def unchanged_weights(updates: Iterable[UpdateStats]) -> Finding | None:
     )
 
 
+def _eval_worse(probe: BatchNormProbe, loss_ratio: float = 2.0, min_gap: float = 0.1) -> bool:
+    """Eval mode scores at least ``loss_ratio`` times worse than batch statistics, by ``min_gap`` of ``ln C``."""
+    gap = probe.eval_loss - probe.batch_stat_loss
+    return probe.eval_loss >= loss_ratio * probe.batch_stat_loss and gap >= min_gap * math.log(max(2, probe.classes))
+
+
 def batchnorm_mismatch(
     probe: BatchNormProbe | None,
     layers: Iterable[BatchNormStats],
@@ -280,10 +311,9 @@ def batchnorm_mismatch(
     records = sorted(layers, key=lambda r: -max(r.mean_shift / shift, r.var_log_ratio / var_log_ratio))
     if probe is None or not records:
         return None
-    chance = math.log(max(2, probe.classes))
-    gap = probe.eval_loss - probe.batch_stat_loss
-    if not (probe.eval_loss >= loss_ratio * probe.batch_stat_loss and gap >= min_gap * chance):
+    if not _eval_worse(probe, loss_ratio, min_gap):
         return None
+    chance = math.log(max(2, probe.classes))
     far = [r for r in records if r.mean_shift >= shift or r.var_log_ratio >= var_log_ratio]
     if not far:
         return None
@@ -412,30 +442,82 @@ def initial_loss_off_chance(loss: LossStats | None, *, factor: float = 1.5, crit
     )
 
 
+def _scheduled_rises(
+    values: Sequence[float], lrs: Sequence[tuple[float, float, float] | None], *, undo: float
+) -> tuple[list[float], int]:
+    """The curve with the loss rises that an intended learning-rate restart explains taken out, and how many were.
+
+    A restart is an epoch whose first or highest learning rate is above 1.5x the previous epoch's last. Its rise is
+    the schedule's (warm restarts, SGDR) when the cycle before it began at a restart too, the loss now stays below
+    the loss at that restart (each cycle starts lower), and the rise gives back at most ``undo`` of what the loss
+    fell during that cycle. The first restart is never excused: the steep fall of the first epochs says nothing
+    about whether the restart's learning rate is sensible.
+    """
+    out, offset, excused, cycle_start = [values[0]], 0.0, 0, None
+    for i in range(1, len(values)):
+        rise = values[i] - values[i - 1]
+        before, now = lrs[i - 1] if i - 1 < len(lrs) else None, lrs[i] if i < len(lrs) else None
+        if before is not None and now is not None and max(now[0], now[1]) > 1.5 * before[2]:
+            if cycle_start is not None and 0 < rise <= undo * (max(values[cycle_start:i]) - values[i - 1]):
+                if values[i] < values[cycle_start]:
+                    offset, excused = offset + rise, excused + 1
+            cycle_start = i
+        out.append(values[i] - offset)
+    return out, excused
+
+
+def _swings(values: Sequence[float]) -> tuple[float, float, float, float, float]:
+    """(RMS of the residuals around a straight line, mean |loss|, share of reversals, path travelled, net change)."""
+    n = len(values)
+    mx, my = (n - 1) / 2, statistics.fmean(values)
+    slope = sum((x - mx) * (y - my) for x, y in enumerate(values)) / sum((x - mx) ** 2 for x in range(n))
+    rms = math.sqrt(statistics.fmean((y - (my + slope * (x - mx))) ** 2 for x, y in enumerate(values)))
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
+    level = statistics.fmean(abs(v) for v in values)
+    return rms, level, turns, sum(abs(d) for d in diffs), abs(values[-1] - values[0])
+
+
 def oscillating_loss(
     train_loss: Sequence[tuple[int, float | None]],
     *,
+    learning_rate: Sequence[tuple[int, float, float, float]] = (),
+    noise: float = 0.0,
     min_epochs: int = 5,
     window: int = 6,
     amplitude: float = 0.1,
     min_swing: float = 0.02,
     reversals: float = 0.5,
+    path: float = 2.0,
+    undo: float = 0.75,
+    recovered: float = 0.1,
 ) -> Finding | None:
-    """The per-epoch training loss goes up and down around its trend with a large amplitude, without diverging.
+    """An episode of the run in which the per-epoch training loss goes up and down around its trend with a large
+    amplitude, without diverging.
 
-    Judged over the last ``window`` epochs, so that the steep descent of the first epochs does not hide an
-    oscillation that came after it.
+    Every ``window`` consecutive epochs of the run are judged (all of them when the run is shorter), so that the
+    steep descent of the first epochs does not hide an oscillation that came after it, and an episode that faded by
+    the end is still found (the finding says when it started and ended). Rises that an intended learning-rate restart
+    explains (warm restarts, SGDR: :func:`_scheduled_rises`) are taken out first.
 
     Args:
         train_loss: (epoch, training loss) per logged epoch.
+        learning_rate: (epoch, first, highest, last learning rate of the epoch) per epoch; without it no rise is
+            excused.
+        noise: standard error of an epoch's mean loss (batch-to-batch spread / sqrt(batches)): a sustained
+            oscillation rises at least twice in the window by more than twice this and ``min_swing`` of the curve's
+            largest value (one spike, or the noise of small batches, is not an oscillation).
         min_epochs: epochs needed before judging.
-        window: the last epochs judged.
+        window: epochs judged together.
         amplitude: RMS of the residuals around a straight-line trend, as a share of the window's mean loss, that
             fires; and
         min_swing: ... at least this share of the curve's largest value (its start, usually), so that the noise of a
             loss that has converged near zero is not an oscillation.
-        reversals: share of consecutive changes that reverse direction (up after down or down after up) that fires;
-            the path travelled must also be at least three times the net change.
+        reversals: share of consecutive changes that reverse direction that fires; the path travelled must also be
+            at least ``path`` times the net change.
+        undo: a restart's rise is the schedule's while it gives back at most this share of the previous cycle's fall.
+        recovered: an episode that settled is no finding when the loss then fell below this share of the episode's
+            mean level (swings on the way down of a run that went on converging).
     """
     points = [(e, v) for e, v in train_loss if v is not None and math.isfinite(v)]
     if len(points) < min_epochs or len(points) < len(train_loss):
@@ -443,32 +525,40 @@ def oscillating_loss(
     scale = max(abs(v) for _, v in points)
     if points[-1][1] > 2 * points[0][1] > 0:
         return None
-    points = points[-window:]
-    values = [v for _, v in points]
-    level = statistics.fmean(abs(v) for v in values)
-    if level == 0:
+    lr_at = {e: (a, b, c) for e, a, b, c in learning_rate}
+    values, excused = _scheduled_rises([v for _, v in points], [lr_at.get(e) for e, _ in points], undo=undo)
+    size, big = min(window, len(values)), max(min_swing * scale, 2 * noise)
+    firing = []
+    for j in range(len(values) - size + 1):
+        rms, level, turns, travelled, net = _swings(values[j : j + size])
+        ups = sum(1 for a, b in zip(values[j : j + size], values[j + 1 : j + size]) if b - a > big)
+        if level and rms / level >= amplitude and rms >= min_swing * scale and turns >= reversals and ups >= 2:
+            if travelled >= path * net:
+                firing.append((j, rms / level, turns, travelled, net, level))
+    if not firing:
         return None
-    n = len(values)
-    xs = range(n)
-    mx, my = (n - 1) / 2, statistics.fmean(values)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, values)) / sum((x - mx) ** 2 for x in xs)
-    rms = math.sqrt(statistics.fmean((y - (my + slope * (x - mx))) ** 2 for x, y in zip(xs, values)))
-    diffs = [b - a for a, b in zip(values, values[1:])]
-    turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
-    travelled = sum(abs(d) for d in diffs)
-    net = abs(values[-1] - values[0])
-    if rms / level < amplitude or rms < min_swing * scale or turns < reversals or travelled < 3 * net:
-        return None
+    first, last = points[firing[0][0]][0], points[firing[-1][0] + size - 1][0]
+    j, share, turns, travelled, net, level = max(firing, key=lambda f: f[1])
+    ongoing = firing[-1][0] + size == len(values)
+    episode = statistics.fmean(abs(v) for _, v in points[firing[0][0] : firing[-1][0] + size])
+    if not ongoing and abs(points[-1][1]) < recovered * episode:
+        return None  # swings of the steep descent, after which the loss fell tenfold: a phase, not a problem
+    evidence = [
+        f"epochs {first}-{last}" + ("" if ongoing else f" (settled by epoch {points[-1][0]})") + f": residuals "
+        f"around the trend up to {share:.0%} of the mean loss {level:.4g} (RMS, epochs {points[j][0]}-"
+        f"{points[j + size - 1][0]})",
+        f"{turns:.0%} of the epoch-to-epoch changes there reverse direction; the loss travelled {travelled:.3g} for a "
+        f"net change of {net:.3g}",
+    ]
+    if excused:
+        evidence.append(f"{excused} rise(s) right after a learning-rate restart were the schedule's, not counted")
     return Finding(
         kind="oscillating_loss",
         severity="warning",
-        since_epoch=points[0][0],
-        summary="The training loss oscillates: it goes up and down from epoch to epoch instead of settling.",
-        evidence=[
-            f"residuals around the trend: {rms / level:.0%} of the mean loss {level:.4g} (RMS)",
-            f"{turns:.0%} of the epoch-to-epoch changes reverse direction; the loss travelled {travelled:.3g} for a "
-            f"net change of {net:.3g}",
-        ],
+        since_epoch=first,
+        summary="The training loss oscillates: it goes up and down from epoch to epoch instead of settling"
+        + ("." if ongoing else f" (epochs {first}-{last})."),
+        evidence=evidence,
         tags=["diagnosis/train_loss", "dynamics/train_loss"],
         remedies=[
             "lower the learning rate (update ratios well above 1e-3 point the same way), or decay it",
@@ -493,7 +583,9 @@ def vanishing(ev: Evidence) -> Finding | None:
 def exploding(ev: Evidence) -> Finding | None:
     """:func:`exploding_gradients` on the gradient history: a measured growth (NaN alone is divergence)."""
     dyn = ev.dynamics
-    return exploding_gradients(dyn.gradients, nonfinite_alone=False) if dyn is not None and dyn.gradients else None
+    if dyn is None or not (dyn.gradients or dyn.trace):
+        return None
+    return exploding_gradients(dyn.gradients, trace=dyn.trace, nonfinite_alone=False)
 
 
 def unchanged(ev: Evidence) -> Finding | None:
@@ -516,9 +608,17 @@ def unchanged(ev: Evidence) -> Finding | None:
 
 
 def batchnorm(ev: Evidence) -> Finding | None:
-    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records."""
+    """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records, once the probe before it agrees: running
+    statistics lag the weights for an epoch when the learning rate is high or the weights jump, and settle by the
+    next (a mismatch of one epoch is not a finding). At the end of the fit the latest probe alone decides."""
     dyn = ev.dynamics
-    return batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+    finding = batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
+    if finding is None or dyn is None:
+        return None
+    earlier = [p for p in dyn.bn_probes if p.epoch < dyn.bn_probe.epoch]
+    if earlier and _eval_worse(earlier[-1]):
+        return replace(finding, since_epoch=earlier[-1].epoch)
+    return finding if ev.final else None
 
 
 def saturation(ev: Evidence) -> Finding | None:
@@ -561,8 +661,8 @@ def initial_loss(ev: Evidence) -> Finding | None:
 
 
 def oscillating(ev: Evidence) -> Finding | None:
-    """:func:`oscillating_loss` on the per-epoch training loss."""
-    return oscillating_loss(list(ev.train_loss))
+    """:func:`oscillating_loss` on the per-epoch training loss and learning rate."""
+    return oscillating_loss(list(ev.train_loss), learning_rate=list(ev.learning_rate), noise=ev.train_loss_sem)
 
 
 #: The kinds of finding these rules raise.

@@ -338,3 +338,24 @@ class TokenRankStats(Record):
     relative_residual: float | None
     #: ``exp`` of the entropy of the normalised singular values of ``X`` (1: rank one), mean over the probes.
     effective_rank: float | None
+
+
+# ---- every optimizer step's total gradient norm (DynamicsMonitor, issue #16: growth between sampled steps) ----
+__all__ += ["GradientTrace"]
+
+
+@dataclass(frozen=True)
+class GradientTrace(Record):
+    """The total gradient norm (all followed parameters) at every optimizer step since the last logged epoch
+    (``subject`` is ``""``), read after AMP unscaling and before clipping."""
+
+    #: Optimizer steps behind the numbers.
+    steps: int
+    #: Median and largest finite norm over those steps; ``peak`` is the 3rd largest (a lone spike is not a growth).
+    median: float | None
+    peak: float | None
+    largest: float | None
+    #: Steps whose norm was NaN/Inf.
+    nonfinite_steps: int
+    #: Median of the first finite norms of the fit (the reference for a growth).
+    initial: float | None

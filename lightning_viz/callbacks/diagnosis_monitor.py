@@ -42,8 +42,8 @@ class DiagnosisMonitor(VizCallback):
     ended it: ``max_epochs``, ``max_steps``, ``EarlyStopping`` - it gives the end-of-run verdict (under-training, not
     learning) at the final global step. Written: a Markdown panel ``diagnosis/findings`` (findings, evidence, the
     real tags to look at, remedies, the checks that are switched off and why), scalars ``diagnosis/findings`` (count),
-    ``diagnosis/<kind>`` (0/1 per kind), ``diagnosis/train_loss`` and ``diagnosis/weight_norm``; a log line (logger
-    ``lightning_viz``) when a finding appears and when it is resolved.
+    ``diagnosis/<kind>`` (0/1 per kind), ``diagnosis/train_loss``, ``diagnosis/weight_norm``; a log line when a finding
+    appears and when it is resolved.
 
     Args:
         train_loss: a logged training-loss metric, used only when ``training_step`` returns no loss.
@@ -53,8 +53,8 @@ class DiagnosisMonitor(VizCallback):
             chance-level loss is ``ln(num_classes)``. ``0`` switches the chance-level check off.
         dead_threshold: layers whose dead share rose at least this much above where they started are flagged
             (default 0.2); ``dead_critical`` (default 0.5) makes it critical.
-        overfit_patience: epochs the validation loss must stay above its best (default 3).
-        overfit_tolerance: and by at least this share of the best loss (default 0.05), besides 3 times its noise.
+        overfit_patience, overfit_tolerance: epochs the validation loss must stay above its best (default 3), and by
+            at least this share of the best loss (default 0.05), besides 3 times its noise.
         explode_factor: weights are "exploding" beyond this multiple of their initial total norm (default 10).
         **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``.
     """
@@ -103,6 +103,8 @@ class DiagnosisMonitor(VizCallback):
             k: [] for k in ("train_loss", "val_loss", "val_acc", "weight_norm")
         }
         self._records = RecordReader()
+        self._lr: list[tuple[int, float, float, float]] = []  # (epoch, first, highest, last learning rate)
+        self._lr_epoch: list[float] = []
         self._initial_loss: float | None = None
         self._initial_norm: float | None = None
         self._nonfinite: int | None = None
@@ -130,16 +132,31 @@ class DiagnosisMonitor(VizCallback):
             self._chance_classes = None
         self._val_every = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
         self._early_stopping = any("EarlyStopping" in type(cb).__name__ for cb in trainer.callbacks)
-        self._initial_norm = D.weight_norm(pl_module)
-        self._constant = tuple(
-            name
-            for name, m in pl_module.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            and m.weight.numel() > 1
-            and bool((m.weight.detach() == m.weight.detach().flatten()[0]).all())
-        )
 
-    # ---------------------------------------------------------------------------------------------- gathering
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The weights the first optimizer step starts from: taken here, after a checkpoint restore and after weights
+        # loaded in the user's `setup` / `on_fit_start`, never at setup. A resumed run keeps what its state saved.
+        if self._active and int(trainer.global_step) == 0:
+            self._initial_norm = D.weight_norm(pl_module)
+            self._constant = tuple(
+                name
+                for name, m in pl_module.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and m.weight.numel() > 1
+                and bool((m.weight.detach() == m.weight.detach().flatten()[0]).all())
+            )
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # the learning rate this batch's step uses (schedulers step after the batch), so a restart is no oscillation
+        if self._active and (lr := D.learning_rate(trainer)) is not None:
+            first, peak = self._lr_epoch[:2] if self._lr_epoch else (lr, lr)
+            self._lr_epoch = [first, max(peak, lr), lr]
+
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -173,6 +190,9 @@ class DiagnosisMonitor(VizCallback):
         if self._nonfinite is None and ((mean is not None and not math.isfinite(mean)) or not math.isfinite(norm)):
             self._nonfinite = epoch
         self._history["weight_norm"].append((epoch, norm))
+        if self._lr_epoch:
+            self._lr = [p for p in self._lr if p[0] != epoch] + [(epoch, *self._lr_epoch)]  # type: ignore[list-item]
+        self._lr_epoch = []
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -218,7 +238,6 @@ class DiagnosisMonitor(VizCallback):
         finally:
             self._final = False
 
-    # ---------------------------------------------------------------------------------------------- judging
     def evidence(self, epochs_done: int, final: bool = False) -> D.Evidence:
         """What the rules see now (public, so a user's or another engineer's rule can be tried on a run)."""
         classes = self._chance_classes
@@ -234,6 +253,7 @@ class DiagnosisMonitor(VizCallback):
             chance_loss=math.log(classes) if classes else None,
             nonfinite_epoch=self._nonfinite,
             weight_norm=list(self._history["weight_norm"]),
+            learning_rate=list(self._lr),
             initial_norm=self._initial_norm,
             constant_init=self._constant,
             dead=self._records.dead_histories(),
@@ -313,6 +333,7 @@ class DiagnosisMonitor(VizCallback):
             "resolved": list(self._resolved),
             "tags": dict(self._tags),  # the metric names found: a resumed fit may start between validations
             "val_runs": self._val_runs,
+            "learning_rate": list(self._lr),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -326,3 +347,4 @@ class DiagnosisMonitor(VizCallback):
         self._resolved = list(state.get("resolved", []))
         self._tags.update(state.get("tags", {}))
         self._val_runs = int(state.get("val_runs", self._val_runs))
+        self._lr = [tuple(p) for p in state.get("learning_rate", [])]  # type: ignore[misc]

@@ -22,6 +22,7 @@ from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
     GradientStats,
+    GradientTrace,
     LossStats,
     Record,
     SaturationStats,
@@ -40,24 +41,22 @@ class DynamicsMonitor(VizCallback):
       read) every ``every_n_steps``-th optimizer step. Scalars ``dynamics/grad_norm/<layer>`` (median over the
       epoch's sampled steps) and one image per logged epoch, ``dynamics/gradient_flow``: layers (rows, input at the
       top) x sampled steps, on a log10 colour scale with its colour bar (the scale only ever widens, so epochs compare).
+      The total norm of *every* step (one ``torch._foreach_norm``, kept on the device, read once per logged epoch)
+      catches a growth between sampled steps: ``dynamics/grad_norm_total/{median,peak}``.
     - **Update ratio** ``||w_after - w_before|| / ||w_before||`` per layer at the sampled steps (one copy of the
       parameters, held through a training epoch): ``dynamics/update_ratio/<layer>`` (rule of thumb: about 1e-3).
-    - **Unchanged weights**: parameters with ``requires_grad=True`` whose values have not changed since the start of
-      the fit (left out of the optimizer, lr 0, or no gradient reaches them), told from frozen ones
-      (``requires_grad=False``, never a finding). Scalar ``dynamics/unchanged_parameters``.
-    - **BatchNorm health**, during the validation pass the Trainer already runs (forward hooks, removed at its end):
-      the distance of each layer's running statistics from the statistics of its inputs,
-      ``dynamics/bn_mean_shift/<layer>`` (in running standard deviations) and ``dynamics/bn_var_log_ratio/<layer>``;
-      and a probe of up to ``probe_samples`` validation samples (kept from the validation batches, fixed for the run)
-      scored in eval mode and with batch statistics: ``dynamics/bn_probe/{eval,batch_stat}_{loss,accuracy}``. The
-      running statistics are restored exactly afterwards.
+    - **Unchanged weights**: ``requires_grad=True`` parameters unchanged since the fit started (left out of the
+      optimizer, lr 0, no gradient), not frozen ones (``requires_grad=False``): ``dynamics/unchanged_parameters``.
+    - **BatchNorm health**, in the validation pass the Trainer runs anyway (hooks removed at its end): each layer's
+      running statistics against its inputs', ``dynamics/bn_{mean_shift,var_log_ratio}/<layer>`` (mean shift in
+      running std); up to ``probe_samples`` validation samples (fixed for the run) scored in eval mode and with batch
+      statistics, ``dynamics/bn_probe/{eval,batch_stat}_{loss,accuracy}`` (running statistics restored exactly).
     - **Saturation** of sigmoid / tanh / hardtanh / hardsigmoid / softsign modules: share of outputs in the flat
       tails (e.g. ``|tanh| > 0.97``) on the validation batches, ``dynamics/saturation/<module>``.
-    - **Loss**: the first training batch's loss against ``ln(C)`` for a C-class classifier
-      (``dynamics/initial_loss``, ``dynamics/chance_loss``), and the epoch's mean training loss
-      (``dynamics/train_loss``), as ``training_step`` returned it.
+    - **Loss** as ``training_step`` returned it: the first batch's against ``ln(C)`` for a C-class classifier
+      (``dynamics/initial_loss``, ``dynamics/chance_loss``) and the epoch's mean (``dynamics/train_loss``).
 
-    Everything is published as records (:mod:`lightning_viz.records`) for :mod:`lightning_viz.diagnosis_rules`.
+    Everything is published as records (:attr:`publishes`) for the rules in :mod:`lightning_viz.diagnosis_rules`.
 
     Args:
         layers: names of modules that own parameters to follow; default: all of them.
@@ -74,8 +73,9 @@ class DynamicsMonitor(VizCallback):
     """
 
     monitor_name = "dynamics"
-    sample_budget: ClassVar[float] = 0.01  #: with ``every_n_steps=None``: the most a sample may cost, as a share
-    publishes = (GradientStats, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
+    #: With ``every_n_steps=None``, sampling thins out until a sample costs at most this share of the training time.
+    sample_budget: ClassVar[float] = 0.01
+    publishes = (GradientStats, GradientTrace, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
     default_every_n_epochs, diagnosis_evidence = 1, True  # its records are what the final verdict judges
 
     def __init__(
@@ -95,7 +95,7 @@ class DynamicsMonitor(VizCallback):
         super().__init__(**kwargs)
         check.layer_names("layers", layers)
         check.positive_int("every_n_steps", every_n_steps, allow_none=True)
-        for name, value in (("samples_per_epoch", samples_per_epoch), ("max_batches", max_batches)):
+        for name, value in {"samples_per_epoch": samples_per_epoch, "max_batches": max_batches}.items():
             check.positive_int(name, value)
         check.positive_int("max_layers", max_layers)
         check.boolean("update_ratio", update_ratio)
@@ -107,16 +107,15 @@ class DynamicsMonitor(VizCallback):
         self.update_ratio, self.max_batches, self.probe_samples = update_ratio, max_batches, probe_samples
         self.num_classes, self.max_layers = num_classes, max_layers
         self._layers: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._watch = D.LayerWatch({})
-        self._taps = D.ValidationTaps()
-        self._loss = D.LossTracker()
+        self._watch, self._taps = D.LayerWatch({}), D.ValidationTaps()
+        self._loss, self._steps = D.LossTracker(), D.StepNorms([])
         self._every, self._opt_calls, self._cost = 1, 0, 0.0
         self._last_call: float | None = None
-        self._step_seconds: float | None = None
+        self._step_seconds: float | None = None  # wall time of one optimizer step, smoothed
         self._grads: list[tuple[int, dict[str, float | None]]] = []  # (step, norm per layer) since the last log
         self._updates: list[dict[str, float | None]] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._probe_fixed = False
+        self._probe_fixed = False  # the same probe samples for the rest of the run once kept
         self._scale: tuple[float | None, float | None] = (None, None)
         self._at = (0, 0)  # (step, epochs done) of the records being published
 
@@ -137,6 +136,7 @@ class DynamicsMonitor(VizCallback):
         self._release(pl_module)
         # one fit, one history: a checkpoint restored after setup brings back what a resumed run needs
         self._layers, self._watch, self._loss = owners, D.LayerWatch(owners), D.LossTracker()
+        self._steps = D.StepNorms([p for ps in owners.values() for _, p in ps])
         self._grads, self._updates, self._probe, self._probe_fixed = [], [], None, False
 
     @override
@@ -160,11 +160,12 @@ class DynamicsMonitor(VizCallback):
         if not self._active or trainer.sanity_checking or self.monitor_name in self._disabled:
             return
         now = time.perf_counter()
-        if self._last_call is not None:  # wall time of one optimizer step, smoothed
+        if self._last_call is not None:
             step = now - self._last_call
             self._step_seconds = step if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * step
         self._last_call = now
         self._opt_calls += 1
+        self._guard("trace", self._steps.add)  # every step: the growth between sampled steps
         if (self._opt_calls - 1) % self._every == 0:  # the epoch's first step is always sampled
             self._guard(self.monitor_name, self._sample, int(trainer.global_step))
             self._cost = time.perf_counter() - now
@@ -209,8 +210,7 @@ class DynamicsMonitor(VizCallback):
         if not self._taps.attached:
             return
         if batch_idx >= self.max_batches or dataloader_idx > 0:
-            self._taps.detach()
-            return
+            return self._taps.detach()
         if not self._probe_fixed:  # a few samples of each of the first validation batches (never drawn by us)
             take = max(1, self.probe_samples // self.max_batches)
             pair = single_input_pair(batch, self.input_fn, pl_module)  # dicts, (path, image, label), input_fn
@@ -219,7 +219,7 @@ class DynamicsMonitor(VizCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._taps.detach()
-        self._probe_fixed = self._probe is not None  # the same samples for the rest of the run
+        self._probe_fixed = self._probe is not None
 
     def _release(self, pl_module: Any) -> None:
         self._watch.release()
@@ -228,11 +228,11 @@ class DynamicsMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or raise `every_n_steps` / lower `max_batches` / `probe_samples` "
 
-    # ---------------------------------------------------------------------------------------------- logging
     def _emit(self, record_type: type[Record], subject: str = "", /, **fields: Any) -> None:
         self._publish(record_type(step=self._at[0], epoch=self._at[1], subject=subject, **fields))
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        assert self._sink is not None
         self._at = (step, epochs_done)
         if self._taps:
             self._guard("batchnorm", self._log_batchnorm, pl_module, step)
@@ -245,7 +245,10 @@ class DynamicsMonitor(VizCallback):
         self._watch.release()
 
     def _log_gradients(self, step: int, epochs_done: int) -> None:
-        assert self._sink is not None
+        if (trace := self._steps.summary()) is not None:  # every step's total norm since the last log
+            totals = {f"dynamics/grad_norm_total/{k}": trace[k] for k in ("median", "peak")}
+            self._sink.scalars({k: v for k, v in totals.items() if v is not None}, step)
+            self._emit(GradientTrace, **trace)
         samples, self._grads = self._grads, []
         if not samples:
             return
@@ -274,7 +277,6 @@ class DynamicsMonitor(VizCallback):
             self._sink.image("dynamics/gradient_flow", image, step)
 
     def _log_updates(self, step: int, epochs_done: int) -> None:
-        assert self._sink is not None
         updates, self._updates = self._updates, []
         norms = D.layer_norms(self._watch.trainable())
         scalars: dict[str, float] = {"dynamics/unchanged_parameters": 0}
@@ -296,7 +298,6 @@ class DynamicsMonitor(VizCallback):
         self._sink.scalars(scalars, step)
 
     def _log_batchnorm(self, pl_module: nn.Module, step: int) -> None:
-        assert self._sink is not None
         layers, scalars = D.batchnorm_layers(pl_module), {}
         for name, moments in self._taps.moments.items():
             bn = layers[name]
@@ -319,25 +320,23 @@ class DynamicsMonitor(VizCallback):
         return int(result["classes"])
 
     def _log_saturation(self, pl_module: nn.Module, step: int) -> None:
-        assert self._sink is not None
         modules, fractions = D.saturating_layers(pl_module), self._taps.saturation.fractions()
         self._sink.scalars({f"dynamics/saturation/{n}": f for n, f in fractions.items()}, step)
         for name, fraction in fractions.items():
             self._emit(SaturationStats, name, kind=type(modules[name]).__name__, saturated_fraction=fraction)
 
     def _log_loss(self, step: int, classes: int | None) -> None:
-        assert self._sink is not None
         classes = self.num_classes or classes
         mean, initial, chance = self._loss.epoch_mean(), self._loss.initial, math.log(classes) if classes else None
         scalars = {"dynamics/train_loss": mean, "dynamics/initial_loss": initial, "dynamics/chance_loss": chance}
         self._sink.scalars({k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}, step)
         self._emit(LossStats, train_loss=mean, initial_loss=initial, classes=classes, chance_loss=chance)
 
-    # ------------------------------------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
         return {
             "watch": self._watch.state_dict(),
             "initial_loss": self._loss.initial,
+            "initial_grad_norms": list(self._steps.initial),
             "probe": None if self._probe is None else (self._probe[0].clone(), self._probe[1].clone()),
             "scale": self._scale,
         }
@@ -345,6 +344,7 @@ class DynamicsMonitor(VizCallback):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._watch.load_state_dict(state.get("watch", {}))
         self._loss.initial = state.get("initial_loss")
+        self._steps.initial = list(state.get("initial_grad_norms", []))
         self._probe = state.get("probe")
         self._probe_fixed = self._probe is not None
         self._scale = tuple(state.get("scale", (None, None)))  # type: ignore[assignment]

@@ -536,3 +536,47 @@ def returned_loss(outputs: Any) -> torch.Tensor | None:
     """The scalar loss in what ``training_step`` returned (a tensor, or a dict with ``"loss"``), detached."""
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+class StepNorms:
+    """The total gradient norm of ``params`` at every optimizer step: one ``torch._foreach_norm`` over the gradients
+    already there (only read), kept on their device (no host synchronisation per step) until :meth:`summary`.
+
+    Sampled per-layer norms miss a growth that happens between two sampled steps; this does not.
+
+    Args:
+        params: the parameters whose gradients count.
+        initial_steps: the first finite norms of the fit that make its reference ("the norm at the start").
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], initial_steps: int = 8) -> None:
+        self.params, self.initial_steps = list(params), initial_steps
+        self.initial: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def add(self) -> None:
+        """Read the gradients now present (call in ``on_before_optimizer_step``)."""
+        grads = [p.grad for p in self.params if p.grad is not None and not p.grad.is_sparse]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            device = norms[0].device
+            self._pending.append(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
+
+    def summary(self, top: int = 3) -> dict[str, Any] | None:
+        """The steps since the last call: their number, median, ``top``-th largest finite norm (``peak``: a growth
+        lasts several steps, a single spike does not count), largest, non-finite steps, and the reference at the start
+        of the fit (median of its first ``initial_steps`` finite norms). ``None`` without steps."""
+        if not self._pending:
+            return None
+        values, self._pending = torch.stack(self._pending).tolist(), []
+        finite = [v for v in values if math.isfinite(v)]
+        self.initial += finite[: max(0, self.initial_steps - len(self.initial))]
+        ordered = sorted(finite)
+        return {
+            "steps": len(values),
+            "median": statistics.median(finite) if finite else None,
+            "peak": ordered[-min(top, len(ordered))] if ordered else None,
+            "largest": ordered[-1] if ordered else None,
+            "nonfinite_steps": len(values) - len(finite),
+            "initial": statistics.median(self.initial) if self.initial else None,
+        }
