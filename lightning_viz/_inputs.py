@@ -11,8 +11,9 @@ order of precedence:
 
 ``inputs`` is a tensor ``(N, ...)``, or a tuple ``(image, *more)`` for a model called as ``model(image, *more)``;
 ``target`` is ``(N,)`` integer class labels or ``None``. The monitors that show or perturb images (saliency,
-exemplars, embedding sprites, activation maps, feature visualisation) vary the first input and hold the others at
-the values of the first sample they kept; that is said once in the log.
+exemplars, embedding sprites, activation maps, feature visualisation) vary the first input; the other inputs follow
+each row: a row gets those of the kept sample (or probe) it is, or was made from (a noisy copy, an occluded copy),
+and only rows made from none of them (feature visualisation) get the first sample's (:func:`model_inputs`).
 
 Every call of ours goes through :func:`model_inputs`: floating-point inputs are cast to the model's dtype and
 device (``precision="bf16-true"`` / ``"16-true"``: probes are float32, weights bfloat16/float16, and gradients
@@ -173,21 +174,68 @@ def _as_float32(value: Any) -> Any:
     return value
 
 
+def source_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """For each row of ``x``, the index of the row of ``rows`` it is, or was made from; 0 where none stands out.
+
+    Row ``j`` is the source when it is the nearest (squared distance, images average-pooled to at most 32x32) by a
+    clear margin: the second nearest is farther by at least half the squared distance from ``j`` to its own nearest
+    other row. Exact for the row itself; a noisy copy (SmoothGrad's noise adds about the same to every distance) or
+    a partly occluded copy keeps its source. Rows made from none of them (e.g. feature visualisation's images) get
+    0, the first sample's, unless one row stands out.
+
+    Shape:
+        x: (N, ...); rows: (K, ...) with the same trailing shape; returns (N,) long on ``x``'s device.
+    """
+    if len(rows) <= 1 or tuple(x.shape[1:]) != tuple(rows.shape[1:]):
+        return torch.zeros(len(x), dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        a, b = _coarse(x), _coarse(rows.to(x.device))
+        distance = torch.cdist(a, b).square()
+        gap = torch.cdist(b, b).square()
+        gap.fill_diagonal_(float("inf"))
+        two = distance.topk(2, dim=1, largest=False)
+        index = two.indices[:, 0]
+        margin = two.values[:, 1] - two.values[:, 0]
+        clear = margin >= gap.min(dim=1).values[index] / 2
+    return torch.where(clear, index, torch.zeros_like(index))
+
+
+def _coarse(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().float()
+    if t.ndim == 4:
+        t = torch.nn.functional.adaptive_avg_pool2d(t, (min(32, t.shape[-2]), min(32, t.shape[-1])))
+    return t.flatten(1)
+
+
+def extra_for_rows(
+    x: torch.Tensor, extra: tuple[torch.Tensor, ...], rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The model's other inputs for each row of ``x``: row ``i`` gets ``e[source_rows(x, rows)[i]]`` of each
+    ``e`` in ``extra`` (``(K, ...)``, one per row of ``rows``); without ``rows``, ``extra`` (each ``(1, ...)``)
+    expanded to the batch."""
+    if rows is None or len(rows) <= 1 or any(len(e) != len(rows) for e in extra):
+        return tuple(e[:1].expand(len(x), *e.shape[1:]) for e in extra)
+    index = source_rows(x, rows)
+    return tuple(e.to(index.device)[index] for e in extra)
+
+
 @contextlib.contextmanager
-def model_inputs(model: nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> Iterator[None]:
+def model_inputs(
+    model: nn.Module, extra: tuple[torch.Tensor, ...] = (), rows: torch.Tensor | None = None
+) -> Iterator[None]:
     """Within the body, the model takes our inputs as they are (float32 images on the CPU).
 
     A forward pre-hook casts floating-point inputs to the model's dtype and device and, when the model has more
-    inputs than the image (``extra``: each of shape ``(1, ...)``), appends them expanded to the batch; a forward
-    hook hands floating-point outputs back as float32 (bfloat16 has no NumPy type, and softmax in bfloat16 is coarse).
-    The casts are differentiable, so a gradient with respect to a float32 input is float32. Both hooks are removed
-    on exit.
+    inputs than the image, appends them (:func:`extra_for_rows`: with ``rows``, the kept samples whose other inputs
+    ``extra`` holds, ``(K, ...)`` each, every row gets those of the sample it was made from; without, ``extra``'s
+    ``(1, ...)`` values for all rows); a forward hook hands floating-point outputs back as float32 (bfloat16 has no
+    NumPy type, and softmax in bfloat16 is coarse). The casts are differentiable, so a gradient with respect to a
+    float32 input is float32. Both hooks are removed on exit.
     """
 
     def before(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if extra and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            n = len(args[0])
-            args = (args[0], *(e.expand(n, *e.shape[1:]) for e in extra))
+            args = (args[0], *extra_for_rows(args[0], extra, rows))
         return _cast(args, model_dtype(module), model_device(module))
 
     def after(module: nn.Module, args: Any, output: Any) -> Any:
