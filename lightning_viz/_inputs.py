@@ -174,30 +174,47 @@ def _as_float32(value: Any) -> Any:
     return value
 
 
-def source_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """For each row of ``x``, the index of the row of ``rows`` it is, or was made from; 0 where none stands out.
+class RowSources:
+    """Which of the kept ``rows`` each row of a batch is, or was made from (:meth:`of`); the rows' coarse views
+    and gaps are computed once, on first use, for all the calls of one :func:`model_inputs` body.
 
     Row ``j`` is the source when it is the nearest (squared distance, images average-pooled to at most 32x32) by a
     clear margin: the second nearest is farther by at least half the squared distance from ``j`` to its own nearest
     other row. Exact for the row itself; a noisy copy (SmoothGrad's noise adds about the same to every distance) or
     a partly occluded copy keeps its source. Rows made from none of them (e.g. feature visualisation's images) get
     0, the first sample's, unless one row stands out.
+    """
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self._coarse: torch.Tensor | None = None
+        self._gap: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: x (N, ...) with the rows' trailing shape; returns (N,) long on ``x``'s device."""
+        if len(self.rows) <= 1 or tuple(x.shape[1:]) != tuple(self.rows.shape[1:]):
+            return torch.zeros(len(x), dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            if self._coarse is None or self._coarse.device != x.device:
+                self._coarse = _coarse(self.rows.to(x.device))
+                gap = torch.cdist(self._coarse, self._coarse).square()
+                gap.fill_diagonal_(float("inf"))
+                self._gap = gap.min(dim=1).values
+            assert self._gap is not None
+            two = torch.cdist(_coarse(x), self._coarse).square().topk(2, dim=1, largest=False)
+            index = two.indices[:, 0]
+            clear = two.values[:, 1] - two.values[:, 0] >= self._gap[index] / 2
+        return torch.where(clear, index, torch.zeros_like(index))
+
+
+def source_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """For each row of ``x``, the index of the row of ``rows`` it is, or was made from; 0 where none stands out
+    (:class:`RowSources`).
 
     Shape:
         x: (N, ...); rows: (K, ...) with the same trailing shape; returns (N,) long on ``x``'s device.
     """
-    if len(rows) <= 1 or tuple(x.shape[1:]) != tuple(rows.shape[1:]):
-        return torch.zeros(len(x), dtype=torch.long, device=x.device)
-    with torch.no_grad():
-        a, b = _coarse(x), _coarse(rows.to(x.device))
-        distance = torch.cdist(a, b).square()
-        gap = torch.cdist(b, b).square()
-        gap.fill_diagonal_(float("inf"))
-        two = distance.topk(2, dim=1, largest=False)
-        index = two.indices[:, 0]
-        margin = two.values[:, 1] - two.values[:, 0]
-        clear = margin >= gap.min(dim=1).values[index] / 2
-    return torch.where(clear, index, torch.zeros_like(index))
+    return RowSources(rows).of(x)
 
 
 def _coarse(t: torch.Tensor) -> torch.Tensor:
@@ -208,14 +225,15 @@ def _coarse(t: torch.Tensor) -> torch.Tensor:
 
 
 def extra_for_rows(
-    x: torch.Tensor, extra: tuple[torch.Tensor, ...], rows: torch.Tensor | None = None
+    x: torch.Tensor, extra: tuple[torch.Tensor, ...], rows: torch.Tensor | RowSources | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The model's other inputs for each row of ``x``: row ``i`` gets ``e[source_rows(x, rows)[i]]`` of each
     ``e`` in ``extra`` (``(K, ...)``, one per row of ``rows``); without ``rows``, ``extra`` (each ``(1, ...)``)
     expanded to the batch."""
-    if rows is None or len(rows) <= 1 or any(len(e) != len(rows) for e in extra):
+    sources = RowSources(rows) if isinstance(rows, torch.Tensor) else rows
+    if sources is None or len(sources.rows) <= 1 or any(len(e) != len(sources.rows) for e in extra):
         return tuple(e[:1].expand(len(x), *e.shape[1:]) for e in extra)
-    index = source_rows(x, rows)
+    index = sources.of(x)
     return tuple(e.to(index.device)[index] for e in extra)
 
 
@@ -233,9 +251,11 @@ def model_inputs(
     float32 input is float32. Both hooks are removed on exit.
     """
 
+    sources = RowSources(rows) if rows is not None else None
+
     def before(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if extra and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            args = (args[0], *extra_for_rows(args[0], extra, rows))
+            args = (args[0], *extra_for_rows(args[0], extra, sources))
         return _cast(args, model_dtype(module), model_device(module))
 
     def after(module: nn.Module, args: Any, output: Any) -> Any:
