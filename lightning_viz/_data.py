@@ -77,6 +77,7 @@ class _Pass:
     images: list[torch.Tensor] = field(default_factory=list)
     labels: list[int | None] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    extras: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  #: each kept row's other model inputs
     seen: int = 0
     complete: bool = False
 
@@ -99,7 +100,8 @@ class SampleBank:
     def __init__(self, capacity: int, seed: int, max_bytes: int = 256 * 2**20, input_fn: InputFn | None = None) -> None:
         self.capacity = capacity
         self.input_fn = input_fn
-        #: the model's inputs after the image, those of the first sample kept (each ``(1, ...)``, on the CPU)
+        #: the model's inputs after the image, those of the first sample kept (each ``(1, ...)``, on the CPU); each
+        #: kept row's own are kept with it (:meth:`extras`) when they have one row per sample
         self.extra_inputs: tuple[torch.Tensor, ...] = ()
         #: why a batch gave no images (the latest such reason), to be said once
         self.problem: str | None = None
@@ -139,6 +141,7 @@ class SampleBank:
             return
         if extra and not self.extra_inputs:
             self.extra_inputs = tuple(e[:1].detach().to("cpu", copy=True) for e in extra)
+        per_row = bool(extra) and all(e.ndim >= 1 and len(e) == len(images) for e in extra)
         part = self._pending
         if not part.images and images[0].numel():
             self._cap(images[0].numel() * images.element_size())
@@ -150,12 +153,15 @@ class SampleBank:
             if slot is not None:
                 image = images[row].detach().to("cpu", copy=True)
                 label = int(labels[row]) if labels is not None else None
+                others = tuple(e[row].detach().to("cpu", copy=True) for e in extra) if per_row else ()
                 if slot == len(part.images):
                     part.images.append(image)
                     part.labels.append(label)
                     part.positions.append(part.seen)
+                    part.extras.append(others)
                 else:
                     part.images[slot], part.labels[slot], part.positions[slot] = image, label, part.seen
+                    part.extras[slot] = others
             part.seen += 1
 
     def _cap(self, sample_bytes: int) -> None:
@@ -193,6 +199,33 @@ class SampleBank:
         labels = [part.labels[i] for i in order]
         known = all(lb is not None for lb in labels)
         return images, torch.tensor(labels) if known else None, [part.positions[i] for i in order], part.seen
+
+    def extras(self, complete: bool = False) -> tuple[torch.Tensor, ...]:
+        """The model's other inputs of the kept samples, each ``(N, ...)`` in the order of :meth:`samples`; ``()``
+        when the model takes none, or they do not have one row per sample."""
+        part = self._current(complete)
+        if part is None or not part.extras or any(not e for e in part.extras):
+            return ()
+        order = sorted(range(len(part.images)), key=part.positions.__getitem__)
+        return tuple(torch.stack([part.extras[i][k] for i in order]) for k in range(len(part.extras[0])))
+
+
+def extra_rows(bank: SampleBank, probes: Any = None) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """``(rows, extra)`` for :func:`lightning_viz._inputs.model_inputs`: the samples a monitor kept and its probes,
+    with each one's own other model inputs; ``(None, the first sample's)`` when they are not known per sample."""
+    parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
+    if probes is not None and getattr(probes, "extra_inputs", ()) and probes.images is not None:
+        parts.append((probes.images, probes.extra_inputs))
+    if bank.has_samples() and bank.extras():
+        parts.append((bank.samples()[0], bank.extras()))
+    fits = [p for p in parts if p[0].shape[1:] == parts[0][0].shape[1:] and len(p[1]) == len(parts[0][1])]
+    if not fits:
+        return None, bank.extra_inputs
+    try:
+        extra = tuple(torch.cat([p[1][k] for p in fits]) for k in range(len(fits[0][1])))
+    except RuntimeError:  # other inputs of different shapes: the first part's alone
+        return fits[0]
+    return torch.cat([p[0] for p in fits]), extra
 
 
 # ---- one message per Trainer, and the untrained weights for a baseline that has to wait for data ----

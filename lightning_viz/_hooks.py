@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -83,7 +84,7 @@ def isolated(model: nn.Module, *, eval_mode: bool = True, grad: bool = False) ->
     """Run the body without side effects on ``model`` or the global RNG streams.
 
     Args:
-        model: the module our work touches.
+        model: the module our work touches (its ``torchmetrics`` metrics are put back too: :func:`preserved_metrics`).
         eval_mode: switch the model to eval mode inside (BatchNorm statistics and dropout must not change).
         grad: leave ``torch.inference_mode`` and enable autograd inside, for gradient-based methods.
 
@@ -95,6 +96,7 @@ def isolated(model: nn.Module, *, eval_mode: bool = True, grad: bool = False) ->
         stack.enter_context(preserved_rng())
         stack.enter_context(preserved_modes(model))
         stack.enter_context(preserved_grads(model))
+        stack.enter_context(preserved_metrics(model))
         if grad:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
@@ -438,3 +440,57 @@ def silenced_logging(model: nn.Module) -> Iterator[None]:
                 model.__dict__.pop(name, None)
             else:
                 object.__setattr__(model, name, value)
+
+
+# ---- our forward passes leave the user's torchmetrics alone ----
+
+#: A ``torchmetrics.Metric``'s bookkeeping beside its states (``_defaults``): restored with them.
+_METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache", "_is_synced", "_cache", "_should_unsync")
+
+
+def _metrics_of(model: nn.Module) -> list[nn.Module]:
+    import sys
+
+    torchmetrics = sys.modules.get("torchmetrics")  # a model holding a Metric has imported it
+    if torchmetrics is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, torchmetrics.Metric)]
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # something that cannot be copied is kept as it is
+        return value
+
+
+@contextlib.contextmanager
+def preserved_metrics(model: nn.Module) -> Iterator[None]:
+    """Put back, on exit, the state of every ``torchmetrics.Metric`` among ``model``'s submodules.
+
+    A ``forward`` that updates a metric (``self.logit_mean.update(out.mean())``) would otherwise count our own
+    forward passes (probes, codes, saliency, feature visualisation) into the value the user logs. Restored: each
+    metric's states (its ``_defaults``: sums, counts, lists) and bookkeeping (update count, cached result). Not
+    covered: plain Python attributes a forward changes (a counter), and metrics kept outside the module tree.
+    """
+    saved = [
+        (
+            metric,
+            {
+                name: _snapshot(getattr(metric, name))
+                for name in (*metric._defaults, *_METRIC_FIELDS)
+                if hasattr(metric, name)
+            },
+        )
+        for metric in _metrics_of(model)
+    ]
+    try:
+        yield
+    finally:
+        for metric, state in saved:
+            for name, value in state.items():
+                object.__setattr__(metric, name, value)

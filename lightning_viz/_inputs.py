@@ -11,8 +11,9 @@ order of precedence:
 
 ``inputs`` is a tensor ``(N, ...)``, or a tuple ``(image, *more)`` for a model called as ``model(image, *more)``;
 ``target`` is ``(N,)`` integer class labels or ``None``. The monitors that show or perturb images (saliency,
-exemplars, embedding sprites, activation maps, feature visualisation) vary the first input and hold the others at
-the values of the first sample they kept; that is said once in the log.
+exemplars, embedding sprites, activation maps, feature visualisation) vary the first input; the other inputs follow
+each row: a row gets those of the kept sample (or probe) it is, or was made from (a noisy copy, an occluded copy),
+and only rows made from none of them (feature visualisation) get the first sample's (:func:`model_inputs`).
 
 Every call of ours goes through :func:`model_inputs`: floating-point inputs are cast to the model's dtype and
 device (``precision="bf16-true"`` / ``"16-true"``: probes are float32, weights bfloat16/float16, and gradients
@@ -173,21 +174,88 @@ def _as_float32(value: Any) -> Any:
     return value
 
 
+class RowSources:
+    """Which of the kept ``rows`` each row of a batch is, or was made from (:meth:`of`); the rows' coarse views
+    and gaps are computed once, on first use, for all the calls of one :func:`model_inputs` body.
+
+    Row ``j`` is the source when it is the nearest (squared distance, images average-pooled to at most 32x32) by a
+    clear margin: the second nearest is farther by at least half the squared distance from ``j`` to its own nearest
+    other row. Exact for the row itself; a noisy copy (SmoothGrad's noise adds about the same to every distance) or
+    a partly occluded copy keeps its source. Rows made from none of them (e.g. feature visualisation's images) get
+    0, the first sample's, unless one row stands out.
+    """
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self._coarse: torch.Tensor | None = None
+        self._gap: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: x (N, ...) with the rows' trailing shape; returns (N,) long on ``x``'s device."""
+        if len(self.rows) <= 1 or tuple(x.shape[1:]) != tuple(self.rows.shape[1:]):
+            return torch.zeros(len(x), dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            if self._coarse is None or self._coarse.device != x.device:
+                self._coarse = _coarse(self.rows.to(x.device))
+                gap = torch.cdist(self._coarse, self._coarse).square()
+                gap.fill_diagonal_(float("inf"))
+                self._gap = gap.min(dim=1).values
+            assert self._gap is not None
+            two = torch.cdist(_coarse(x), self._coarse).square().topk(2, dim=1, largest=False)
+            index = two.indices[:, 0]
+            clear = two.values[:, 1] - two.values[:, 0] >= self._gap[index] / 2
+        return torch.where(clear, index, torch.zeros_like(index))
+
+
+def source_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """For each row of ``x``, the index of the row of ``rows`` it is, or was made from; 0 where none stands out
+    (:class:`RowSources`).
+
+    Shape:
+        x: (N, ...); rows: (K, ...) with the same trailing shape; returns (N,) long on ``x``'s device.
+    """
+    return RowSources(rows).of(x)
+
+
+def _coarse(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().float()
+    if t.ndim == 4:
+        t = torch.nn.functional.adaptive_avg_pool2d(t, (min(32, t.shape[-2]), min(32, t.shape[-1])))
+    return t.flatten(1)
+
+
+def extra_for_rows(
+    x: torch.Tensor, extra: tuple[torch.Tensor, ...], rows: torch.Tensor | RowSources | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The model's other inputs for each row of ``x``: row ``i`` gets ``e[source_rows(x, rows)[i]]`` of each
+    ``e`` in ``extra`` (``(K, ...)``, one per row of ``rows``); without ``rows``, ``extra`` (each ``(1, ...)``)
+    expanded to the batch."""
+    sources = RowSources(rows) if isinstance(rows, torch.Tensor) else rows
+    if sources is None or len(sources.rows) <= 1 or any(len(e) != len(sources.rows) for e in extra):
+        return tuple(e[:1].expand(len(x), *e.shape[1:]) for e in extra)
+    index = sources.of(x)
+    return tuple(e.to(index.device)[index] for e in extra)
+
+
 @contextlib.contextmanager
-def model_inputs(model: nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> Iterator[None]:
+def model_inputs(
+    model: nn.Module, extra: tuple[torch.Tensor, ...] = (), rows: torch.Tensor | None = None
+) -> Iterator[None]:
     """Within the body, the model takes our inputs as they are (float32 images on the CPU).
 
     A forward pre-hook casts floating-point inputs to the model's dtype and device and, when the model has more
-    inputs than the image (``extra``: each of shape ``(1, ...)``), appends them expanded to the batch; a forward
-    hook hands floating-point outputs back as float32 (bfloat16 has no NumPy type, and softmax in bfloat16 is coarse).
-    The casts are differentiable, so a gradient with respect to a float32 input is float32. Both hooks are removed
-    on exit.
+    inputs than the image, appends them (:func:`extra_for_rows`: with ``rows``, the kept samples whose other inputs
+    ``extra`` holds, ``(K, ...)`` each, every row gets those of the sample it was made from; without, ``extra``'s
+    ``(1, ...)`` values for all rows); a forward hook hands floating-point outputs back as float32 (bfloat16 has no
+    NumPy type, and softmax in bfloat16 is coarse). The casts are differentiable, so a gradient with respect to a
+    float32 input is float32. Both hooks are removed on exit.
     """
+
+    sources = RowSources(rows) if rows is not None else None
 
     def before(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if extra and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            n = len(args[0])
-            args = (args[0], *(e.expand(n, *e.shape[1:]) for e in extra))
+            args = (args[0], *extra_for_rows(args[0], extra, sources))
         return _cast(args, model_dtype(module), model_device(module))
 
     def after(module: nn.Module, args: Any, output: Any) -> Any:

@@ -9,31 +9,17 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from lightning_viz import _validate as check
+from lightning_viz._inputs import FIX, InputFn
 
 
-def _split_sample(sample: Any) -> tuple[torch.Tensor, Any]:
-    """A dataset item is an image tensor, or a (image, label, ...) tuple/list, or a dict with 'image'/'label'."""
-    if isinstance(sample, torch.Tensor):
-        return sample, None
-    if isinstance(sample, dict):
-        image = sample.get("image", sample.get("x", sample.get("input")))
-        label = sample.get("label", sample.get("y", sample.get("target")))
-        if image is None:
-            raise TypeError(f"cannot find the image in a dict sample with keys {sorted(sample)}.")
-        return torch.as_tensor(image), label
-    if isinstance(sample, (tuple, list)) and sample:
-        label = sample[1] if len(sample) > 1 else None
-        return torch.as_tensor(sample[0]), label
-    raise TypeError(f"cannot read an image from a sample of type {type(sample).__name__}.")
+def _sample_label(sample: Any) -> int | None:
+    """The class label of one dataset item, read as the monitors read a batch of it."""
+    from torch.utils.data import default_collate
 
+    from lightning_viz._data import read_batch
 
-def _as_label(label: Any) -> int | None:
-    if label is None:
-        return None
-    t = torch.as_tensor(label)
-    if t.numel() != 1 or t.is_floating_point():
-        return None
-    return int(t)
+    labels = read_batch(default_collate([sample]))[1]
+    return int(labels[0]) if labels is not None else None
 
 
 class ProbeSet:
@@ -47,27 +33,44 @@ class ProbeSet:
     Args:
         images: (N, C, H, W) float tensor.
         labels: (N,) integer tensor, or ``None`` when unknown.
+        extra_inputs: for a model called as ``model(image, *more)``, the other inputs of each probe (a tuple of
+            tensors of N rows each): every view of a probe (a noisy or occluded copy too) is computed with them.
     """
 
-    def __init__(self, images: torch.Tensor | None = None, labels: torch.Tensor | Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | Sequence[int] | None = None,
+        extra_inputs: Sequence[torch.Tensor] = (),
+    ) -> None:
         self._auto: tuple[int, int] | None = None
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self.extra_inputs: tuple[torch.Tensor, ...] = ()
         if images is not None:
-            self._set(images, labels)
+            self._set(images, labels, extra_inputs)
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, indices: Sequence[int]) -> ProbeSet:
-        """The dataset items at ``indices`` (each an image, or an ``(image, label)`` pair)."""
+    def from_dataset(cls, dataset: Dataset, indices: Sequence[int], *, input_fn: InputFn | None = None) -> ProbeSet:
+        """The dataset items at ``indices``, read as the monitors read a batch: the items are collated as a
+        ``DataLoader`` would, then split by ``input_fn`` (default: the rule of :mod:`lightning_viz._inputs`, so
+        ``(image, label)``, ``(path, image, label)`` and dict samples all work). When ``input_fn`` returns more
+        model inputs than the image, each probe keeps its own (``extra_inputs``).
+
+        Raises:
+            ValueError: ``indices`` is empty, or the items hold no images (the message names the cause and the fix).
+        """
+        from torch.utils.data import default_collate
+
+        from lightning_viz._data import read_batch
+
         if not len(indices):
             raise ValueError("`indices` is empty; choose at least one probe.")
-        images, labels = [], []
-        for i in indices:
-            image, label = _split_sample(dataset[int(i)])
-            images.append(image)
-            labels.append(_as_label(label))
-        has_labels = all(lb is not None for lb in labels)
-        return cls(torch.stack(images), torch.tensor(labels) if has_labels else None)
+        batch = default_collate([dataset[int(i)] for i in indices])
+        images, labels, extra, problem = read_batch(batch, input_fn)
+        if images is None:
+            raise ValueError(f"`ProbeSet.from_dataset`: cannot read probe images from the dataset: {problem}. {FIX}")
+        return cls(images.float(), labels, extra)
 
     @classmethod
     def auto(cls, n: int = 8, seed: int = 0) -> ProbeSet:
@@ -85,7 +88,7 @@ class ProbeSet:
     def __len__(self) -> int:
         return 0 if self.images is None else len(self.images)
 
-    def _set(self, images: torch.Tensor, labels: Any) -> None:
+    def _set(self, images: torch.Tensor, labels: Any, extra_inputs: Sequence[torch.Tensor] = ()) -> None:
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"probe `images` must be a torch.Tensor, got {type(images).__name__}.")
         if images.ndim != 4 or not images.is_floating_point():
@@ -97,8 +100,12 @@ class ProbeSet:
             labels = torch.as_tensor(labels).long().flatten()
             if len(labels) != len(images):
                 raise ValueError(f"probe `labels` has {len(labels)} entries for {len(images)} images.")
+        extra = tuple(extra_inputs)
+        if any(not isinstance(e, torch.Tensor) or e.ndim == 0 or len(e) != len(images) for e in extra):
+            raise ValueError(f"probe `extra_inputs` must be tensors of {len(images)} rows, one per probe image.")
         self.images = images.detach().cpu().clone()
         self.labels = labels.cpu().clone() if labels is not None else None
+        self.extra_inputs = tuple(e.detach().cpu().clone() for e in extra)
 
     def resolve(self, dataset: Dataset | None = None, loader: Any = None) -> None:
         """Choose the probes (for :meth:`auto`) from ``dataset`` (indexable) or, failing that, ``loader``'s batches.
@@ -109,6 +116,8 @@ class ProbeSet:
             return
         if self._auto is None:
             raise RuntimeError("ProbeSet has no images; build it with images, `from_dataset` or `auto`.")
+        from lightning_viz._data import read_batch
+
         n, seed = self._auto
         if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
             size = len(dataset)
@@ -124,9 +133,11 @@ class ProbeSet:
             raise ValueError("cannot choose probes: no validation data. Pass `probes=ProbeSet(images, labels)`.")
         images, labels = [], []
         for batch in loader:
-            x, y = _split_sample(batch)
+            x, y, _, problem = read_batch(batch)
+            if x is None:
+                raise ValueError(f"cannot choose probes: {problem}. {FIX}")
             images.append(x)
-            labels.append(None if y is None else torch.as_tensor(y).flatten())
+            labels.append(y)
             if sum(len(i) for i in images) >= n:
                 break
         if not images:
@@ -134,7 +145,9 @@ class ProbeSet:
         lab = None if any(lb is None for lb in labels) else torch.cat(labels)[:n]
         self._set(torch.cat(images)[:n].float(), lab)
 
-    def take(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def take(
+        self, images: torch.Tensor, labels: torch.Tensor | None, extra_inputs: Sequence[torch.Tensor] = ()
+    ) -> None:
         """Choose the probes (for :meth:`auto`) among samples already at hand (the batches the Trainer produced).
 
         Seeded, deterministic, and covering as many classes as it can; reads nothing from any dataset or loader.
@@ -155,16 +168,18 @@ class ProbeSet:
                     seen.add(int(labels[i]))
                     chosen.append(i)
         chosen += [i for i in order if i not in chosen][: n - len(chosen)]
-        self._set(images[chosen].float(), labels[chosen] if labels is not None else None)
+        extra = tuple(e[chosen] for e in extra_inputs if len(e) == len(images))
+        self._set(images[chosen].float(), labels[chosen] if labels is not None else None, extra)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "labels": self.labels, "auto": list(self._auto) if self._auto else None}
+        auto = list(self._auto) if self._auto else None
+        return {"images": self.images, "labels": self.labels, "auto": auto, "extra_inputs": list(self.extra_inputs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         auto = state.get("auto")
         self._auto = (int(auto[0]), int(auto[1])) if auto else None
         if state.get("images") is not None:
-            self._set(state["images"], state.get("labels"))
+            self._set(state["images"], state.get("labels"), state.get("extra_inputs", ()))
 
 
 def _cover_classes(dataset: Dataset, candidates: list[int], n: int) -> list[int]:
@@ -173,8 +188,7 @@ def _cover_classes(dataset: Dataset, candidates: list[int], n: int) -> list[int]
     seen: set[int] = set()
     rest: list[int] = []
     for i in candidates:
-        _, label = _split_sample(dataset[i])
-        label = _as_label(label)
+        label = _sample_label(dataset[i])
         if label is not None and label not in seen and len(chosen) < n:
             seen.add(label)
             chosen.append(i)

@@ -471,20 +471,25 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._say_progress(trainer, step, epochs_done, scale)
         clock = self._budget.clock if self._budget is not None else time.perf_counter
         started = clock()
-        extra = self._samples.extra_inputs
+        rows, extra = _data.extra_rows(self._samples, getattr(self, "probes", None))
         if extra:
+            follows = (
+                "the sample each image is, or was made from (feature visualisation's images: the first sample's)"
+                if rows is not None
+                else "the first sample they kept"
+            )
             _data.tell_once(
                 trainer,
                 "extra inputs",
-                "lightning_viz: the model takes more inputs than the image; the monitors vary the image and hold the "
-                "other inputs at those of the first sample they kept.",
+                "lightning_viz: the model takes more inputs than the image; the monitors vary the image and give it "
+                f"the other inputs of {follows}.",
                 warn=False,
             )
         with (
             isolated(pl_module, grad=self.needs_grad),
             silenced_logging(pl_module),
             self._scaled(scale),
-            model_inputs(pl_module, extra),
+            model_inputs(pl_module, extra, rows),
         ):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)
         self._last_step = step
@@ -579,7 +584,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         probes = getattr(self, "probes", None)
         if probes is not None and not probes.is_resolved and self._samples.has_samples():
             images, labels, _, _ = self._samples.samples()
-            probes.take(images, labels)
+            probes.take(images, labels, self._samples.extras())
         if self._samples.capped is not None:
             self._warn_once(
                 "bank capped",

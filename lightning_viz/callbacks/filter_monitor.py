@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_viz import _data, render
 from lightning_viz import _validate as check
-from lightning_viz import render
-from lightning_viz._layers import resolve_layers
+from lightning_viz._layers import layers_of_kind, model_device, resolve_layers, trace_data_flow
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import filters as F
 from lightning_viz.records import FilterStats
@@ -41,9 +41,11 @@ class FilterMonitor(VizCallback):
     same W0; a run resumed from a checkpoint without this state logs ``filters/distance_from_resume/<layer>`` instead).
 
     Args:
-        layers: names of ``nn.Conv2d`` layers; default: the model's first ``Conv2d`` (in a vision transformer its
-            patch embedding, e.g. timm's ``patch_embed.proj`` or torchvision's ``conv_proj``: RGB tiles of 16x16
-            kernels).
+        layers: names of ``nn.Conv2d`` layers; default: the first ``Conv2d`` the input reaches on its way to the
+            output, found by one forward pass of a kept sample (not the first registered: an auxiliary or decoder
+            conv defined before the stem is not it); in a vision transformer its patch embedding, e.g. timm's
+            ``patch_embed.proj`` or torchvision's ``conv_proj``: RGB tiles of 16x16 kernels. Without any sample to
+            trace (batches that hold no images) the first registered ``Conv2d``, said in one info line.
         max_filters: at most this many filters per grid.
         max_input_channels: at most this many input-channel slices per filter for layers with more than 3 input
             channels (was ``max_channels``).
@@ -98,6 +100,9 @@ class FilterMonitor(VizCallback):
         self.filmstrip_filters = filmstrip_filters
         self.min_tile_pixels = min_tile_pixels
         self._modules: dict[str, nn.Conv2d] = {}
+        self._by_flow = False  # the default layer is still to be chosen by data flow, on the first kept sample
+        self._provisional: dict[str, torch.Tensor] = {}  # W0 of each candidate until then
+        self._step_at_start = 0
         self._initial: dict[str, torch.Tensor] = {}  # W0 per layer: the weights the fit's first step starts from
         self._resumed: dict[str, torch.Tensor] = {}  # weights at a resume, for layers whose W0 is unknown
         self._scales: dict[str, float] = {}
@@ -108,19 +113,72 @@ class FilterMonitor(VizCallback):
 
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         self._modules = resolve_layers(pl_module, self.layers, (nn.Conv2d,), argument="layers", default="first")
+        self._by_flow = self.layers is None and len(layers_of_kind(pl_module, (nn.Conv2d,))) > 1
+        self._provisional = {}
+
+    @override
+    def _bank_capacity(self) -> int:
+        return 1 if self._by_flow else 0  # one sample, to trace which conv the input reaches first
+
+    @override
+    def _has_data(self) -> bool:
+        return not self._by_flow or self._samples.has_samples() or self._no_images
+
+    @override
+    def _check_inputs(self, trainer: Any) -> None:
+        # the filters need no images: batches without any only make the default layer fall back (said at first log)
+        if self._samples.problem is not None and not self._samples.has_samples():
+            self._no_images = True
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_initial_weights(int(trainer.global_step))
+        if self._by_flow:  # which layer is shown is known once a sample is: keep every candidate's W0 till then
+            candidates = layers_of_kind(pl_module, (nn.Conv2d,))
+            self._provisional = {n: m.weight.detach().cpu().clone() for n, m in candidates.items()}
+        else:
+            self._take_initial_weights(int(trainer.global_step))
+        self._step_at_start = int(trainer.global_step)
         super().on_train_start(trainer, pl_module)
 
-    def _take_initial_weights(self, step: int) -> None:
+    def _follow_data_flow(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Once per fit, on the first kept sample: the default layer is the first ``Conv2d`` the input reaches
+        (DataFlow.first_of), not the first registered one."""
+        if not self._by_flow:
+            return
+        self._by_flow = False
+        name = None
+        if self._samples.has_samples():
+            images = self._samples.samples()[0]
+            try:
+                name = trace_data_flow(pl_module, images[:1].to(model_device(pl_module))).first_of((nn.Conv2d,))
+            except Exception as exc:  # the registration-order default stays
+                reason = f"the forward pass could not be traced ({type(exc).__name__}: {exc})"
+            else:
+                reason = "no Conv2d reaches the model's output"
+        else:
+            reason = "no batch held an image to trace the forward pass with"
+        if name is None:
+            _data.tell_once(
+                trainer,
+                "filters by registration",
+                f"lightning_viz: FilterMonitor shows the first registered Conv2d, {next(iter(self._modules))!r}: "
+                f"{reason}. Name the layer with `FilterMonitor(layers=[...])`.",
+                warn=False,
+            )
+        else:
+            self._modules = {name: pl_module.get_submodule(name)}
+        chosen = next(iter(self._modules))
+        self._take_initial_weights(self._step_at_start, {chosen: self._provisional[chosen]})
+        self._provisional = {}
+
+    def _take_initial_weights(self, step: int, weights: dict[str, torch.Tensor] | None = None) -> None:
         """W0 is what the first optimizer step starts from: taken here, after a checkpoint is restored and after the
         user's ``setup`` / ``on_fit_start`` (which may load weights), never at ``setup``. A run resumed from a
         checkpoint without our state cannot know it: ``distance_from_init`` is then not logged, and the distance from
         the weights at the resume is logged as ``filters/distance_from_resume/<layer>`` instead."""
-        for name, module in self._modules.items():
-            weight = module.weight.detach().cpu().clone()
+        if weights is None:
+            weights = {name: module.weight.detach().cpu().clone() for name, module in self._modules.items()}
+        for name, weight in weights.items():
             if step == 0:
                 self._initial[name] = weight
             elif name not in self._initial and name not in self._resumed:
@@ -138,6 +196,7 @@ class FilterMonitor(VizCallback):
         return "or lower `max_filters` "
 
     def _log(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int) -> None:
+        self._follow_data_flow(trainer, pl_module)
         for name, module in self._modules.items():
             self._guard(f"layer {name}", self._log_layer, name, module, step, epochs_done)
 

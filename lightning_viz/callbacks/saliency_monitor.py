@@ -14,6 +14,7 @@ from lightning_viz import _validate as check
 from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import resolve_probes, step_aside
 from lightning_viz._hooks import isolated
+from lightning_viz._inputs import input_hint, model_inputs
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._saliency_table import BARS, BY_NAME, METHODS, TABLE, Inputs  # noqa: F401 (TABLE: public)
 from lightning_viz.callbacks.base import VizCallback
@@ -189,7 +190,8 @@ class SaliencyMonitor(VizCallback):
         convs = layers_of_kind(pl_module, (nn.Conv2d,))
         if convs:
             expected = next(iter(convs.values())).in_channels
-            if images.shape[1] != expected:
+            # any conv may be the stem (an auxiliary one can be registered first): the forward call below decides
+            if images.shape[1] not in {conv.in_channels for conv in convs.values()}:
                 raise ValueError(
                     f"`probes`: the images have {images.shape[1]} channels, but the model's first conv layer "
                     f"expects {expected} (probe shape {tuple(images.shape)})."
@@ -199,10 +201,20 @@ class SaliencyMonitor(VizCallback):
             raise ValueError(
                 f"`occlusion_window`={self._window} is larger than the probe images ({h}x{w}); choose a smaller window."
             )
-        with isolated(pl_module):
+        extra = self.probes.extra_inputs if self.probes.images is images else ()
+        with isolated(pl_module), model_inputs(pl_module, extra, images if extra else None):
             try:
                 out = pl_module(images[:2].to(model_device(pl_module)).clone())  # it may edit its input
             except Exception as exc:
+                if "more inputs" in (input_hint(exc) or "") and not extra:
+                    raise ValueError(  # the cause is the model's other input, not the probe images
+                        f"SaliencyMonitor: your model takes more inputs than the image ({exc}), and the `probes` "
+                        "given hold images only. Give each probe its other inputs: "
+                        "`ProbeSet(images, labels, extra_inputs=(second_input,))`, or `ProbeSet.from_dataset(dataset, "
+                        "indices, input_fn=lambda batch: ((image, second_input), label))`; or leave `probes` out and "
+                        "say how a batch becomes the model's inputs with `input_fn=` (or a `viz_input` method): the "
+                        "monitor then takes probes, with their other inputs, from the validation batches."
+                    ) from exc
                 raise ValueError(
                     f"`probes`: the model cannot take the probe images of shape {tuple(images.shape)}: "
                     f"{type(exc).__name__}: {exc}"

@@ -114,7 +114,8 @@ def fingerprint(tensor: torch.Tensor, points: int = 16) -> torch.Tensor:
         any tensor; returns (2 + min(points, numel),) float64 on the CPU.
     """
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(points, flat.numel()), device=flat.device).long()
+    # float64: in float32 the last index of a tensor of more than 2**24 elements rounds up, past its end
+    index = torch.linspace(0, flat.numel() - 1, min(points, flat.numel()), dtype=torch.float64).long().to(flat.device)
     head = torch.stack([flat.sum(dtype=torch.float64), flat.norm().double()])
     return torch.cat([head, flat[index].double()]).cpu()
 
