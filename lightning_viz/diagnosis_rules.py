@@ -610,7 +610,9 @@ def unchanged(ev: Evidence) -> Finding | None:
 def batchnorm(ev: Evidence) -> Finding | None:
     """:func:`batchnorm_mismatch` on the latest probe and BatchNorm records, once the probe before it agrees: running
     statistics lag the weights for an epoch when the learning rate is high or the weights jump, and settle by the
-    next (a mismatch of one epoch is not a finding). At the end of the fit the latest probe alone decides."""
+    next (a mismatch of one epoch is not a finding). At the end of the fit the latest probe alone decides; before,
+    a single probe's mismatch is *pending*: not listed, but what it would explain (dead filters, not learning, ...
+    measured in the broken eval mode) waits with it, so the panel does not name a consequence first."""
     dyn = ev.dynamics
     finding = batchnorm_mismatch(dyn.bn_probe, dyn.bn_layers) if dyn is not None else None
     if finding is None or dyn is None:
@@ -618,7 +620,7 @@ def batchnorm(ev: Evidence) -> Finding | None:
     earlier = [p for p in dyn.bn_probes if p.epoch < dyn.bn_probe.epoch]
     if earlier and _eval_worse(earlier[-1]):
         return replace(finding, since_epoch=earlier[-1].epoch)
-    return finding if ev.final else None
+    return finding if ev.final else replace(finding, pending=True)
 
 
 def saturation(ev: Evidence) -> Finding | None:

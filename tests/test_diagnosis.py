@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -145,6 +146,15 @@ def test_dynamics_findings_fold_by_cause_in_the_panel():
                dead=dead, final=True, epoch=3, dynamics=dyn)  # fmt: skip
     findings = D.diagnose(sick)
     assert [f.kind for f in findings] == ["batchnorm_mismatch"] and findings[0].severity == "critical"
+    # mid-run, one probe is not yet a finding, but what it would explain waits with it (no dead filters named first)
+    for mid_run in (replace(sick, final=False), replace(sick, final=False, val_loss=_curve([2.3, 2.0, 1.8]))):
+        assert D.diagnose(mid_run) == []
+    confirmed = D.DynamicsEvidence(bn_probe=probe, bn_layers=[far], bn_probes=[replace(probe, epoch=2), probe])
+    assert [f.kind for f in D.diagnose(replace(sick, final=False, dynamics=confirmed))] == ["batchnorm_mismatch"]
+    healed = replace(probe, eval_loss=0.06, eval_accuracy=0.97)  # the probe agrees with batch statistics: dead filters
+    assert [
+        f.kind for f in D.diagnose(replace(sick, dynamics=D.DynamicsEvidence(bn_probe=healed, bn_layers=[far])))
+    ] == ["dead_filters"]
     panel = D.to_markdown(findings, 3, 30, final=True)
     assert "CRITICAL: batchnorm mismatch (since epoch 3)" in panel and "a consequence" in panel
     assert ": dead filters (since" not in panel and "`dynamics/bn_mean_shift/bn1`" in panel
