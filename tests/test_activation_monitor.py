@@ -313,3 +313,36 @@ def test_activation_layers_resolve_dead_counting():
     assert A.activation_layers(model, ["1"], None, False)[1] == {"1": False}
     with pytest.raises(ValueError, match=r"`count_dead=True`.*'3' \(GELU\)"):
         A.activation_layers(model, None, None, True)
+
+
+class _RegisteredOutOfOrder(nn.Module):
+    """Activations registered out of the order the data passes them, and one registered but never called."""
+
+    def __init__(self, unused: bool) -> None:
+        super().__init__()
+        self.conv0, self.act0 = nn.Conv2d(8, 8, 1), nn.ReLU()  # registered first, applied last
+        if unused:
+            self.spare_act = nn.GELU()  # registered, never called
+        self.conv1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.fc, self.head_act, self.out = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)  # (N, 16): no map
+        if not unused:
+            self.tail_act = nn.Tanh()  # registered last, applied second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv1(x))
+        x = self.tail_act(x) if hasattr(self, "tail_act") else x
+        x = self.act0(self.conv0(self.act2(self.conv2(x)))).mean((2, 3))
+        return self.out(self.head_act(self.fc(x)))
+
+
+@pytest.mark.parametrize("unused", [False, True])
+def test_default_map_layers_follow_the_data_not_registration(tmp_path, pl_ns, unused):
+    monitor = ActivationMonitor(on_error="raise")
+    _, events = _fit(pl_ns, tmp_path, monitor, _RegisteredOutOfOrder(unused), max_epochs=1)
+    maps = sorted(t for t in events.tags["images"] if t.startswith("activations/maps/"))
+    assert maps == ["activations/maps/model.act0", "activations/maps/model.act1"]  # first and last spatial, by flow
+    # an explicit choice is kept as given
+    chosen = ActivationMonitor(on_error="raise", map_layers=["model.act2"])
+    _, events = _fit(pl_ns, tmp_path / "chosen", chosen, _RegisteredOutOfOrder(unused), max_epochs=1)
+    assert [t for t in events.tags["images"] if t.startswith("activations/maps/")] == ["activations/maps/model.act2"]

@@ -61,7 +61,9 @@ class ActivationMonitor(VizCallback):
             ``pre_activation_layers``); ``True`` requires it and fails at setup for a site where it is not defined;
             ``False`` never counts them.
         max_batches: at most this many batches per logged epoch feed the statistics.
-        map_layers: module names whose activation maps are drawn; default: the first and the last monitored module.
+        map_layers: module names whose activation maps are drawn; default: the first and the last monitored module
+            the data passes through with an (N, C, H, W) output (the validation batches' call order, not the order
+            of registration).
         probes: the probe whose maps are drawn (its image ``map_probe``); default: chosen from the validation data.
         max_channels: at most this many channel tiles per map image.
         filmstrip_length: logged epochs kept in the dead-channel history image (was ``history_length``).
@@ -327,6 +329,9 @@ class ActivationMonitor(VizCallback):
             return
         image, p = self._probe_image(trainer).to(model_device(pl_module)), self.map_probe
         shown = render.display_image(image[0])
+        if self.map_layers is None:  # the first and last layer the data passed through, not registration order
+            called = [n for n in self._stats.spatial if n in self._modules]  # drawable: (N, C, H, W) outputs
+            self._map_modules = A.map_layers(called or list(self._modules), None)
         modules = {n: self._modules[n] for n in self._map_modules}
         captured = A.site_maps(pl_module, modules, image, self._stats.layouts)
         for site, key in sites:

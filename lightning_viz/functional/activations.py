@@ -270,6 +270,7 @@ class SiteStats(dict):
         self.sample_size = sample_size
         self.seed = seed
         self.layouts: dict[str, Layout] = dict(layouts or {})
+        self.spatial: dict[str, None] = {}  #: modules with an (N, C, H, W) output, in the order first seen
 
     def add(self, site: Site, output: Any) -> None:
         """Count one output of a call site; outputs that are not tensors of shape (N, C, ...) are ignored.
@@ -280,6 +281,8 @@ class SiteStats(dict):
             return
         stats = self.get(site)
         if stats is None:
+            if output.ndim == 4:
+                self.spatial.setdefault(site[0])
             axis = self.layouts.get(site[0], Layout()).axis_for(output)
             generator = torch.Generator().manual_seed(self.seed + len(self))
             stats = self[site] = ChannelStats(self.sample_size, generator, channel_axis=axis)
