@@ -74,7 +74,7 @@ class EmbeddingMonitor(EmbeddingMaps, VizCallback):
     publishes = (EmbeddingQuality,)
     default_every_n_epochs = 3
     budget_baseline = False  # reads `subset_size` samples: not before the budget knows what the run can afford
-    budget_knobs = {"subset_size": 128, "num_neighbours": 4}
+    budget_knobs = {"subset_size": 64, "num_neighbours": 4}
     budget_fixed_seconds = 0.05  # the neighbour strips, the sprite, the projector's files
 
     def __init__(
@@ -141,7 +141,7 @@ class EmbeddingMonitor(EmbeddingMaps, VizCallback):
             self._module = resolve_layers(pl_module, [self.layer], (nn.Module,), argument="layer")[self.layer]
             self._use_input, self._flow_done = False, True
         self._capture = ValidationCodeCapture(self._module, self._use_input)
-        self._captures = None
+        self._captures, self._captured_at = None, None
 
     def _cheaper_hint(self) -> str:
         return "or lower `subset_size` "
@@ -153,7 +153,8 @@ class EmbeddingMonitor(EmbeddingMaps, VizCallback):
         n = min(self.subset_size, kept)
         trainer = self._fit_trainer() if self._fit_trainer is not None else None
         captures = self._captures if self._captures is not None else ValidationCodeCapture.can_capture(trainer)
-        return (0.0 if captures else n / 3) + n / 10
+        # (the step-0 view and the first epoch's call come before any captured pass: a forward pass)
+        return (0.0 if captures and self._captured_at is not None else n / 3) + n / 10
 
     def _bank_capacity(self) -> int:
         return self.subset_size  # the probes are chosen among the subset
@@ -301,8 +302,9 @@ class EmbeddingMonitor(EmbeddingMaps, VizCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._capture is not None:
+            if self._capture.attached:
+                self._captured_at = trainer.global_step
             self._capture.detach(epoch=trainer.current_epoch)
-            self._captured_at = trainer.global_step
         super().on_validation_epoch_end(trainer, pl_module)
 
     @override
