@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 from conftest import Events, loaders, make_module, trainer_kwargs
 
@@ -13,14 +12,6 @@ import lightning_viz
 
 EPOCHS, STEPS_PER_EPOCH = 5, 4  # 64 samples, batches of 16
 EXPENSIVE = ("embedding", "exemplars", "featurevis")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _short_fit(pl_ns, tmp_path, suite, step_seconds: float):
@@ -31,11 +22,16 @@ def _short_fit(pl_ns, tmp_path, suite, step_seconds: float):
     train, val = loaders()
     logger = pl_ns.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
     trainer = pl_ns.Trainer(callbacks=[Slow(), *suite], logger=logger, **trainer_kwargs(tmp_path, max_epochs=EPOCHS))
-    trainer.fit(make_module(pl_ns), train, val)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steady timings on a shared CPU
+    try:
+        trainer.fit(make_module(pl_ns), train, val)
+    finally:
+        torch.set_num_threads(threads)
     return Events(str(tmp_path / "run"))
 
 
-def test_every_monitor_logs_the_trained_network_at_the_end_of_a_short_run(tmp_path, pl_ns, one_thread):
+def test_every_monitor_logs_the_trained_network_at_the_end_of_a_short_run(tmp_path, pl_ns):
     # 5 epochs of 4 steps of 0.5 s: 10 s of training, so the default 5 % is 0.5 s for the whole suite
     suite = lightning_viz.default_suite()
     estimates: dict[str, float | None] = {}
