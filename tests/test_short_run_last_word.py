@@ -74,3 +74,27 @@ def _record_first_estimate(cb, estimates: dict[str, float | None]) -> None:
         return original(*args, **kwargs)
 
     cb._log = log
+
+
+def test_the_cheap_parts_match_what_they_replace():
+    import numpy as np
+    from conftest import TinyCNN
+
+    from lightning_viz.functional import embedding as E
+    from lightning_viz.functional import exemplars as X
+
+    # the probes' codes are found among the subset's rows (no forward pass); a probe not among them is None
+    images = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert E.matching_rows(images, torch.cat([images[[5, 31]], images[:1] + 1])) == [5, 31, None]
+    # the in-process PCA map is the child's, up to each axis' sign
+    codes = torch.randn(30, 12, generator=torch.Generator().manual_seed(1))
+    ours, child = E.pca_map(codes), E.pca_2d(codes.double().numpy())
+    assert np.allclose(np.abs(ours), np.abs(child), atol=1e-4)
+    # receptive fields without a model copy: the model keeps its mode, its hooks and its weights
+    model = TinyCNN().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    boxes = X.receptive_field_boxes(model, model.conv2, (3, 16, 16), torch.tensor([[4, 4], [0, 0]]))
+    assert boxes.tolist() == [[5, 5, 13, 13], [0, 0, 5, 5]]  # 3x3 conv, 2x2 max pool, 3x3 conv (clipped)
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

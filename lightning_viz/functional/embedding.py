@@ -72,11 +72,13 @@ def matching_rows(rows: torch.Tensor, wanted: torch.Tensor) -> list[int | None]:
     """
     if rows.shape[1:] != wanted.shape[1:] or not len(rows):
         return [None] * len(wanted)
-    flat = rows.reshape(len(rows), -1).float()
+    flat = rows.reshape(len(rows), -1)
     found: list[int | None] = []
-    for row in wanted.reshape(len(wanted), -1).float():
-        hits = (flat == row).all(dim=1).nonzero()
-        found.append(int(hits[0]) if len(hits) else None)
+    for row in wanted.reshape(len(wanted), -1).to(flat.dtype):
+        # a few values first narrow the candidates down: the whole rows are compared only for those
+        candidates = (flat[:, :16] == row[:16]).all(dim=1).nonzero().flatten()
+        hits = [int(i) for i in candidates if bool((flat[i] == row).all())]
+        found.append(hits[0] if hits else None)
     return found
 
 
