@@ -78,11 +78,14 @@ class Member:
         label: str = "",
         cheap: bool = False,
         evidence: bool = False,
+        fixed: float | None = None,
     ) -> None:
         self.name, self.cadence, self.knobs, self.units = name, cadence, dict(knobs), units
         #: its records are what the final diagnosis judges: the last epoch always has its call (never left out)
         self.evidence = evidence
         self.label = label or name
+        #: seconds of a call that do not scale with its work, as the monitor declares them (else FIXED_SECONDS)
+        self.fixed = FIXED_SECONDS if fixed is None else float(fixed)
         self.cheap = cheap  #: declared cheap (filters, activation statistics): its first call is never held back
 
     @property
@@ -249,7 +252,7 @@ class Budget:
         units = member.units(scale) if member is not None and member.units is not None else None
         if units is None or self.sample_seconds is None:
             return None
-        return FIXED_SECONDS + SAFETY * float(units) * self.sample_seconds
+        return member.fixed + SAFETY * float(units) * self.sample_seconds
 
     def _scale_within(self, name: str, room: float) -> float | None:
         """The largest scale whose estimated cost fits in ``room`` seconds (``None``: not even the smallest); a

@@ -23,6 +23,7 @@ with respect to the float32 input still flow), and floating-point outputs come b
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -146,7 +147,7 @@ def class_labels(target: Any, n: int) -> torch.Tensor | None:
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (or buffer); ``None`` for a model with neither."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):  # lazily: called on every forward pass
         if tensor.is_floating_point():
             return tensor.dtype
     return None

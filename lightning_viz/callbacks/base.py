@@ -77,6 +77,9 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     diagnosis_evidence: ClassVar[bool] = False
     #: Whether the untrained baseline is cheap enough to run under a budget before anything is measured.
     budget_baseline: ClassVar[bool] = True
+    #: Seconds of a call that do not scale with its work (drawing, encoding, writing), for the budget's estimate
+    #: before the first call (``None``: the budget's default, ``_budget.FIXED_SECONDS``).
+    budget_fixed_seconds: ClassVar[float | None] = None
     #: The visualization (a ``_guard`` key) that alone needs image samples, when the rest of the monitor works on any
     #: input (``None``: the whole monitor needs images and steps aside when the inputs are not images).
     image_part: ClassVar[str | None] = None
@@ -199,6 +202,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
                 label=label,
                 cheap=cheap,
                 evidence=self.diagnosis_evidence,
+                fixed=self.budget_fixed_seconds,
             )
 
     def _units_at(self, scale: float) -> float | None:

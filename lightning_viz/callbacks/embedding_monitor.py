@@ -14,9 +14,10 @@ from lightning_viz import _budget, render
 from lightning_viz import _validate as check
 from lightning_viz._classes import class_name, find_class_names
 from lightning_viz._data import split_batch
-from lightning_viz._hooks import ValidationCodeCapture, capture
-from lightning_viz._layers import head_module, last_linear, model_device, resolve_layers
-from lightning_viz._projection_worker import Projection, ProjectionClient, write_tensor_tsv
+from lightning_viz._hooks import ValidationCodeCapture
+from lightning_viz._layers import evenly_spaced, head_module, last_linear, resolve_layers
+from lightning_viz._projection_worker import ProjectionClient, write_tensor_tsv
+from lightning_viz.callbacks._embedding_maps import EmbeddingMaps
 from lightning_viz.callbacks.base import VizCallback
 from lightning_viz.functional import embedding as E
 from lightning_viz.probes import ProbeSet
@@ -30,7 +31,7 @@ _DEFAULT_SUBSET = 1000
 _RENAMED = {"projection": "reducer", "neighbours": "num_neighbours", "knn_k": "knn_neighbours"}  # until 0.3
 
 
-class EmbeddingMonitor(VizCallback):
+class EmbeddingMonitor(EmbeddingMaps, VizCallback):
     """Features of a fixed validation subset, logged as TensorBoard projector data, a 2-D map and quality scalars.
 
     Each logged epoch, the chosen layer's codes are gathered for a fixed subset of the validation data: a seeded
@@ -73,6 +74,8 @@ class EmbeddingMonitor(VizCallback):
     publishes = (EmbeddingQuality,)
     default_every_n_epochs = 3
     budget_baseline = False  # reads `subset_size` samples: not before the budget knows what the run can afford
+    budget_knobs = {"subset_size": 64, "num_neighbours": 4}
+    budget_fixed_seconds = 0.05  # the neighbour strips, the sprite, the projector's files
 
     def __init__(
         self,
@@ -108,7 +111,7 @@ class EmbeddingMonitor(VizCallback):
         check.at_least("subset_size", subset_size, 2)
         check.probe_set("probes", probes)
         self.layer = layer
-        self.subset_size = subset_size
+        self.subset_size = self._asked = subset_size
         self.reducer = reducer
         self.projector = projector
         self.sprite_size = sprite_size
@@ -124,6 +127,8 @@ class EmbeddingMonitor(VizCallback):
         self._maps = render.Filmstrip(filmstrip_length)
         self._projections = ProjectionClient(reducer, seed=self.seed)
         self._capture: ValidationCodeCapture | None = None
+        self._captures: bool | None = None  #: whether the codes came from the Trainer's validation pass
+        self._captured_at: int | None = None  #: the training step of the last captured validation pass
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layer": self.layer}
@@ -136,12 +141,20 @@ class EmbeddingMonitor(VizCallback):
             self._module = resolve_layers(pl_module, [self.layer], (nn.Module,), argument="layer")[self.layer]
             self._use_input, self._flow_done = False, True
         self._capture = ValidationCodeCapture(self._module, self._use_input)
+        self._captures, self._captured_at = None, None
 
     def _cheaper_hint(self) -> str:
         return "or lower `subset_size` "
 
-    def _budget_units(self) -> float | None:  # at most a forward pass over the subset (codes come from validation)
-        return self.subset_size / 3
+    def _budget_units(self) -> float | None:
+        # codes: a forward pass over the subset unless the Trainer's validation pass gave them (one process, an
+        # unshuffled loader); thumbnails, k-NN quality and the map's input: about a tenth of a pass per sample
+        kept = len(self._samples.samples(complete=True)[0]) if self._has_data() else self.subset_size
+        n = min(self.subset_size, kept)
+        trainer = self._fit_trainer() if self._fit_trainer is not None else None
+        captures = self._captures if self._captures is not None else ValidationCodeCapture.can_capture(trainer)
+        # (the step-0 view and the first epoch's call come before any captured pass: a forward pass)
+        return (0.0 if captures and self._captured_at is not None else n / 3) + n / 10
 
     def _bank_capacity(self) -> int:
         return self.subset_size  # the probes are chosen among the subset
@@ -156,47 +169,51 @@ class EmbeddingMonitor(VizCallback):
 
     # ------------------------------------------------------------------------------------------------ gather
     def _features(self, pl_module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(codes (N, D), logits-or-None) of a batch, codes from the hooked layer."""
+        """(codes (N, D), logits-or-None) of ``images``, ``batch_size`` per forward pass, codes from the layer."""
         assert self._module is not None
-        with capture([self._module], what="input" if self._use_input else "output", keep="last") as captured:
-            out = pl_module(images.to(model_device(pl_module)))
-        calls = captured[0]
-        if not calls:
-            raise TypeError(
-                "EmbeddingMonitor: the feature layer's output must be a tensor; it returned none (or was not called)."
-            )
-        logits = out.detach().float().cpu() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-        return E.pooled_codes(calls[-1]).cpu(), logits
-
-    def _codes(self, pl_module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(codes, logits-or-None) of the kept subset, ``batch_size`` images per forward pass."""
-        size = self.batch_size
-        parts = [self._features(pl_module, images[i : i + size]) for i in range(0, len(images), size)]
-        logits = [out for _, out in parts]
-        return torch.cat([c for c, _ in parts]), torch.cat(logits) if all(o is not None for o in logits) else None  # type: ignore[arg-type]
+        try:
+            return E.layer_codes(pl_module, self._module, images, use_input=self._use_input, batch_size=self.batch_size)
+        except TypeError as exc:
+            raise TypeError(f"EmbeddingMonitor: {exc}") from None
 
     def _gather(self, trainer: Any, pl_module: nn.Module) -> tuple[Any, ...]:
         """Images, codes (N, D), labels, predictions of the subset: captured in validation, or computed."""
         images, labels, _, pass_size = self._samples.samples(complete=True)
+        chosen = self._chosen(images)
         # the default code: the input of the head by data flow, found once on a sample (a new capture starts empty)
         head, self._flow_done = (None if self._flow_done else head_module(pl_module, images[:1])), True
         if head is not None and head is not self._module:
             self._module, self._capture = head, ValidationCodeCapture(head, True)
         assert self._capture is not None
-        if len(images) < self.subset_size and self.subset_size != _DEFAULT_SUBSET:  # (a default is a ceiling)
-            n, asked = len(images), self.subset_size
+        if len(images) < self._asked and self._asked != _DEFAULT_SUBSET:  # (a default is a ceiling)
+            n, asked = len(images), self._asked
             self._warn_once(
                 "subset", f"EmbeddingMonitor: `subset_size`={asked} but the data has {n} samples; using all of them."
             )
-        captured, problem = self._capture.collect(trainer.current_epoch, pass_size)
+        # the last validation pass's codes serve while the weights are those it saw (not the step-0 view's)
+        same = self._captured_at == trainer.global_step and self._deferred != "running"
+        captured, problem = self._capture.collect(self._capture.epoch if same else -1, pass_size)
         if problem is not None:
             self._warn_once(
                 "capture",
                 f"EmbeddingMonitor: the validation data changed since the subset was taken ({problem}); the codes "
                 "are computed from the kept images instead.",
             )
-        features, out = captured if captured is not None else self._codes(pl_module, images)
-        return images, features, labels, out.argmax(1) if out is not None else None
+        self._captures = captured is not None
+        if captured is not None:  # codes of the whole subset, free: the call keeps the chosen ones
+            features, out = captured[0][chosen], captured[1][chosen] if captured[1] is not None else None
+        else:
+            features, out = self._features(pl_module, images[chosen])
+        labels = labels[chosen] if labels is not None else None
+        return images[chosen], features, labels, out.argmax(1) if out is not None else None
+
+    def _chosen(self, images: torch.Tensor) -> torch.Tensor:
+        """The samples of this call: ``subset_size`` of the kept ones, evenly spaced (a budget may ask for fewer
+        than were kept), and the probes among them, so that their codes need no forward pass of their own."""
+        chosen = set(evenly_spaced(len(images), self.subset_size))
+        if self.probes.images is not None:
+            chosen.update(i for i in E.matching_rows(images, self.probes.images) if i is not None)
+        return torch.tensor(sorted(chosen), dtype=torch.long)
 
     def _thumb_size(self, count: int, image_side: int | None = None) -> int:
         """Thumbnail side: ``sprite_size``, never larger than the images, and within the projector's sprite limit."""
@@ -237,52 +254,29 @@ class EmbeddingMonitor(VizCallback):
     def _log_neighbours(self, model: nn.Module, features: torch.Tensor, images: Any, labels: Any, step: int) -> None:
         assert self._sink is not None and self.probes.images is not None
         probe_images = self.probes.images
-        idx, _ = E.nearest_neighbours(self._features(model, probe_images)[0], features, self.num_neighbours)
+        rows = E.matching_rows(images, probe_images)  # the probes are kept samples: their codes are at hand
+        missing = [i for i, row in enumerate(rows) if row is None]  # (probes given by the user)
+        codes = features[[row or 0 for row in rows]]
+        if missing:
+            codes[missing] = self._features(model, probe_images[missing])[0]
+        idx, _ = E.nearest_neighbours(codes, features, self.num_neighbours)
         strips = render.neighbours_of(probe_images, self.probes.labels, images, labels, idx, self._class_names)
         self._sink.image("embedding/neighbours", strips, step)
 
-    # --------------------------------------------------------------------------------- off-path projection
-    def _submit(self, features: torch.Tensor, labels: Any, step: int, epochs_done: int, tsv: str | None) -> bool:
-        if not bool(torch.isfinite(features).all()):
-            return False  # NaN/Inf codes (a diverged network, said in `_log`): no map of them
-        context = (step, epochs_done, labels.numpy() if labels is not None else None)
-        self._projections.submit(features.numpy(), context, tensor_file=tsv)
-        self._log_maps()
-        return True
-
-    def _log_maps(self, wait: bool = False) -> None:
-        """Log the maps whose projection is done, in order; never blocks unless ``wait``."""
-        if wait and self._projections.pending and self._sink is not None and self._sink.writes_images:
-            count = self._projections.pending
-            print(f"lightning_viz: waiting for {count} embedding map(s) ({self._projections.method})...", flush=True)
-        for projection in self._projections.finished(wait=wait):
-            self._guard("map", self._log_map, projection)
-
-    def _log_map(self, projection: Projection) -> None:
-        if projection.error is not None:
-            raise RuntimeError(projection.error)
-        step, epochs_done, labels = projection.context
-        coords = projection.coords
-        if self._reference is not None and self._reference.shape == coords.shape:
-            coords = E.procrustes_align(coords, self._reference)
-        self._reference = coords
-        image, frame = render.embedding_map(
-            coords, labels, reducer=self._projections.method, epochs_done=epochs_done, class_names=self._class_names
-        )
-        assert (sink := self._sink) is not None
-        sink.image("embedding/map", image, step)
-        sink.image("embedding/map_filmstrip", render.grid_filmstrip(self._maps.push("", frame).images()), step)
-        sink.scalars({"embedding/projection_seconds": projection.seconds}, step)
-        sink.flush()
-
     # ------------------------------------------------------------------------------------------- lifecycle
+    def _last_expected_epoch(self, trainer: Any) -> bool:
+        """Whether this validation pass is the fit's last (its codes then serve the last word without a forward)."""
+        expected = _budget.expected_epochs(trainer)
+        last = expected is not None and trainer.current_epoch + 1 >= expected
+        return self._budget_managed and last and not trainer.sanity_checking
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
             self._active
             and self._capture is not None
             and getattr(trainer.state, "fn", None) == "fit"
-            and self._is_log_epoch(trainer)  # (not while sanity checking)
+            and (self._is_log_epoch(trainer) or self._last_expected_epoch(trainer))  # (not while sanity checking)
             and getattr(trainer, "is_global_zero", True)
             and ValidationCodeCapture.can_capture(trainer)
             and "embedding" not in self._disabled
@@ -308,6 +302,8 @@ class EmbeddingMonitor(VizCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._capture is not None:
+            if self._capture.attached:
+                self._captured_at = trainer.global_step
             self._capture.detach(epoch=trainer.current_epoch)
         super().on_validation_epoch_end(trainer, pl_module)
 

@@ -65,7 +65,8 @@ class ExemplarMonitor(VizCallback):
     monitor_name = "exemplars"
     publishes = (ExemplarStats,)
     default_every_n_epochs = 5
-    budget_knobs = {"max_samples": 64, "max_channels": 4}
+    budget_knobs = {"max_samples": 32, "max_channels": 4, "top_k": 3}
+    budget_fixed_seconds = 0.03  # one panel, one text table
     label = "the exemplars"
     images_only = True
 

@@ -67,7 +67,8 @@ class FeatureVisMonitor(VizCallback):
     monitor_name = "featurevis"
     publishes = (FeatureVisStats,)
     default_every_n_epochs = 10
-    budget_knobs = {"steps": 8}
+    budget_knobs = {"steps": 4, "max_channels": 4}
+    budget_fixed_seconds = 0.03  # one panel and its filmstrip
     needs_grad = True
     label = "feature visualisation"
     images_only = True

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from lightning_viz._hooks import capture
 
 # The projections live in the worker module (numpy-only imports, so the child process starts fast); they are
 # re-exported here for direct use.
@@ -29,6 +32,54 @@ def pooled_codes(output: torch.Tensor) -> torch.Tensor:
     """
     code = output.detach().float()
     return code.flatten(2).mean(-1) if code.ndim > 2 else code
+
+
+def layer_codes(
+    model: nn.Module, module: nn.Module, images: torch.Tensor, *, use_input: bool = False, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The codes of ``images`` at ``module`` (its input or output, see :func:`pooled_codes`) and the model's logits.
+
+    Args:
+        model: the network (in the mode the caller chose); module: the layer whose output (or input) is the code.
+        images: the model's inputs; use_input: the code is the layer's input (a head's features), not its output.
+        batch_size: images per forward pass.
+
+    Returns:
+        (codes, logits): codes on the CPU; logits (the model's 2-D output, float, CPU) or ``None`` when the model's
+        output is not a 2-D tensor.
+
+    Shape:
+        images: (N, ...). Returns (N, D) and (N, K) or None.
+    """
+    device = next(model.parameters(), torch.zeros(())).device
+    codes, logits = [], []
+    for start in range(0, len(images), batch_size):
+        with capture([module], what="input" if use_input else "output", keep="last") as captured:
+            out = model(images[start : start + batch_size].to(device))
+        if not captured[0]:
+            raise TypeError("the feature layer's output must be a tensor; it returned none (or was not called).")
+        codes.append(pooled_codes(captured[0][-1]).cpu())
+        logits.append(out.detach().float().cpu() if isinstance(out, torch.Tensor) and out.ndim == 2 else None)
+    whole = torch.cat(logits) if all(x is not None for x in logits) else None  # type: ignore[arg-type]
+    return torch.cat(codes), whole
+
+
+def matching_rows(rows: torch.Tensor, wanted: torch.Tensor) -> list[int | None]:
+    """The position in ``rows`` of each of ``wanted`` (exactly equal values), or ``None`` where there is none.
+
+    Shape:
+        rows: (N, ...); wanted: (M, ...) of the same trailing shape. Returns M positions.
+    """
+    if rows.shape[1:] != wanted.shape[1:] or not len(rows):
+        return [None] * len(wanted)
+    flat = rows.reshape(len(rows), -1)
+    found: list[int | None] = []
+    for row in wanted.reshape(len(wanted), -1).to(flat.dtype):
+        # a few values first narrow the candidates down: the whole rows are compared only for those
+        candidates = (flat[:, :16] == row[:16]).all(dim=1).nonzero().flatten()
+        hits = [int(i) for i in candidates if bool((flat[i] == row).all())]
+        found.append(hits[0] if hits else None)
+    return found
 
 
 def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,6 +140,19 @@ def nearest_neighbours(query: torch.Tensor, features: torch.Tensor, k: int = 8) 
     k = min(k, features.shape[0])
     result = dist.topk(k, largest=False)
     return result.indices, result.values
+
+
+def pca_map(features: torch.Tensor) -> np.ndarray:
+    """The first two principal components, computed with torch (its thread setting, no BLAS pool of numpy's): the
+    in-process twin of the child's ``pca`` map (the same up to each axis' sign, which :func:`procrustes_align` fixes).
+
+    Shape:
+        features: (N, D). Returns (N, 2) float32.
+    """
+    centred = features.detach().double()
+    centred = centred - centred.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:2].T).float().numpy()
 
 
 def procrustes_align(coords: np.ndarray, reference: np.ndarray) -> np.ndarray:

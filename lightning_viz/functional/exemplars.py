@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_viz._hooks import capture
-from lightning_viz._layers import TokenGrid, detached_deepcopy
+from lightning_viz._layers import TokenGrid
 from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
 
 
@@ -55,64 +56,61 @@ def spatial_max(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, torch.stack([index // w, index % w], dim=-1)
 
 
-class _PositivePath(nn.Module):
-    """Stand-in for max pooling in the receptive-field copy: an average pool with the same geometry."""
-
-    def __init__(self, pool: nn.Module) -> None:
-        super().__init__()
-        self.pool = nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
-
-    def forward(self, x):
-        return self.pool(x)
+_OPENED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)
 
 
-def _positive_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """A copy in which every path from input to output carries a positive weight, so gradients never cancel.
+def _positive_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Stand-in parameters and buffers under which every path from input to output carries a positive weight:
+    convolutions and linear layers get weights 1 and bias 0, BatchNorm (in eval mode) becomes the identity."""
+    values: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            values[prefix + "weight"] = torch.ones_like(module.weight)
+            if module.bias is not None:
+                values[prefix + "bias"] = torch.zeros_like(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.running_mean is not None and module.running_var is not None:
+                values[prefix + "running_mean"] = torch.zeros_like(module.running_mean)
+                values[prefix + "running_var"] = torch.full_like(module.running_var, 1.0 - module.eps)
+            if module.weight is not None and module.bias is not None:
+                values[prefix + "weight"] = torch.ones_like(module.weight)
+                values[prefix + "bias"] = torch.zeros_like(module.bias)
+    return values
 
-    Convolutions and linear layers get weights 1 and bias 0, BatchNorm becomes the identity, activations become the
-    identity and max pools become average pools with the same geometry. Returns (copy, the copy's ``layer``).
-    """
-    names = {m: n for n, m in model.named_modules()}
-    target_name = names[layer]
-    # the copy's weights are constants: it depends on the model's structure only, so it is made once per structure
-    shape = tuple((n, type(m).__name__) for n, m in model.named_modules())
-    shape += tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in model.state_dict().items())
+
+@contextlib.contextmanager
+def _positive_paths(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the body, ``model`` called through ``torch.func.functional_call`` with the yielded values computes as a
+    copy whose every path is positive, so gradients never cancel: activations and leaf normalisations pass their
+    input on, max pools average with the same geometry. No copy of the model is made (a deep copy of a large model
+    costs more than the rest of an exemplar call); the hooks are removed and the modes restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    handles = []
     try:
-        kept = _POSITIVE_COPIES.get(model)
-    except TypeError:  # a model that cannot be weakly referenced: a fresh copy each time
-        kept = None
-    if kept is not None and kept[0] == shape:
-        return kept[1], kept[1].get_submodule(target_name)
-    original = model
-    model = detached_deepcopy(model).eval()
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                module.weight.fill_(1.0)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0 - module.eps)
-                if module.weight is not None:
-                    module.weight.fill_(1.0)
-                    module.bias.zero_()
-            elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Dropout)) or (
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, _OPENED) or (
                 isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and not any(module.children())
             ):
-                # identity: keeps every path open (a normalisation would turn the constant input into zeros)
-                module.forward = lambda x: x
-            elif isinstance(module, nn.MaxPool2d) and name:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, _PositivePath(module))
-    with contextlib.suppress(TypeError):
-        _POSITIVE_COPIES[original] = (shape, model)
-    return model, model.get_submodule(target_name)
+                handles.append(module.register_forward_hook(_pass_input))
+            elif isinstance(module, nn.MaxPool2d):
+                handles.append(module.register_forward_hook(_average_instead))
+        yield _positive_values(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.train(mode)
 
 
-#: model -> (its structure, its positive copy): see :func:`_positive_copy`.
-_POSITIVE_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+def _pass_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return args[0]
+
+
+def _average_instead(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    pool = cast(nn.MaxPool2d, module)
+    return F.avg_pool2d(args[0], pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
 
 
 def receptive_field_boxes(
@@ -120,8 +118,9 @@ def receptive_field_boxes(
 ) -> torch.Tensor:
     """The input region each unit of ``layer`` sees: exact, computed on the model, not assumed from a formula.
 
-    On a copy whose every input-to-unit path has positive weight (see :func:`_positive_copy`), the gradient of one
-    unit w.r.t. a constant input is positive exactly on that unit's receptive field; boxes are clipped to the image.
+    With every input-to-unit path of positive weight (the model's own modules, with stand-in values, see
+    :func:`_positive_paths`), the gradient of one unit w.r.t. a constant input is positive exactly on that unit's
+    receptive field; boxes are clipped to the image.
     (A model that max-pools functionally with ``F.max_pool2d`` can get boxes that are too small: only pooling
     modules are replaced.)
 
@@ -132,15 +131,14 @@ def receptive_field_boxes(
     Returns:
         (P, 4) boxes as (top, left, bottom, right), bottom/right exclusive.
     """
-    positive, target = _positive_copy(model, layer)
-    device = next(positive.parameters(), torch.zeros(())).device
+    device = next(model.parameters(), torch.zeros(())).device
     boxes = []
-    with gradient_context(positive):
+    with gradient_context(model), _positive_paths(model) as values:
         for start in range(0, len(positions), 64):
             pos = positions[start : start + 64].to(device)
             x = torch.ones((len(pos), *input_shape), device=device, requires_grad=True)
-            with capture([target], keep="last") as captured:
-                positive(x)
+            with capture([layer], keep="last") as captured:
+                torch.func.functional_call(model, values, (x,), strict=False)
             acts = captured[0][-1]
             rows = torch.arange(len(pos), device=device)
             unit = acts.sum(dim=1)[rows, pos[:, 0], pos[:, 1]]
