@@ -61,9 +61,8 @@ class ActivationMonitor(VizCallback):
             ``pre_activation_layers``); ``True`` requires it and fails at setup for a site where it is not defined;
             ``False`` never counts them.
         max_batches: at most this many batches per logged epoch feed the statistics.
-        map_layers: module names whose activation maps are drawn; default: the first and the last monitored module
-            the data passes through with an (N, C, H, W) output (the validation batches' call order, not the order
-            of registration).
+        map_layers: module names whose activation maps are drawn; default: the first and last monitored module the
+            data passes with an (N, C, H, W) output (the validation batches' call order, not registration order).
         probes: the probe whose maps are drawn (its image ``map_probe``); default: chosen from the validation data.
         max_channels: at most this many channel tiles per map image.
         filmstrip_length: logged epochs kept in the dead-channel history image (was ``history_length``).
@@ -75,8 +74,7 @@ class ActivationMonitor(VizCallback):
     monitor_name = "activations"
     image_part = "maps"  # the statistics work on any input; only the maps need an image
     publishes = (ActivationStats,)
-    default_every_n_epochs = 1
-    diagnosis_evidence = True  # the dead-unit counts the final verdict judges
+    default_every_n_epochs, diagnosis_evidence = 1, True  # the dead-unit counts are what the final verdict judges
 
     def __init__(
         self,
@@ -133,7 +131,6 @@ class ActivationMonitor(VizCallback):
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "pre_activation_layers": self.pre_activation_layers}
 
-    # ------------------------------------------------------------------------------------------------- set-up
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         configured = self.layers is not None or self.pre_activation_layers is not None
         if not configured and not layers_of_kind(pl_module, A.activation_kinds(pl_module)):
@@ -161,7 +158,6 @@ class ActivationMonitor(VizCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._source = "val" if validation_expected(trainer, pl_module) else "train"
 
-    # ------------------------------------------------------------------------------------------- collection
     def _record(self, name: str, index: int, output: Any) -> None:
         # Runs inside the user's forward pass: a failure here must never reach their training.
         if self._guard(self.monitor_name, self._stats.add, (name, index), output) is False and self._recorder:
@@ -266,7 +262,6 @@ class ActivationMonitor(VizCallback):
     def _cheaper_hint(self) -> str:
         return "or lower `max_batches` / `max_channels` "
 
-    # ---------------------------------------------------------------------------------------------- logging
     def _sites(self) -> list[tuple[str, Site]]:
         assert self._recorder is not None
         order = {name: i for i, name in enumerate(self._modules)}
@@ -329,9 +324,8 @@ class ActivationMonitor(VizCallback):
             return
         image, p = self._probe_image(trainer).to(model_device(pl_module)), self.map_probe
         shown = render.display_image(image[0])
-        if self.map_layers is None:  # the first and last layer the data passed through, not registration order
-            called = [n for n in self._stats.spatial if n in self._modules]  # drawable: (N, C, H, W) outputs
-            self._map_modules = A.map_layers(called or list(self._modules), None)
+        if self.map_layers is None:  # the first and last drawable (N, C, H, W) output the data passed through
+            self._map_modules = A.map_layers([n for n in self._stats.spatial if n in self._modules] or self._modules)
         modules = {n: self._modules[n] for n in self._map_modules}
         captured = A.site_maps(pl_module, modules, image, self._stats.layouts)
         for site, key in sites:

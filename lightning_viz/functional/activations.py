@@ -400,7 +400,7 @@ def map_scale(maps: torch.Tensor, quantile: float = 0.995) -> float:
     return scale if scale > 0 else 1.0
 
 
-def map_layers(monitored: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
+def map_layers(monitored: Sequence[str], chosen: Sequence[str] | None = None) -> list[str]:
     """The layers whose activation maps are drawn: ``chosen`` (each one monitored), by default the first and last.
 
     Args:
