@@ -518,10 +518,20 @@ def firing_history(frames: Sequence[tuple[str, torch.Tensor]]) -> np.ndarray:
     return filmstrip(rows, len(rows))
 
 
+#: The most items a text table lists in one cell; the rest are counted ("... (168 more)").
+LIST_LIMIT = 32
+
+
+def listed(items: Sequence[Any], limit: int = LIST_LIMIT) -> str:
+    """``items`` joined by commas, at most ``limit`` of them, then how many more: a cell stays one readable line."""
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 def dead_channel_table(sites: Sequence[tuple[str, Sequence[int], int]], epochs_done: int, step: int) -> str:
     """A Markdown table of dead channels: one row per ``(site, dead channel indices, channel count)``.
 
-    At most 200 indices are listed per site.
+    At most :data:`LIST_LIMIT` indices are listed per site, then how many more.
     """
     lines = [
         f"Dead channels after {epochs_done} epoch(s), step {step}:\n",
@@ -529,8 +539,7 @@ def dead_channel_table(sites: Sequence[tuple[str, Sequence[int], int]], epochs_d
         "|---|---:|---|",
     ]
     for site, indices, channels in sites:
-        shown = ", ".join(map(str, indices[:200])) + (" ..." if len(indices) > 200 else "")
-        lines.append(f"| `{site}` | {len(indices)}/{channels} | {shown or '-'} |")
+        lines.append(f"| `{site}` | {len(indices)}/{channels} | {listed(indices) or '-'} |")
     return "\n".join(lines)
 
 

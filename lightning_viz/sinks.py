@@ -388,7 +388,12 @@ class Sink:
             return cls(None, loggers, False, max_image_side=max_image_side)
         tensorboard = next((lg for lg in loggers if is_tensorboard_logger(lg)), None)
         experiment = tensorboard.experiment if tensorboard is not None else None
-        write_custom_scalars_layout(experiment)  # once per run: the losses and key curves on one page
+        present = {
+            name
+            for cb in getattr(trainer, "callbacks", [])
+            if isinstance(name := getattr(cb, "monitor_name", None), str)
+        }
+        write_custom_scalars_layout(experiment, layout_for(present))  # once per run: the losses and key curves
         others = [backend_for(lg) for lg in loggers if _backend_kind(lg) not in (None, "tensorboard")]
         return cls(experiment, loggers, True, [b for b in others if b is not None], max_image_side=max_image_side)
 
@@ -635,6 +640,28 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
         "seconds per monitor call": ["Multiline", ["lightning_viz/seconds/.*"]],
     },
 }
+#: Which monitor writes the tags of a chart (by ``monitor_name``); a chart whose monitor is not among the Trainer's
+#: callbacks is left out of the layout (no empty chart). Charts not named here are always shown.
+CHART_MONITORS: dict[str, str] = {
+    "lightning_viz: diagnosis": "diagnosis",
+    "filter noise score (lower is smoother)": "filters",
+    "dead fraction per layer (share 0-1)": "activations",
+    "k-NN accuracy of the embedding (share 0-1)": "embedding",
+}
+
+
+def layout_for(monitors: set[str]) -> dict[str, dict[str, list[Any]]]:
+    """:data:`CUSTOM_SCALARS_LAYOUT` with only the charts whose tags the ``monitors`` (their names) write."""
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for group, charts in CUSTOM_SCALARS_LAYOUT.items():
+        if CHART_MONITORS.get(group, "") not in {"", *monitors}:
+            continue
+        kept = {title: chart for title, chart in charts.items() if CHART_MONITORS.get(title, "") in {"", *monitors}}
+        if kept:
+            layout[group] = kept
+    return layout
+
+
 #: The tag under which TensorBoard's custom-scalars plugin finds its layout.
 CUSTOM_SCALARS_TAG = "custom_scalars__config__"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_viz import render
+from lightning_viz import default_suite, render
 from lightning_viz._classes import class_name, class_names_of, find_class_names
 from lightning_viz.sinks import CUSTOM_SCALARS_TAG, Sink, write_custom_scalars_layout
 
@@ -52,7 +52,7 @@ def test_custom_scalars_layout_written_once_per_run_and_matches_the_key_curves(t
     from pytorch_lightning.loggers import TensorBoardLogger
 
     logger = TensorBoardLogger(str(tmp_path), name="run")
-    trainer = SimpleNamespace(loggers=[logger], is_global_zero=True)
+    trainer = SimpleNamespace(loggers=[logger], is_global_zero=True, callbacks=default_suite())
     Sink.for_trainer(trainer)
     Sink.for_trainer(trainer)  # a second monitor's setup
     assert not write_custom_scalars_layout(logger.experiment)
@@ -77,6 +77,34 @@ def test_custom_scalars_layout_written_once_per_run_and_matches_the_key_curves(t
     assert shown("filters/noise_score/model.conv1") == ["filter noise score (lower is smoother)"]
     assert shown("activations/dead_fraction/model.relu1") == ["dead fraction per layer (share 0-1)"]
     assert shown("embedding/knn_accuracy") == ["k-NN accuracy of the embedding (share 0-1)"]
+
+
+@pytest.mark.parametrize(
+    "suite, absent",
+    [
+        ({"embedding": False}, {"k-NN accuracy of the embedding (share 0-1)"}),
+        (
+            {"diagnosis": False, "activations": False},
+            {"findings (count; 1 = present)", "dead fraction per layer (share 0-1)"},
+        ),
+        (
+            {"filters": False, "embedding": False},
+            {"filter noise score (lower is smoother)", "k-NN accuracy of the embedding (share 0-1)"},
+        ),
+    ],
+)
+def test_custom_scalars_layout_has_no_chart_the_suite_will_leave_empty(tmp_path, suite, absent):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    callbacks = default_suite(**suite)
+    Sink.for_trainer(SimpleNamespace(loggers=[logger], is_global_zero=True, callbacks=callbacks))
+    logger.experiment.flush()
+    (layout,) = _layout_events(logger.log_dir)
+    titles = {c.title for cat in layout.category for c in cat.chart}
+    assert titles and not titles & absent
+    assert {"loss", "seconds per monitor call"} <= titles  # the user's own curves and the cost stay
+    assert ("lightning_viz: diagnosis" in {cat.title for cat in layout.category}) == ("diagnosis" not in suite)
 
 
 def test_custom_scalars_layout_only_on_rank_zero(tmp_path):
