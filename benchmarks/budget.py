@@ -92,16 +92,20 @@ def cifar_shaped(steps: int) -> tuple[torch.utils.data.Dataset, torch.utils.data
     return train, val
 
 
-def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: float) -> None:
+def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: float, plain: bool = True) -> None:
+    """One row: the fit without the suite (unless ``plain`` is false: the budget's own training time stands in) and
+    with ``default_suite(budget=budget)``, then the budget's ledger, part by part."""
     train, val = data
-    plain, _ = fit_seconds(make_model, train, val, epochs, [], batch_size)
+    without = fit_seconds(make_model, train, val, epochs, [], batch_size)[0] if plain else None
     suite = lightning_viz.default_suite(budget=budget)
     with_suite, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
     ledger = suite[0]._budget
+    plain = without if without is not None else ledger.train_seconds
+    extra = f"{(with_suite - plain) / plain:+.1%}" if without is not None else "(not run)"
     spent = ledger.spent_total  # every call, step 0 and end of fit included, and the one timed pass
     calls = ", ".join(f"{name.removesuffix('Monitor')} {len(s)}" for name, s in costs)
     print(
-        f"| {label} | {epochs} | {plain:.1f} | {with_suite:.1f} | {(with_suite - plain) / plain:+.1%} | "
+        f"| {label} | {epochs} | {without or float('nan'):.1f} | {with_suite:.1f} | {extra} | "
         f"{spent / plain:.1%} | {budget:.0%} | {calls} |",
         flush=True,
     )
@@ -150,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=lightning_viz.DEFAULT_BUDGET)
     parser.add_argument("--ref-steps", type=int, default=60, help="training steps per epoch of the reference run")
-    parser.add_argument("--ref-epochs", type=int, default=3)
+    parser.add_argument("--ref-epochs", "--reference-epochs", type=int, default=3)
+    parser.add_argument("--no-plain", action="store_true", help="skip the fits without the suite (half the time)")
     parser.add_argument("--short-epochs", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=(), choices=("reference", "short", "fixed"))
     parser.add_argument("--repeats", type=int, default=5)
@@ -172,6 +177,7 @@ def main() -> None:
             args.short_epochs,
             64,
             args.budget,
+            not args.no_plain,
         )
     if "reference" not in args.skip:
         from torchvision.models import resnet18
@@ -183,6 +189,7 @@ def main() -> None:
             args.ref_epochs,
             128,
             args.budget,
+            not args.no_plain,
         )
     if "fixed" not in args.skip:
         fixed_costs(args.repeats)

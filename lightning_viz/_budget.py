@@ -8,8 +8,12 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
   its last call; it runs when the seconds spent so far plus its estimated cost, plus what the last word of every
   monitor will cost, stay within the pace of the training done so far (pay as you go);
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
-  (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace; the step-0 view and the last word of a
-  monitor may, at their smallest scale, draw on the whole ceiling (a short run still gets its pictures);
+  (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace;
+* the ceiling pays for the minimum, the pace for anything more: the run's *minimum* is the one timed pass, every
+  step-0 view at its smallest scale and the smallest last word of every monitor (:meth:`Budget.minimum`). Where the
+  pace of the whole expected run pays for it (a run of long epochs), everything, the minimum included, keeps to the
+  pace; only where it does not (a short run) may the smallest step-0 views and last words draw on the ceiling, and the
+  run then spends about its minimum (:meth:`Budget.allowance`), so that a short run still gets its pictures;
 * every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
   sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
   sample; after a call, its measured seconds take over;
@@ -44,10 +48,11 @@ __all__ = ["Budget", "budget_for"]
 
 #: Scales tried, largest first; 0 means every knob at its smallest value.
 SCALES = (1.0, 0.5, 0.25, 0.0)
-#: A monitor without knobs whose call costs at most this share of one training epoch runs at its own cadence whatever
-#: the expensive ones spent (it is still charged): the filters and activation statistics of every epoch are the
-#: evidence a budget must not starve.
-CHEAP_SHARE = 0.01
+#: The monitors without knobs whose calls together cost at most this part of one epoch's pace (half of it: 0.5 % of an
+#: epoch under the default 5 %) run at their own cadence whatever the expensive ones spent (they are still charged):
+#: the filters and activation statistics of every epoch are the evidence a budget must not starve. Together, not
+#: each: what runs whatever was spent must leave the pace room for the rest.
+CHEAP_SHARE = 0.5
 #: Share of what the whole run is expected to allow that the step-0 views of the expensive monitors may use.
 BASELINE_SHARE = 0.25
 #: The pace the calls keep to, as a part of the ceiling (``share``): a fifth, 1 % of training under the default 5 %.
@@ -130,6 +135,8 @@ class Budget:
         self._last_batch: tuple[int, int] | None = None
         self.spent: dict[str, float] = {}
         self.baseline_spent = 0.0  # of which the step-0 views
+        self.step0: dict[str, float] = {}  # name -> seconds of its step-0 view
+        self.charged = 0.0  # seconds of the calls charged (the rest of `spent`: the timed pass, per-step sampling)
         self.cost: dict[str, tuple[float, float]] = {}  # name -> (seconds, work) of its last call
         self.last_epoch: dict[str, int] = {}  # name -> epochs done at its last call
         self.plans: dict[int, dict[str, float]] = {}  # epoch -> {name: scale} of the monitors that run
@@ -159,12 +166,14 @@ class Budget:
     def charge(self, name: str, seconds: float, scale: float = 1.0, epoch: int | None = None) -> None:
         """Record a call of ``name`` that took ``seconds`` at ``scale`` (after ``epoch`` training epochs)."""
         self.spent[name] = self.spent.get(name, 0.0) + seconds
+        self.charged += seconds
         member = self.members.get(name)
         self.cost[name] = (seconds, member.work(scale) if member else 1.0)
         if epoch is not None:
             self.last_epoch[name] = epoch
         if epoch == 0:
             self.baseline_spent += seconds
+            self.step0[name] = self.step0.get(name, 0.0) + seconds
 
     def saw_batch(self, epoch: int, index: int, samples: int) -> None:
         """A training batch of ``samples`` ran (counted once, however many monitors report it)."""
@@ -238,6 +247,40 @@ class Budget:
         done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
         return max(trained, trained / done * self.expected_epochs) if done else trained
 
+    # ------------------------------------------------------------------------------------------ the two accounts
+    def long_epochs(self, epoch: int) -> bool:
+        """Whether one epoch's pace pays for the smallest call of every member (the costliest of them): then the whole
+        suite, step-0 views and last words included, keeps to the pace, and the ceiling is never drawn on (but for a
+        last word the pace, which set it aside, came up short of). ``False`` while nothing is known."""
+        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        smallest = [self.estimate(n, m.smallest) for n, m in self.members.items()]
+        known = [s for s in smallest if s is not None]
+        if not done or not known:
+            return False
+        return max(known) <= self.share * PACE * self.trained(epoch) / done
+
+    def forced(self, epoch: int) -> float:
+        """Seconds expected over the rest of the run of what runs whatever the plans say: the per-step sampling charged
+        as it happens (at its rate so far) and the cheap monitors' calls at their cadence (at most :data:`CHEAP_SHARE`
+        of each epoch's pace)."""
+        trained, whole = self.trained(epoch), self.projected(epoch)
+        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        if trained <= 0 or not done:
+            return 0.0
+        per_epoch = trained / done
+        sampling = max(0.0, self.spent_total - self.charged - self.spent.get("calibration", 0.0)) / trained
+        cheap = sum((self.estimate(n, 1.0) or 0.0) / m.cadence for n, m in self.members.items() if not m.knobs)
+        cheap = min(cheap, CHEAP_SHARE * self.share * PACE * per_epoch)
+        return (sampling + cheap / per_epoch) * max(0.0, whole - trained)
+
+    def run_room(self, epoch: int) -> float:
+        """Seconds the whole expected run may still spend beyond the last words set aside: on a run of long epochs its
+        pace, less what will run whatever the plans say (:meth:`forced`); on a short one, its ceiling."""
+        reserve = self._last_word_reserve(set(), epoch)
+        if self.long_epochs(epoch):
+            return self.share * PACE * self.projected(epoch) - self.spent_total - reserve - self.forced(epoch)
+        return self.share * self.projected(epoch) - self.spent_total - reserve
+
     # ------------------------------------------------------------------------------------------ deciding
     def estimate(self, name: str, scale: float) -> float | None:
         """Estimated seconds of a call of ``name`` at ``scale``: from its last call, or, before it ever ran, from
@@ -293,9 +336,11 @@ class Budget:
             return self.plans[epoch]
         done = epoch + 1
         last = self.expected_epochs is not None and done >= self.expected_epochs
-        room = self.share * self.trained(epoch) - self.spent_total
-        paced = self.share * PACE * self.trained(epoch) - self.spent_total
-        per_epoch = self.trained(epoch) / done
+        trained = self.trained(epoch)
+        room = self.share * trained - self.spent_total
+        paced = self.share * PACE * trained - self.spent_total  # pay as you go: the pace of the training so far
+        short = not self.long_epochs(epoch)
+        cheap_room = CHEAP_SHARE * self.share * PACE * trained / done  # for the cheap monitors of this epoch
         chosen: dict[str, float] = {}
         names = list(self.members)
         if last:  # the cheapest first: when not all fit, the fewest monitors are left out
@@ -309,20 +354,22 @@ class Budget:
             if last and member.evidence:  # the final verdict must not judge an older epoch's numbers
                 chosen[name] = member.smallest
                 room -= self.estimate(name, chosen[name]) or 0.0
+                paced -= self.estimate(name, chosen[name]) or 0.0
                 continue
-            if not member.knobs and (
-                (cost is None and member.cheap) or (cost is not None and cost <= CHEAP_SHARE * per_epoch)
-            ):
+            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= cheap_room)):
                 chosen[name] = 1.0
                 room -= cost or 0.0
                 paced -= cost or 0.0
+                cheap_room -= cost or 0.0
                 continue
             # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
             # smallest call of each monitor still to be planned
             reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
-            # the expensive monitors (with knobs) keep to the pace; the others, cheap enough to be the evidence of every
-            # few epochs, only to the ceiling
-            scale = self._paced(name, (paced if member.knobs else room) - reserve, room - reserve if last else None)
+            # the expensive monitors (with knobs) keep to the pace; on a run of short epochs the others, cheap enough to
+            # be the evidence of every few epochs, only to the ceiling
+            scale = self._paced(
+                name, (room if short and not member.knobs else paced) - reserve, room - reserve if last else None
+            )
             if scale is None:
                 if last:
                     self.drop(f"the view of the trained network of {member.label}")
@@ -336,21 +383,19 @@ class Budget:
     def baseline(self, name: str, epoch: int) -> float | None:
         """Scale of the step-0 view of ``name``, made after the first training batches (``None``: left out).
 
-        It may use a bounded part (:data:`BASELINE_SHARE`) of what the whole run is expected to allow, once the
-        last words of every monitor are set aside; decided once and kept.
+        Beyond its smallest scale it may use a bounded part (:data:`BASELINE_SHARE`) of the pace of the whole expected
+        run; at its smallest scale, on a run of long epochs what the pace of the whole run leaves (:meth:`run_room`), on
+        a run of short epochs the same bounded part of the ceiling; the last words of every monitor set aside. Decided
+        once and kept.
         """
         if name in self.baselines:
             return self.baselines[name]
         member = self.members.get(name)
-
-        def room(share: float) -> float:
-            allowance = share * self.projected(epoch)
-            return min(
-                BASELINE_SHARE * allowance - self.baseline_spent,
-                allowance - self.spent_total - self._last_word_reserve(set(), epoch),
-            )
-
-        scale = self._paced(name, room(self.share * PACE), room(self.share)) if member is not None else 1.0
+        whole, left = self.projected(epoch), self.run_room(epoch)
+        more = min(BASELINE_SHARE * self.share * PACE * whole - self.baseline_spent, left)
+        if not self.long_epochs(epoch):  # the smallest step-0 view may draw on the ceiling
+            left = min(BASELINE_SHARE * self.share * whole - self.baseline_spent, left)
+        scale = self._paced(name, more, left) if member is not None else 1.0
         if scale is None and member is not None:
             self.drop(f"the step-0 view of {member.label}")
         self.baselines[name] = scale
@@ -379,7 +424,7 @@ class Budget:
     def affords(self, seconds: float, epoch: int, what: str) -> bool:
         """Whether the whole run is expected to afford ``seconds`` more, the last words set aside (if not, ``what``
         is said to be left out)."""
-        room = self.share * self.projected(epoch) - self.spent_total - self._last_word_reserve(set(), epoch)
+        room = self.run_room(epoch)
         if room < seconds:
             self.drop(what)
         return room >= seconds
@@ -404,6 +449,8 @@ class Budget:
             "pass_seconds": self.pass_seconds,
             "spent": dict(self.spent),
             "baseline_spent": self.baseline_spent,
+            "step0": dict(self.step0),
+            "charged": self.charged,
             "cost": {k: list(v) for k, v in self.cost.items()},
             "last_epoch": dict(self.last_epoch),
             "plans": {int(k): dict(v) for k, v in self.plans.items()},
@@ -417,6 +464,8 @@ class Budget:
         self.pass_seconds = state.get("pass_seconds")
         self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
         self.baseline_spent = float(state.get("baseline_spent", 0.0))
+        self.step0 = {k: float(v) for k, v in state.get("step0", {}).items()}
+        self.charged = float(state.get("charged", 0.0))
         self.cost = {k: (float(v[0]), float(v[1])) for k, v in state.get("cost", {}).items()}
         self.last_epoch = {k: int(v) for k, v in state.get("last_epoch", {}).items()}
         self.plans = {int(k): dict(v) for k, v in state.get("plans", {}).items()}
