@@ -9,17 +9,19 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
   monitor will cost, stay within the pace of the training done so far (pay as you go);
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
   (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace;
-* the ceiling pays for the minimum, the pace for anything more: the run's *minimum* is the one timed pass, every
-  step-0 view at its smallest scale and the smallest last word of every monitor (:meth:`Budget.minimum`). Where the
-  pace of the whole expected run pays for it (a run of long epochs), everything, the minimum included, keeps to the
-  pace; only where it does not (a short run) may the smallest step-0 views and last words draw on the ceiling, and the
-  run then spends about its minimum (:meth:`Budget.allowance`), so that a short run still gets its pictures;
+* the ceiling pays for the minimum, the pace for anything more, and on a run of long epochs the pace pays for all:
+  where one epoch's pace pays for the smallest call of every monitor (:meth:`Budget.long_epochs`), the whole suite,
+  step-0 views, last words and per-step sampling included, keeps to the pace (a step-0 view is made only when the
+  pace of the whole expected run leaves room for it, after the last words and what runs whatever the plans say,
+  :meth:`Budget.run_room`); only on a run of short epochs may the smallest step-0 views and last words draw on the
+  ceiling, so that a short run still gets its pictures;
 * every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
   sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
   sample; after a call, its measured seconds take over;
 * the untrained baseline of the cheap monitors runs at the start; the expensive ones make theirs after the first
-  training batches, from the initial weights, within a bounded part (``BASELINE_SHARE``) of what the whole run is
-  expected to allow, the last words set aside;
+  training batches, from the initial weights, within a bounded part (``BASELINE_SHARE``) of the whole run's pace
+  (at their smallest scale: what the run's pace leaves, or, on short epochs, that part of the ceiling), the last
+  words set aside;
 * in the last expected epoch (``max_epochs``) every monitor runs, at the scale the rest of the budget allows, and
   ``on_train_end`` gives the last word to any monitor that has not logged the final step (EarlyStopping,
   ``max_steps``), so every run ends with pictures of the trained network;
@@ -53,12 +55,13 @@ SCALES = (1.0, 0.5, 0.25, 0.0)
 #: the filters and activation statistics of every epoch are the evidence a budget must not starve. Together, not
 #: each: what runs whatever was spent must leave the pace room for the rest.
 CHEAP_SHARE = 0.5
-#: Share of what the whole run is expected to allow that the step-0 views of the expensive monitors may use.
+#: Share of the whole run's pace (of its ceiling, at their smallest scale on a run of short epochs) that the step-0
+#: views of the expensive monitors may use.
 BASELINE_SHARE = 0.25
 #: The pace the calls keep to, as a part of the ceiling (``share``): a fifth, 1 % of training under the default 5 %.
-#: An expensive monitor's call (one with knobs) is planned and scaled within the pace; only its smallest step-0 view and
-#: its smallest last word may draw on the ceiling, so that a short run still gets its pictures while a long run does not
-#: spend the ceiling just because it may (the ceiling is not a target: on the reference workload, about 1 %).
+#: An expensive monitor's call (one with knobs) is planned and scaled within the pace; only on a run of short epochs may
+#: its smallest step-0 view and its smallest last word draw on the ceiling, so that a short run still gets its pictures
+#: while a run of long epochs does not spend the ceiling just because it may (the ceiling is not a target).
 PACE = 0.2
 #: An estimate made before a monitor's first call is this many times its declared work (sample passes) times the
 #: measured seconds per training sample (a monitor's passes are smaller batches, on a model in eval mode) ...
