@@ -10,7 +10,8 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
   (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace;
 * the ceiling pays for the minimum, the pace for anything more, and on a run of long epochs the pace pays for all:
-  where one epoch's pace pays for the smallest call of every monitor (:meth:`Budget.long_epochs`), the whole suite,
+  where one epoch's pace, over a monitor's cadence, pays for its smallest call (:meth:`Budget.long_epochs`), the
+  whole suite,
   step-0 views, last words and per-step sampling included, keeps to the pace (a step-0 view is made only when the
   pace of the whole expected run leaves room for it, after the last words and what runs whatever the plans say,
   :meth:`Budget.run_room`); only on a run of short epochs may the smallest step-0 views and last words draw on the
@@ -252,15 +253,19 @@ class Budget:
 
     # ------------------------------------------------------------------------------------------ the two accounts
     def long_epochs(self, epoch: int) -> bool:
-        """Whether one epoch's pace pays for the smallest call of every member (the costliest of them): then the whole
-        suite, step-0 views and last words included, keeps to the pace, and the ceiling is never drawn on (but for a
-        last word the pace, which set it aside, came up short of). ``False`` while nothing is known."""
+        """Whether the run's epochs are long: the pace of one epoch, over a monitor's own cadence, pays for its
+        smallest call, for every monitor. Then the whole suite keeps to the pace, step-0 views and last words included
+        (but for a last word the pace, which set it aside, came up short of); else the smallest step-0 views and last
+        words may draw on the ceiling. ``False`` while a monitor's cost is unknown."""
         done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
-        smallest = [self.estimate(n, m.smallest) for n, m in self.members.items()]
-        known = [s for s in smallest if s is not None]
-        if not done or not known:
+        if not done or not self.members:
             return False
-        return max(known) <= self.share * PACE * self.trained(epoch) / done
+        pace = self.share * PACE * self.trained(epoch) / done
+        for name, member in self.members.items():
+            smallest = self.estimate(name, member.smallest)
+            if smallest is None or smallest > pace * member.cadence:
+                return False
+        return True
 
     def forced(self, epoch: int) -> float:
         """Seconds expected over the rest of the run of what runs whatever the plans say: the per-step sampling charged
@@ -272,13 +277,17 @@ class Budget:
             return 0.0
         per_epoch = trained / done
         sampling = max(0.0, self.spent_total - self.charged - self.spent.get("calibration", 0.0)) / trained
-        cheap = sum((self.estimate(n, 1.0) or 0.0) / m.cadence for n, m in self.members.items() if not m.knobs)
-        cheap = min(cheap, CHEAP_SHARE * self.share * PACE * per_epoch)
+        room, cheap = CHEAP_SHARE * self.share * PACE * per_epoch, 0.0
+        for name, member in self.members.items():  # as :meth:`plan` picks them, each at its cadence
+            cost = self.estimate(name, 1.0)
+            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= room)):
+                room -= cost or 0.0
+                cheap += (cost or 0.0) / member.cadence
         return (sampling + cheap / per_epoch) * max(0.0, whole - trained)
 
     def run_room(self, epoch: int) -> float:
-        """Seconds the whole expected run may still spend beyond the last words set aside: on a run of long epochs its
-        pace, less what will run whatever the plans say (:meth:`forced`); on a short one, its ceiling."""
+        """Seconds the whole expected run may still spend beyond the last words set aside: on a run of long epochs
+        (:meth:`long_epochs`) its pace, less what will run whatever the plans say (:meth:`forced`); else its ceiling."""
         reserve = self._last_word_reserve(set(), epoch)
         if self.long_epochs(epoch):
             return self.share * PACE * self.projected(epoch) - self.spent_total - reserve - self.forced(epoch)
@@ -342,7 +351,6 @@ class Budget:
         trained = self.trained(epoch)
         room = self.share * trained - self.spent_total
         paced = self.share * PACE * trained - self.spent_total  # pay as you go: the pace of the training so far
-        short = not self.long_epochs(epoch)
         cheap_room = CHEAP_SHARE * self.share * PACE * trained / done  # for the cheap monitors of this epoch
         chosen: dict[str, float] = {}
         names = list(self.members)
@@ -370,9 +378,8 @@ class Budget:
             reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
             # the expensive monitors (with knobs) keep to the pace; on a run of short epochs the others, cheap enough to
             # be the evidence of every few epochs, only to the ceiling
-            scale = self._paced(
-                name, (room if short and not member.knobs else paced) - reserve, room - reserve if last else None
-            )
+            short = not member.knobs and not self.long_epochs(epoch)
+            scale = self._paced(name, (room if short else paced) - reserve, room - reserve if last else None)
             if scale is None:
                 if last:
                     self.drop(f"the view of the trained network of {member.label}")
