@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_viz
+from lightning_viz._budget import PACE
 from lightning_viz.functional import saliency as sal
 
 
@@ -109,11 +110,21 @@ def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: 
         f"{spent / plain:.1%} | {budget:.0%} | {calls} |",
         flush=True,
     )
-    # the budget's ledger: what each monitor spent (step-0 views and the one timed pass apart), as a share of training
-    rows = ", ".join(f"{k.split('{')[0]} {v:.2f} s ({v / plain:.2%})" for k, v in ledger.spent.items() if v)
+    # the budget's ledger: what each part spent, as a share of training; its step-0 view and per-step sampling apart
+    sampling = spent - ledger.charged - ledger.spent.get("calibration", 0.0)  # charged as it happens, not per call
+    parts = []
+    for key, seconds in ledger.spent.items():
+        detail = [f"step 0 {ledger.step0[key]:.2f} s"] if ledger.step0.get(key) else []
+        if key.startswith("DynamicsMonitor") and sampling > 0:
+            detail.append(f"per-step sampling {sampling:.2f} s")
+        detail = f" [{', '.join(detail)}]" if detail else ""
+        parts.append(f"{key.split('{')[0]} {seconds:.2f} s ({seconds / plain:.2%}){detail}")
+    last = max(ledger.plans, default=0)
     print(
-        f"  ledger: {rows}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: {spent:.2f} s "
-        f"of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.1%})",
+        f"  ledger: {', '.join(parts)}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: "
+        f"{spent:.2f} s of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.2%}; "
+        f"the pace: {ledger.share * PACE:.0%}); long epochs: {ledger.long_epochs(last)}; "
+        f"left out: {'; '.join(ledger.dropped) or 'nothing'}",
         flush=True,
     )
 

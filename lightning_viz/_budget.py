@@ -51,11 +51,13 @@ __all__ = ["Budget", "budget_for"]
 
 #: Scales tried, largest first; 0 means every knob at its smallest value.
 SCALES = (1.0, 0.5, 0.25, 0.0)
-#: The monitors without knobs whose calls together cost at most this part of one epoch's pace (half of it: 0.5 % of an
-#: epoch under the default 5 %) run at their own cadence whatever the expensive ones spent (they are still charged):
-#: the filters and activation statistics of every epoch are the evidence a budget must not starve. Together, not
-#: each: what runs whatever was spent must leave the pace room for the rest.
+#: On a run of long epochs, the monitors without knobs whose calls together cost at most this part of one epoch's pace
+#: (half of it: 0.5 % of an epoch under the default 5 %) run at their own cadence whatever the expensive ones spent
+#: (they are still charged): the filters and activation statistics of every epoch are the evidence a budget must not
+#: starve. Together, not each: what runs whatever was spent must leave the pace room for the rest ...
 CHEAP_SHARE = 0.5
+#: ... and on a run of short epochs, each one whose call costs at most this share of an epoch.
+CHEAP_EPOCH_SHARE = 0.01
 #: Share of the whole run's pace (of its ceiling, at their smallest scale on a run of short epochs) that the step-0
 #: views of the expensive monitors may use.
 BASELINE_SHARE = 0.25
@@ -351,7 +353,8 @@ class Budget:
         trained = self.trained(epoch)
         room = self.share * trained - self.spent_total
         paced = self.share * PACE * trained - self.spent_total  # pay as you go: the pace of the training so far
-        cheap_room = CHEAP_SHARE * self.share * PACE * trained / done  # for the cheap monitors of this epoch
+        long = self.long_epochs(epoch)
+        cheap_room = CHEAP_SHARE * self.share * PACE * trained / done  # for the cheap monitors of this epoch, together
         chosen: dict[str, float] = {}
         names = list(self.members)
         if last:  # the cheapest first: when not all fit, the fewest monitors are left out
@@ -367,7 +370,8 @@ class Budget:
                 room -= self.estimate(name, chosen[name]) or 0.0
                 paced -= self.estimate(name, chosen[name]) or 0.0
                 continue
-            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= cheap_room)):
+            limit = cheap_room if long else CHEAP_EPOCH_SHARE * trained / done
+            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= limit)):
                 chosen[name] = 1.0
                 room -= cost or 0.0
                 paced -= cost or 0.0
@@ -378,7 +382,7 @@ class Budget:
             reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
             # the expensive monitors (with knobs) keep to the pace; on a run of short epochs the others, cheap enough to
             # be the evidence of every few epochs, only to the ceiling
-            short = not member.knobs and not self.long_epochs(epoch)
+            short = not member.knobs and not long
             scale = self._paced(name, (room if short else paced) - reserve, room - reserve if last else None)
             if scale is None:
                 if last:
