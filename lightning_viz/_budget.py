@@ -258,16 +258,15 @@ class Budget:
         """Whether the run's epochs are long: the pace of one epoch, over a monitor's own cadence, pays for its
         smallest call, for every monitor. Then the whole suite keeps to the pace, step-0 views and last words included
         (but for a last word the pace, which set it aside, came up short of); else the smallest step-0 views and last
-        words may draw on the ceiling. ``False`` while a monitor's cost is unknown."""
+        words may draw on the ceiling. A monitor that never ran and declares no work (one that stepped aside) is not
+        weighed; ``False`` while no cost is known."""
         done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
         if not done or not self.members:
             return False
         pace = self.share * PACE * self.trained(epoch) / done
-        for name, member in self.members.items():
-            smallest = self.estimate(name, member.smallest)
-            if smallest is None or smallest > pace * member.cadence:
-                return False
-        return True
+        known = [(self.estimate(n, m.smallest), m.cadence) for n, m in self.members.items()]
+        known = [(seconds, cadence) for seconds, cadence in known if seconds is not None]
+        return bool(known) and all(seconds <= pace * cadence for seconds, cadence in known)
 
     def forced(self, epoch: int) -> float:
         """Seconds expected over the rest of the run of what runs whatever the plans say: the per-step sampling charged
