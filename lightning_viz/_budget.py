@@ -11,11 +11,10 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
   (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace;
 * the ceiling pays for the minimum, the pace for anything more, and on a run of long epochs the pace pays for all:
   where one epoch's pace, over a monitor's cadence, pays for its smallest call (:meth:`Budget.long_epochs`), the
-  whole suite,
-  step-0 views, last words and per-step sampling included, keeps to the pace (a step-0 view is made only when the
-  pace of the whole expected run leaves room for it, after the last words and what runs whatever the plans say,
-  :meth:`Budget.run_room`); only on a run of short epochs may the smallest step-0 views and last words draw on the
-  ceiling, so that a short run still gets its pictures;
+  whole suite, step-0 views, last words and per-step sampling included, keeps to the pace (a step-0 view is made only
+  when the pace of the whole expected run leaves room for it, after the last words and what runs whatever the plans
+  say, :meth:`Budget.run_room`); only on a run of short epochs may the smallest step-0 views and last words draw on
+  the ceiling, so that a short run still gets its pictures;
 * every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
   sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
   sample; after a call, its measured seconds take over;
@@ -243,14 +242,17 @@ class Budget:
         open_part = self._window() if self._open is not None and epoch not in self._closed else 0.0
         return self.train_seconds + open_part
 
+    def _done(self, epoch: int) -> int:
+        """Epochs done, asked at the end of ``epoch`` (validation or training end): the open epoch counts as done."""
+        return len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+
     def projected(self, epoch: int) -> float:
         """The run's whole training time as far as it can be foreseen: the expected epochs at the pace so far (the
         training so far when the run's length is unknown)."""
         trained = self.trained(epoch)
         if self.expected_epochs is None:
             return trained
-        # asked at the end of an epoch (validation or training end): the open epoch counts as done
-        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        done = self._done(epoch)
         return max(trained, trained / done * self.expected_epochs) if done else trained
 
     # ------------------------------------------------------------------------------------------ the two accounts
@@ -260,7 +262,7 @@ class Budget:
         (but for a last word the pace, which set it aside, came up short of); else the smallest step-0 views and last
         words may draw on the ceiling. A monitor that never ran and declares no work (one that stepped aside) is not
         weighed; ``False`` while no cost is known."""
-        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        done = self._done(epoch)
         if not done or not self.members:
             return False
         pace = self.share * PACE * self.trained(epoch) / done
@@ -273,7 +275,7 @@ class Budget:
         as it happens (at its rate so far) and the cheap monitors' calls at their cadence (at most :data:`CHEAP_SHARE`
         of each epoch's pace)."""
         trained, whole = self.trained(epoch), self.projected(epoch)
-        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        done = self._done(epoch)
         if trained <= 0 or not done:
             return 0.0
         per_epoch = trained / done
