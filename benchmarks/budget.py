@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_viz
+from lightning_viz._budget import PACE
 from lightning_viz.functional import saliency as sal
 
 
@@ -92,24 +93,38 @@ def cifar_shaped(steps: int) -> tuple[torch.utils.data.Dataset, torch.utils.data
     return train, val
 
 
-def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: float) -> None:
+def compare(label: str, make_model, data, epochs: int, batch_size: int, budget: float, plain: bool = True) -> None:
+    """One row: the fit without the suite (unless ``plain`` is false: the budget's own training time stands in) and
+    with ``default_suite(budget=budget)``, then the budget's ledger, part by part."""
     train, val = data
-    plain, _ = fit_seconds(make_model, train, val, epochs, [], batch_size)
+    without = fit_seconds(make_model, train, val, epochs, [], batch_size)[0] if plain else None
     suite = lightning_viz.default_suite(budget=budget)
     with_suite, costs = fit_seconds(make_model, train, val, epochs, suite, batch_size)
     ledger = suite[0]._budget
+    plain = without if without is not None else ledger.train_seconds
+    extra = f"{(with_suite - plain) / plain:+.1%}" if without is not None else "(not run)"
     spent = ledger.spent_total  # every call, step 0 and end of fit included, and the one timed pass
     calls = ", ".join(f"{name.removesuffix('Monitor')} {len(s)}" for name, s in costs)
     print(
-        f"| {label} | {epochs} | {plain:.1f} | {with_suite:.1f} | {(with_suite - plain) / plain:+.1%} | "
+        f"| {label} | {epochs} | {without or float('nan'):.1f} | {with_suite:.1f} | {extra} | "
         f"{spent / plain:.1%} | {budget:.0%} | {calls} |",
         flush=True,
     )
-    # the budget's ledger: what each monitor spent (step-0 views and the one timed pass apart), as a share of training
-    rows = ", ".join(f"{k.split('{')[0]} {v:.2f} s ({v / plain:.2%})" for k, v in ledger.spent.items() if v)
+    # the budget's ledger: what each part spent, as a share of training; its step-0 view and per-step sampling apart
+    sampling = spent - ledger.charged - ledger.spent.get("calibration", 0.0)  # charged as it happens, not per call
+    parts = []
+    for key, seconds in ledger.spent.items():
+        detail = [f"step 0 {ledger.step0[key]:.2f} s"] if ledger.step0.get(key) else []
+        if key.startswith("DynamicsMonitor") and sampling > 0:
+            detail.append(f"per-step sampling {sampling:.2f} s")
+        detail = f" [{', '.join(detail)}]" if detail else ""
+        parts.append(f"{key.split('{')[0]} {seconds:.2f} s ({seconds / plain:.2%}){detail}")
+    last = max(ledger.plans, default=0)
     print(
-        f"  ledger: {rows}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: {spent:.2f} s "
-        f"of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.1%})",
+        f"  ledger: {', '.join(parts)}; of which step 0 {ledger.baseline_spent:.2f} s; the budget's own account: "
+        f"{spent:.2f} s of {ledger.train_seconds:.1f} s of training ({spent / max(ledger.train_seconds, 1e-9):.2%}; "
+        f"the pace: {ledger.share * PACE:.0%}); long epochs: {ledger.long_epochs(last)}; "
+        f"left out: {'; '.join(ledger.dropped) or 'nothing'}",
         flush=True,
     )
 
@@ -150,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=lightning_viz.DEFAULT_BUDGET)
     parser.add_argument("--ref-steps", type=int, default=60, help="training steps per epoch of the reference run")
-    parser.add_argument("--ref-epochs", type=int, default=3)
+    parser.add_argument("--ref-epochs", "--reference-epochs", type=int, default=3)
+    parser.add_argument("--no-plain", action="store_true", help="skip the fits without the suite (half the time)")
     parser.add_argument("--short-epochs", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=(), choices=("reference", "short", "fixed"))
     parser.add_argument("--repeats", type=int, default=5)
@@ -172,6 +188,7 @@ def main() -> None:
             args.short_epochs,
             64,
             args.budget,
+            not args.no_plain,
         )
     if "reference" not in args.skip:
         from torchvision.models import resnet18
@@ -183,6 +200,7 @@ def main() -> None:
             args.ref_epochs,
             128,
             args.budget,
+            not args.no_plain,
         )
     if "fixed" not in args.skip:
         fixed_costs(args.repeats)

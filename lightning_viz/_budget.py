@@ -8,14 +8,20 @@ monitors' total, baseline and end of fit included, stays below ``share`` of the 
   its last call; it runs when the seconds spent so far plus its estimated cost, plus what the last word of every
   monitor will cost, stay within the pace of the training done so far (pay as you go);
 * expensive monitors declare knobs (``budget_knobs``: attribute -> smallest value); a call runs at the largest scale
-  (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace; the step-0 view and the last word of a
-  monitor may, at their smallest scale, draw on the whole ceiling (a short run still gets its pictures);
+  (1, 1/2, 1/4 or the smallest values) whose estimated cost keeps to the pace;
+* the ceiling pays for the minimum, the pace for anything more, and on a run of long epochs the pace pays for all:
+  where one epoch's pace, over a monitor's cadence, pays for its smallest call (:meth:`Budget.long_epochs`), the
+  whole suite, step-0 views, last words and per-step sampling included, keeps to the pace (a step-0 view is made only
+  when the pace of the whole expected run leaves room for it, after the last words and what runs whatever the plans
+  say, :meth:`Budget.run_room`); only on a run of short epochs may the smallest step-0 views and last words draw on
+  the ceiling, so that a short run still gets its pictures;
 * every monitor's cost is known before its first call: a monitor declares its work in sample passes (one training
   sample's forward and backward pass, ``VizCallback._budget_units``) and the budget measures the seconds per training
   sample; after a call, its measured seconds take over;
 * the untrained baseline of the cheap monitors runs at the start; the expensive ones make theirs after the first
-  training batches, from the initial weights, within a bounded part (``BASELINE_SHARE``) of what the whole run is
-  expected to allow, the last words set aside;
+  training batches, from the initial weights, within a bounded part (``BASELINE_SHARE``) of the whole run's pace
+  (at their smallest scale: what the run's pace leaves, or, on short epochs, that part of the ceiling), the last
+  words set aside;
 * in the last expected epoch (``max_epochs``) every monitor runs, at the scale the rest of the budget allows, and
   ``on_train_end`` gives the last word to any monitor that has not logged the final step (EarlyStopping,
   ``max_steps``), so every run ends with pictures of the trained network;
@@ -44,16 +50,20 @@ __all__ = ["Budget", "budget_for"]
 
 #: Scales tried, largest first; 0 means every knob at its smallest value.
 SCALES = (1.0, 0.5, 0.25, 0.0)
-#: A monitor without knobs whose call costs at most this share of one training epoch runs at its own cadence whatever
-#: the expensive ones spent (it is still charged): the filters and activation statistics of every epoch are the
-#: evidence a budget must not starve.
-CHEAP_SHARE = 0.01
-#: Share of what the whole run is expected to allow that the step-0 views of the expensive monitors may use.
+#: On a run of long epochs, the monitors without knobs whose calls together cost at most this part of one epoch's pace
+#: (half of it: 0.5 % of an epoch under the default 5 %) run at their own cadence whatever the expensive ones spent
+#: (they are still charged): the filters and activation statistics of every epoch are the evidence a budget must not
+#: starve. Together, not each: what runs whatever was spent must leave the pace room for the rest ...
+CHEAP_SHARE = 0.5
+#: ... and on a run of short epochs, each one whose call costs at most this share of an epoch.
+CHEAP_EPOCH_SHARE = 0.01
+#: Share of the whole run's pace (of its ceiling, at their smallest scale on a run of short epochs) that the step-0
+#: views of the expensive monitors may use.
 BASELINE_SHARE = 0.25
 #: The pace the calls keep to, as a part of the ceiling (``share``): a fifth, 1 % of training under the default 5 %.
-#: An expensive monitor's call (one with knobs) is planned and scaled within the pace; only its smallest step-0 view and
-#: its smallest last word may draw on the ceiling, so that a short run still gets its pictures while a long run does not
-#: spend the ceiling just because it may (the ceiling is not a target: on the reference workload, about 1 %).
+#: An expensive monitor's call (one with knobs) is planned and scaled within the pace; only on a run of short epochs may
+#: its smallest step-0 view and its smallest last word draw on the ceiling, so that a short run still gets its pictures
+#: while a run of long epochs does not spend the ceiling just because it may (the ceiling is not a target).
 PACE = 0.2
 #: An estimate made before a monitor's first call is this many times its declared work (sample passes) times the
 #: measured seconds per training sample (a monitor's passes are smaller batches, on a model in eval mode) ...
@@ -133,6 +143,8 @@ class Budget:
         self._last_batch: tuple[int, int] | None = None
         self.spent: dict[str, float] = {}
         self.baseline_spent = 0.0  # of which the step-0 views
+        self.step0: dict[str, float] = {}  # name -> seconds of its step-0 view
+        self.charged = 0.0  # seconds of the calls charged (the rest of `spent`: the timed pass, per-step sampling)
         self.cost: dict[str, tuple[float, float]] = {}  # name -> (seconds, work) of its last call
         self.last_epoch: dict[str, int] = {}  # name -> epochs done at its last call
         self.plans: dict[int, dict[str, float]] = {}  # epoch -> {name: scale} of the monitors that run
@@ -162,12 +174,14 @@ class Budget:
     def charge(self, name: str, seconds: float, scale: float = 1.0, epoch: int | None = None) -> None:
         """Record a call of ``name`` that took ``seconds`` at ``scale`` (after ``epoch`` training epochs)."""
         self.spent[name] = self.spent.get(name, 0.0) + seconds
+        self.charged += seconds
         member = self.members.get(name)
         self.cost[name] = (seconds, member.work(scale) if member else 1.0)
         if epoch is not None:
             self.last_epoch[name] = epoch
         if epoch == 0:
             self.baseline_spent += seconds
+            self.step0[name] = self.step0.get(name, 0.0) + seconds
 
     def saw_batch(self, epoch: int, index: int, samples: int) -> None:
         """A training batch of ``samples`` ran (counted once, however many monitors report it)."""
@@ -231,15 +245,59 @@ class Budget:
         open_part = self._window() if self._open is not None and epoch not in self._closed else 0.0
         return self.train_seconds + open_part
 
+    def _done(self, epoch: int) -> int:
+        """Epochs done, asked at the end of ``epoch`` (validation or training end): the open epoch counts as done."""
+        return len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+
     def projected(self, epoch: int) -> float:
         """The run's whole training time as far as it can be foreseen: the expected epochs at the pace so far (the
         training so far when the run's length is unknown)."""
         trained = self.trained(epoch)
         if self.expected_epochs is None:
             return trained
-        # asked at the end of an epoch (validation or training end): the open epoch counts as done
-        done = len(self._closed | ({epoch} if self._open is not None and self._open[0] == epoch else set()))
+        done = self._done(epoch)
         return max(trained, trained / done * self.expected_epochs) if done else trained
+
+    # ------------------------------------------------------------------------------------------ the two accounts
+    def long_epochs(self, epoch: int) -> bool:
+        """Whether the run's epochs are long: the pace of one epoch, over a monitor's own cadence, pays for its
+        smallest call, for every monitor. Then the whole suite keeps to the pace, step-0 views and last words included
+        (but for a last word the pace, which set it aside, came up short of); else the smallest step-0 views and last
+        words may draw on the ceiling. A monitor that never ran and declares no work (one that stepped aside) is not
+        weighed; ``False`` while no cost is known."""
+        done = self._done(epoch)
+        if not done or not self.members:
+            return False
+        pace = self.share * PACE * self.trained(epoch) / done
+        known = [(self.estimate(n, m.smallest), m.cadence) for n, m in self.members.items()]
+        known = [(seconds, cadence) for seconds, cadence in known if seconds is not None]
+        return bool(known) and all(seconds <= pace * cadence for seconds, cadence in known)
+
+    def forced(self, epoch: int) -> float:
+        """Seconds expected over the rest of the run of what runs whatever the plans say: the per-step sampling charged
+        as it happens (at its rate so far) and the cheap monitors' calls at their cadence (at most :data:`CHEAP_SHARE`
+        of each epoch's pace)."""
+        trained, whole = self.trained(epoch), self.projected(epoch)
+        done = self._done(epoch)
+        if trained <= 0 or not done:
+            return 0.0
+        per_epoch = trained / done
+        sampling = max(0.0, self.spent_total - self.charged - self.spent.get("calibration", 0.0)) / trained
+        room, cheap = CHEAP_SHARE * self.share * PACE * per_epoch, 0.0
+        for name, member in self.members.items():  # as :meth:`plan` picks them, each at its cadence
+            cost = self.estimate(name, 1.0)
+            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= room)):
+                room -= cost or 0.0
+                cheap += (cost or 0.0) / member.cadence
+        return (sampling + cheap / per_epoch) * max(0.0, whole - trained)
+
+    def run_room(self, epoch: int) -> float:
+        """Seconds the whole expected run may still spend beyond the last words set aside: on a run of long epochs
+        (:meth:`long_epochs`) its pace, less what will run whatever the plans say (:meth:`forced`); else its ceiling."""
+        reserve = self._last_word_reserve(set(), epoch)
+        if self.long_epochs(epoch):
+            return self.share * PACE * self.projected(epoch) - self.spent_total - reserve - self.forced(epoch)
+        return self.share * self.projected(epoch) - self.spent_total - reserve
 
     # ------------------------------------------------------------------------------------------ deciding
     def estimate(self, name: str, scale: float) -> float | None:
@@ -296,9 +354,11 @@ class Budget:
             return self.plans[epoch]
         done = epoch + 1
         last = self.expected_epochs is not None and done >= self.expected_epochs
-        room = self.share * self.trained(epoch) - self.spent_total
-        paced = self.share * PACE * self.trained(epoch) - self.spent_total
-        per_epoch = self.trained(epoch) / done
+        trained = self.trained(epoch)
+        room = self.share * trained - self.spent_total
+        paced = self.share * PACE * trained - self.spent_total  # pay as you go: the pace of the training so far
+        long = self.long_epochs(epoch)
+        cheap_room = CHEAP_SHARE * self.share * PACE * trained / done  # for the cheap monitors of this epoch, together
         chosen: dict[str, float] = {}
         names = list(self.members)
         if last:  # the cheapest first: when not all fit, the fewest monitors are left out
@@ -312,20 +372,22 @@ class Budget:
             if last and member.evidence:  # the final verdict must not judge an older epoch's numbers
                 chosen[name] = member.smallest
                 room -= self.estimate(name, chosen[name]) or 0.0
+                paced -= self.estimate(name, chosen[name]) or 0.0
                 continue
-            if not member.knobs and (
-                (cost is None and member.cheap) or (cost is not None and cost <= CHEAP_SHARE * per_epoch)
-            ):
+            limit = cheap_room if long else CHEAP_EPOCH_SHARE * trained / done
+            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= limit)):
                 chosen[name] = 1.0
                 room -= cost or 0.0
                 paced -= cost or 0.0
+                cheap_room -= cost or 0.0
                 continue
             # the smallest calls of the others come first: every monitor's last word, or, in the last epoch, the
             # smallest call of each monitor still to be planned
             reserve = self._last_word_reserve(set(names[: index + 1]) if last else {name}, epoch)
-            # the expensive monitors (with knobs) keep to the pace; the others, cheap enough to be the evidence of every
-            # few epochs, only to the ceiling
-            scale = self._paced(name, (paced if member.knobs else room) - reserve, room - reserve if last else None)
+            # the expensive monitors (with knobs) keep to the pace; on a run of short epochs the others, cheap enough to
+            # be the evidence of every few epochs, only to the ceiling
+            short = not member.knobs and not long
+            scale = self._paced(name, (room if short else paced) - reserve, room - reserve if last else None)
             if scale is None:
                 if last:
                     self.drop(f"the view of the trained network of {member.label}")
@@ -339,21 +401,19 @@ class Budget:
     def baseline(self, name: str, epoch: int) -> float | None:
         """Scale of the step-0 view of ``name``, made after the first training batches (``None``: left out).
 
-        It may use a bounded part (:data:`BASELINE_SHARE`) of what the whole run is expected to allow, once the
-        last words of every monitor are set aside; decided once and kept.
+        Beyond its smallest scale it may use a bounded part (:data:`BASELINE_SHARE`) of the pace of the whole expected
+        run; at its smallest scale, on a run of long epochs what the pace of the whole run leaves (:meth:`run_room`), on
+        a run of short epochs the same bounded part of the ceiling; the last words of every monitor set aside. Decided
+        once and kept.
         """
         if name in self.baselines:
             return self.baselines[name]
         member = self.members.get(name)
-
-        def room(share: float) -> float:
-            allowance = share * self.projected(epoch)
-            return min(
-                BASELINE_SHARE * allowance - self.baseline_spent,
-                allowance - self.spent_total - self._last_word_reserve(set(), epoch),
-            )
-
-        scale = self._paced(name, room(self.share * PACE), room(self.share)) if member is not None else 1.0
+        whole, left = self.projected(epoch), self.run_room(epoch)
+        more = min(BASELINE_SHARE * self.share * PACE * whole - self.baseline_spent, left)
+        if not self.long_epochs(epoch):  # the smallest step-0 view may draw on the ceiling
+            left = min(BASELINE_SHARE * self.share * whole - self.baseline_spent, left)
+        scale = self._paced(name, more, left) if member is not None else 1.0
         if scale is None and member is not None:
             self.drop(f"the step-0 view of {member.label}")
         self.baselines[name] = scale
@@ -382,7 +442,7 @@ class Budget:
     def affords(self, seconds: float, epoch: int, what: str) -> bool:
         """Whether the whole run is expected to afford ``seconds`` more, the last words set aside (if not, ``what``
         is said to be left out)."""
-        room = self.share * self.projected(epoch) - self.spent_total - self._last_word_reserve(set(), epoch)
+        room = self.run_room(epoch)
         if room < seconds:
             self.drop(what)
         return room >= seconds
@@ -407,6 +467,8 @@ class Budget:
             "pass_seconds": self.pass_seconds,
             "spent": dict(self.spent),
             "baseline_spent": self.baseline_spent,
+            "step0": dict(self.step0),
+            "charged": self.charged,
             "cost": {k: list(v) for k, v in self.cost.items()},
             "last_epoch": dict(self.last_epoch),
             "plans": {int(k): dict(v) for k, v in self.plans.items()},
@@ -420,6 +482,8 @@ class Budget:
         self.pass_seconds = state.get("pass_seconds")
         self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
         self.baseline_spent = float(state.get("baseline_spent", 0.0))
+        self.step0 = {k: float(v) for k, v in state.get("step0", {}).items()}
+        self.charged = float(state.get("charged", 0.0))
         self.cost = {k: (float(v[0]), float(v[1])) for k, v in state.get("cost", {}).items()}
         self.last_epoch = {k: int(v) for k, v in state.get("last_epoch", {}).items()}
         self.plans = {int(k): dict(v) for k, v in state.get("plans", {}).items()}

@@ -189,10 +189,10 @@ def test_an_interrupted_fit_leaves_no_process_thread_temp_file_or_hook_of_ours(
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # Lightning ignores SIGINT after a KeyboardInterrupt
     if full:
-        suite = lightning_viz.default_suite(**{**FAST, "embedding": {"reducer": "pca", "every_n_epochs": 1}})
+        suite = lightning_viz.default_suite(**{**FAST, "embedding": {"reducer": "tsne", "every_n_epochs": 1}})
     else:
         suite = [
-            lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+            lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="tsne"),  # PCA runs in process: no child
             lightning_viz.ActivationMonitor(every_n_epochs=1),
         ]
     embedding = _of(suite, lightning_viz.EmbeddingMonitor)
@@ -330,7 +330,7 @@ def test_our_forward_passes_never_reach_metrics_the_user_logs_in_forward(tmp_pat
         else:
             suite = [
                 lightning_viz.SaliencyMonitor(every_n_epochs=1, methods=["gradient"]),
-                lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+                lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="tsne"),  # PCA runs in process: no child
             ]
         trainer, _ = _fit(pl_ns, tmp_path / str(with_suite), [recorder, stopping, *suite], module, "run", epochs=2)
         history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -381,7 +381,7 @@ def test_a_diverged_network_is_diagnosed_as_divergence_not_dead_filters(tmp_path
 
     suite = [
         lightning_viz.ActivationMonitor(every_n_epochs=1),
-        lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="pca"),
+        lightning_viz.EmbeddingMonitor(every_n_epochs=1, reducer="tsne"),  # PCA runs in process: no child
         lightning_viz.DiagnosisMonitor(every_n_epochs=1),
     ]
     with pytest.warns(UserWarning, match="NaN/Inf") as caught:
