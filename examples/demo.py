@@ -24,17 +24,19 @@ import common  # noqa: E402
 import lightning_viz  # noqa: E402
 
 
-def suite_options(val_size: int, class_names: list[str]) -> dict:
+def suite_options(class_names: list[str], limit: float = 1.0) -> dict:
     """The demo's monitor options: every monitor logs often enough that a short run shows evolution, each is sized
     smaller than its default, and the demo states its budget: on its tiny epochs (seconds each) one visualization
-    call may cost up to one epoch of training (``max_overhead=1.0``; the default warns above 10 %), so it prints no
-    cost warning of ours. It keeps the fixed cadences (``budget=None``): a showcase whose pictures do not depend on how
-    busy the machine is; a training run of your own leaves the default budget on."""
+    call may cost up to one epoch of training (``max_overhead=1.0``; the default warns above 10 %; no limit when
+    ``--limit-batches`` makes epochs of a fraction of a second), so it prints no cost warning of ours. It keeps the
+    fixed cadences (``budget=None``): a showcase whose pictures do not depend on how busy the machine is; a training
+    run of your own leaves the default budget on."""
     return {
         "budget": None,
-        "max_overhead": 1.0,
+        # with --limit-batches an epoch lasts a fraction of a second: no call could stay within a share of it
+        "max_overhead": 1.0 if limit == 1.0 and isinstance(limit, float) else float("inf"),
         "saliency": {"smoothgrad_samples": 8, "max_probes": 4},
-        "embedding": {"subset_size": min(1000, val_size), "class_names": class_names},
+        "embedding": {"class_names": class_names},  # its subset: up to 1000 samples, all of a smaller set
         # every 4 epochs instead of 5 and 10, so a short demo shows their evolution too; smaller, so each stays cheap
         "exemplars": {"every_n_epochs": 4, "max_channels": 8, "max_samples": 600},
         "featurevis": {"every_n_epochs": 4, "max_channels": 8, "steps": 24},
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         max_epochs=args.epochs,
         # log_graph: TensorBoard's Graphs tab shows the model, traced with the module's `example_input_array`
         logger=TensorBoardLogger(args.logdir, name=args.name or args.data, log_graph=True),
-        callbacks=lightning_viz.default_suite(**suite_options(len(val), list(train.classes))),
+        callbacks=lightning_viz.default_suite(**suite_options(list(train.classes), args.limit_batches)),
         limit_train_batches=limit,
         limit_val_batches=val_limit,
         log_every_n_steps=10,

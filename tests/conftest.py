@@ -160,9 +160,19 @@ def pl_ns():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class DemoRun(tuple):
+    """``(log directory, stdout)``, and the run's ``stderr``."""
+
+    def __new__(cls, logdir, stdout: str, stderr: str):
+        run = super().__new__(cls, (logdir, stdout))
+        run.stderr = stderr
+        return run
+
+
 @pytest.fixture(scope="session")
 def demo_logs(tmp_path_factory):
-    """The demo, shortened (3 epochs of 4 batches), run once per session: (log directory, its stdout)."""
+    """The demo, shortened (3 epochs of 4 batches), run once per session: (log directory, its stdout), and its
+    ``stderr``."""
     import subprocess
     import sys
 
@@ -184,4 +194,4 @@ def demo_logs(tmp_path_factory):
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return logdir, out.stdout
+    return DemoRun(logdir, out.stdout, out.stderr)

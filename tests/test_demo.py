@@ -45,3 +45,10 @@ def test_demo_writes_filter_images_and_scalars(demo_logs):
     assert events.image_steps("featurevis/model.conv3") == [0]
     assert os.path.exists(tmp_path / "photos" / "version_0" / "projector_config.pbtxt")
     assert [s for s, _ in events.text("diagnosis/findings")] == [4, 8, 12]
+
+
+def test_demo_prints_no_warning_of_ours_and_says_what_the_baseline_does(demo_logs):
+    ours = [line for line in demo_logs.stderr.splitlines() if "lightning_viz" in line and "Warning" in line]
+    assert ours == [], ours  # a warning is said only when the user can act on it: the demo gives none
+    told = demo_logs[1] + demo_logs.stderr
+    assert "lightning_viz: drawing the untrained network's views" in told  # the step-0 work is not silent

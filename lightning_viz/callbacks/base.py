@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one n
 OnError = Literal["warn", "raise"]
 
 
+#: Per Trainer, the progress lines said when no budget is shared (fixed cadences): one line per phase for the suite.
+_TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
 class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     """Base class of every lightning_viz monitor.
 
@@ -523,8 +527,11 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             what = f"drawing the {phase} network's views"
         else:
             key, what = f"call {self.monitor_name} {step}", f"{type(self).__name__} at epoch {epochs_done}"
-        told = budget.told if budget is not None else self._warned
-        if estimate is not None and estimate > PROGRESS_SECONDS and key not in told:
+        told = budget.told if budget is not None else _TOLD.setdefault(trainer, set())
+        if estimate is None and step == 0 and budget is None and key not in told:  # fixed cadences: time unknown yet
+            told.add(key)
+            say(trainer, f"lightning_viz: {what}...")
+        elif estimate is not None and estimate > PROGRESS_SECONDS and key not in told:
             told.add(key)
             say(trainer, f"lightning_viz: {what} (about {estimate:.0f} s)...")
 
