@@ -124,6 +124,13 @@ class Finding:
         return f"{self.kind}:{self.subject}"
 
 
+def epoch_name(done: int) -> str:
+    """How the text names the moment ``done`` epochs are complete, in Lightning's counting (its progress bar's
+    ``Epoch 0`` is the first): ``"epoch 0"`` after the first epoch, ``"the start"`` before any (the untrained network,
+    the filmstrips' ``init``). Histories and findings count epochs done; only the words are Lightning's."""
+    return "the start" if done <= 0 else f"epoch {done - 1}"
+
+
 @dataclass(frozen=True)
 class DeadHistory:
     """One activation site's dead-unit history."""
@@ -264,14 +271,14 @@ def divergence(ev: Evidence) -> Finding | None:
     evidence, since = [], None
     if ev.nonfinite_epoch is not None:
         since = ev.nonfinite_epoch
-        evidence.append(f"the training loss or the weights became NaN/Inf in epoch {ev.nonfinite_epoch}")
+        evidence.append(f"the training loss or the weights became NaN/Inf in {epoch_name(ev.nonfinite_epoch)}")
     reference = max(finite([ev.initial_loss, ev.chance_loss]) or [math.inf])
     blown = [(e, v) for e, v in ev.train_loss if math.isfinite(v) and v > 10 * reference]
     if blown:
         since = min(since, blown[0][0]) if since is not None else blown[0][0]
         evidence.append(
-            f"the training loss blew up to {max(v for _, v in blown):.3g} in epoch {blown[0][0]}, over 10 times its "
-            f"initial value {reference:.3g}"
+            f"the training loss blew up to {max(v for _, v in blown):.3g} in {epoch_name(blown[0][0])}, over 10 times "
+            f"its initial value {reference:.3g}"
         )
     norms = [(e, v) for e, v in ev.weight_norm if math.isfinite(v)]
     # exploding: far above the initial norm and growing by half again in each of the last three epochs; a norm that
@@ -394,7 +401,8 @@ def overfitting(ev: Evidence) -> Finding | None:
     if gap_now <= 0 or gap_now - gap_then < margin or not train[now_epoch] < train[best_epoch]:
         return None
     evidence = [
-        f"validation loss {now:.4g} at epoch {now_epoch}, up {rise:.3g} from its best {best:.4g} at epoch {best_epoch} "
+        f"validation loss {now:.4g} at {epoch_name(now_epoch)}, up {rise:.3g} from its best {best:.4g} at "
+        f"{epoch_name(best_epoch)} "
         f"(its epoch-to-epoch noise is about {noise:.2g})",
         f"training loss fell from {train[best_epoch]:.4g} to {train[now_epoch]:.4g} meanwhile",
         f"generalisation gap (validation - training loss) grew from {gap_then:.4g} to {gap_now:.4g}",
@@ -410,8 +418,8 @@ def overfitting(ev: Evidence) -> Finding | None:
         kind="overfitting",
         severity="critical" if gap_now > 2 * max(gap_then, 0.0) + margin and rise > 2 * margin else "warning",
         since_epoch=best_epoch,
-        summary=f"The model is over-fitting since epoch {best_epoch}: validation loss rose {rise / abs(best):.0%} "
-        f"above its best while the training loss kept falling (gap now {gap_now:.3g}).",
+        summary=f"The model is over-fitting since {epoch_name(best_epoch)}: validation loss rose "
+        f"{rise / abs(best):.0%} above its best while the training loss kept falling (gap now {gap_now:.3g}).",
         evidence=evidence,
         tags=[t for t in (ev.val_tag, ev.train_tag) if t] + (["embedding/knn_accuracy"] if ev.knn else []),
         remedies=[
@@ -582,12 +590,12 @@ def to_markdown(
     disabled: Sequence[str] = (),
 ) -> str:
     """The findings as a Markdown panel (TensorBoard's text plugin renders it), with the checks that are off."""
-    when = f"at the end of fit, epoch {epoch} (step {step})" if final else f"after epoch {epoch} (step {step})"
+    when = f"{'at the end of fit,' if final else 'after'} {epoch_name(epoch)} (step {step})"
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     rank = {k: i for i, k in enumerate(CAUSE_ORDER)}
     lines = [f"### Findings {when}", ""] if findings else [f"**No problems found** {when}.", ""]
     for f in sorted(findings, key=lambda f: (order[f.severity], rank.get(f.kind, 99), f.since_epoch)):
-        lines.append(f"#### {f.severity.upper()}: {f.kind.replace('_', ' ')} (since epoch {f.since_epoch})")
+        lines.append(f"#### {f.severity.upper()}: {f.kind.replace('_', ' ')} (since {epoch_name(f.since_epoch)})")
         lines.append("")
         lines.append(f.summary)
         lines.append("")

@@ -18,7 +18,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from lightning_viz.diagnosis import Evidence, Finding
+from lightning_viz.diagnosis import Evidence, Finding, epoch_name
 from lightning_viz.records import AttentionStats, TokenRankStats
 
 __all__ = ["RULES", "attention_collapse", "rank_collapse"]
@@ -98,7 +98,8 @@ def attention_collapse(
         "about one token.",
         evidence=[
             f"effective number of keys a head attends to (exp of the attention entropy), mean over heads: "
-            f"{keys_now:.2f} at epoch {last_epoch}, {keys_then:.2f} at epoch {first_epoch}, of {tokens} tokens",
+            f"{keys_now:.2f} at {epoch_name(last_epoch)}, {keys_then:.2f} at {epoch_name(first_epoch)}, "
+            f"of {tokens} tokens",
             f"a head counts as collapsed at <= {max_keys:g} effective keys, fallen to <= {drop:.0%} of its first "
             "logged number",
         ],

@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from lightning_viz.diagnosis import Evidence, Finding, loss_curve
+from lightning_viz.diagnosis import Evidence, Finding, epoch_name, loss_curve
 from lightning_viz.records import (
     BatchNormProbe,
     BatchNormStats,
@@ -180,15 +180,15 @@ def exploding_gradients(
     latest = max([*epochs, *nonfinite], default=None)
     evidence, growth = [], 0.0
     if latest is not None and nonfinite.get(latest):
-        evidence.append(f"every sampled step of epoch {latest} had NaN/Inf gradients in {nonfinite[latest][:5]}")
+        evidence.append(f"every sampled step of {epoch_name(latest)} had NaN/Inf gradients in {nonfinite[latest][:5]}")
     later = [(e, v) for e, v in tops if totals and e > totals[0][0] and v > 0]
     if totals and totals[0][1] > 0 and later:
         peak_epoch, peak = max(later, key=lambda p: p[1])
         growth = math.log10(peak / totals[0][1])
         if growth >= orders:
             evidence.append(
-                f"total gradient norm reached {peak:.3g} in epoch {peak_epoch}, {growth:.1f} orders of magnitude "
-                f"above its typical {totals[0][1]:.3g} in epoch {totals[0][0]}"
+                f"total gradient norm reached {peak:.3g} in {epoch_name(peak_epoch)}, {growth:.1f} orders of magnitude "
+                f"above its typical {totals[0][1]:.3g} in {epoch_name(totals[0][0])}"
             )
     since = next((e for e, v in later if math.log10(v / totals[0][1]) >= orders), latest) if later else latest
     start = trace[0].initial if trace else None
@@ -386,9 +386,9 @@ def saturated_activations(
         summary=f"{last.saturated_fraction:.0%} of `{site}`'s outputs ({last.kind}) sit in the flat tails, where "
         "almost no gradient passes.",
         evidence=[
-            f"saturated share {last.saturated_fraction:.1%} at epoch {last.epoch} (first logged: "
+            f"saturated share {last.saturated_fraction:.1%} at {epoch_name(last.epoch)} (first logged: "
             f"{history[0].saturated_fraction:.1%})",
-            f"at or above {threshold:.0%} since epoch {since}",
+            f"at or above {threshold:.0%} since {epoch_name(since)}",
         ],
         tags=[f"dynamics/saturation/{site}", "dynamics/gradient_flow"],
         remedies=[
@@ -544,9 +544,9 @@ def oscillating_loss(
     if not ongoing and abs(points[-1][1]) < recovered * episode:
         return None  # swings of the steep descent, after which the loss fell tenfold: a phase, not a problem
     evidence = [
-        f"epochs {first}-{last}" + ("" if ongoing else f" (settled by epoch {points[-1][0]})") + f": residuals "
-        f"around the trend up to {share:.0%} of the mean loss {level:.4g} (RMS, epochs {points[j][0]}-"
-        f"{points[j + size - 1][0]})",
+        f"epochs {first - 1}-{last - 1}" + ("" if ongoing else f" (settled by {epoch_name(points[-1][0])})") + f": "
+        f"residuals around the trend up to {share:.0%} of the mean loss {level:.4g} (RMS, epochs {points[j][0] - 1}-"
+        f"{points[j + size - 1][0] - 1})",
         f"{turns:.0%} of the epoch-to-epoch changes there reverse direction; the loss travelled {travelled:.3g} for a "
         f"net change of {net:.3g}",
     ]

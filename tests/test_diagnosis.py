@@ -113,7 +113,7 @@ def test_divergence_since_when_it_started_and_its_consequences():
     assert [f.kind for f in findings] == ["divergence"] and findings[0].since_epoch == 2
     assert any("consequence" in e and "Dead filters" in e for e in findings[0].evidence)
     text = D.to_markdown(findings, 3, 30)
-    assert "CRITICAL: divergence (since epoch 2)" in text and "CRITICAL: dead filters" not in text
+    assert "CRITICAL: divergence (since epoch 1)" in text and "CRITICAL: dead filters" not in text
     # a norm that jumped once and then stays put is a large learning rate's scale, not a divergence
     jump = _ev(weight_norm=_curve([60.0, 66.0, 66.5, 66.6]), initial_norm=5.0)
     assert D.divergence(jump) is None
@@ -156,7 +156,7 @@ def test_dynamics_findings_fold_by_cause_in_the_panel():
         f.kind for f in D.diagnose(replace(sick, dynamics=D.DynamicsEvidence(bn_probe=healed, bn_layers=[far])))
     ] == ["dead_filters"]
     panel = D.to_markdown(findings, 3, 30, final=True)
-    assert "CRITICAL: batchnorm mismatch (since epoch 3)" in panel and "a consequence" in panel
+    assert "CRITICAL: batchnorm mismatch (since epoch 2)" in panel and "a consequence" in panel
     assert ": dead filters (since" not in panel and "`dynamics/bn_mean_shift/bn1`" in panel
     # gradients that grew by orders of magnitude come before the divergence, which folds into them
     growing = {f"l{i}": [_grad(f"l{i}", i, 0.1 * 10**e, e) for e in range(1, 5)] for i in range(3)}
@@ -225,7 +225,7 @@ def test_panel_lists_switched_off_checks_and_real_tags():
         resolved=["over-fitting (seen from epoch 3, gone at epoch 5)"],
         disabled=["over-fitting: no validation loss"],
     )
-    assert text.startswith("**No problems found** at the end of fit, epoch 2 (step 20)")
+    assert text.startswith("**No problems found** at the end of fit, epoch 1 (step 20)")
     assert "Checks switched off:" in text and "- over-fitting: no validation loss" in text
     assert "Resolved during the run: over-fitting (seen from epoch 3" in text
     finding = D.overfitting(
@@ -252,7 +252,7 @@ def test_markdown_panel_and_html_escape():
     dead = {"<script>alert(1)</script>": D.DeadHistory("filters", ((1, 0.9, 9, 10),))}
     finding = D.dead_units(_ev(dead=dead))
     text = D.to_markdown([finding], epoch=1, step=10)
-    assert "CRITICAL: dead filters (since epoch 1)" in text
+    assert "CRITICAL: dead filters (since epoch 0)" in text
     page = markdown_to_html(text)
     assert "<script>" not in page and "&lt;script&gt;" in page
 
@@ -519,7 +519,7 @@ def test_nan_run_is_divergence_first_without_dead_filter_findings(tmp_path, pl_n
     _, events, _ = _fit(pl_ns, tmp_path, module, [ActivationMonitor(), diagnosis], max_epochs=3)
     assert [f.kind for f in diagnosis.findings] == ["divergence"] and diagnosis.findings[0].since_epoch == 2
     panel = events.text("diagnosis/findings")[-1][1]
-    assert "CRITICAL: divergence (since epoch 2)" in panel and "CRITICAL: dead filters" not in panel
+    assert "CRITICAL: divergence (since epoch 1)" in panel and "CRITICAL: dead filters" not in panel
 
 
 def test_healthy_mlp_at_initialisation_has_no_dead_units(tmp_path, pl_ns):

@@ -184,7 +184,7 @@ def test_unchanged_weights_left_out_of_the_optimizer_vs_frozen(tmp_path, pl_ns):
     diagnosis = DiagnosisMonitor()
     _, monitor, events = _fit(pl_ns, tmp_path, model, optimizer=without_fc, after=[diagnosis])
     panel = _panel(events)
-    assert "WARNING: unchanged weights (since epoch 0)" in panel and "`model.fc.weight`" in panel
+    assert "WARNING: unchanged weights (since the start)" in panel and "`model.fc.weight`" in panel
     assert "left out of the optimizer" in panel and "`dynamics/unchanged_parameters`" in panel
     assert "`model.bn1.weight`" not in panel and "frozen on purpose (not counted)" in panel
     updates = _bus(monitor).latest(rec.UpdateStats)
@@ -335,7 +335,7 @@ def test_initial_loss_of_a_badly_scaled_last_layer(tmp_path, pl_ns):
         model.fc.bias.copy_(torch.tensor([10.0, -10.0, 0.0]))  # confident before any training
     diagnosis = DiagnosisMonitor()
     _, sick, events = _fit(pl_ns, tmp_path / "sick", model, max_epochs=1, after=[diagnosis])
-    assert "initial loss (since epoch 0)" in _panel(events) and "chance level ln(3)" in _panel(events)
+    assert "initial loss (since the start)" in _panel(events) and "chance level ln(3)" in _panel(events)
     loss = _bus(sick).latest(rec.LossStats)[""]
     assert loss.classes == 3 and loss.initial_loss > 2 * math.log(3)
     finding = R.initial_loss_off_chance(loss)
@@ -455,7 +455,7 @@ def test_exploding_gradients_from_the_bus_and_an_oscillating_loss_reach_the_pane
         trainer.fit(swinging_module(), DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
         panels.append(_panel(Events(str(tmp_path / name))))
     growing, swinging = panels
-    assert "CRITICAL: exploding gradients (since epoch 3)" in growing and "orders of magnitude above its" in growing
+    assert "CRITICAL: exploding gradients (since epoch 2)" in growing and "orders of magnitude above its" in growing
     assert "`dynamics/gradient_flow`" in growing and "clip gradients" in growing
     assert "WARNING: oscillating loss" in swinging and "reverse direction" in swinging
     assert "exploding gradients (since" not in swinging

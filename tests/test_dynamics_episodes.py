@@ -66,7 +66,7 @@ def test_oscillation_episode_mid_run_is_found_and_when_it_settled():
     curve = [2.0, 1.2, 0.8, 1.3, 0.7, 1.25, 0.65, 1.2, 0.6, 0.45, 0.40, 0.37, 0.35, 0.34]
     finding = R.oscillating_loss(list(enumerate(curve, 1)))
     assert finding is not None and finding.kind == "oscillating_loss"
-    assert "settled by epoch 14" in finding.evidence[0] and finding.since_epoch <= 3
+    assert "settled by epoch 13" in finding.evidence[0] and finding.since_epoch <= 3
     assert R.oscillating_loss(list(enumerate(curve, 1))[-6:]) is None  # the last epochs alone: calm
 
 

@@ -302,23 +302,20 @@ class DiagnosisMonitor(VizCallback):
 
     def _announce(self, trainer: Any, findings: list[D.Finding], epoch: int) -> None:
         """Say in the log when a finding appears and when one is resolved."""
-        now = {f.key: f for f in findings}
+        now, name = {f.key: f for f in findings}, D.epoch_name(epoch)
         loud = getattr(trainer, "is_global_zero", True)
         for key, finding in now.items():
             if key not in self._active_keys:
                 self._active_keys[key] = epoch
                 if loud:
-                    log.warning("lightning_viz diagnosis, epoch %d (%s): %s", epoch, finding.severity, finding.summary)
+                    log.warning("lightning_viz diagnosis, %s (%s): %s", name, finding.severity, finding.summary)
         for key in [k for k in self._active_keys if k not in now]:
-            since = self._active_keys.pop(key)
-            kind = key.split(":")[0].replace("_", " ")
+            since, kind = D.epoch_name(self._active_keys.pop(key)), key.split(":")[0].replace("_", " ")
             if self._final and kind in ("undertraining", "not learning"):
                 continue
-            self._resolved.append(f"{kind} (seen from epoch {since}, gone at epoch {epoch})")
+            self._resolved.append(f"{kind} (seen from {since}, gone at {name})")
             if loud:
-                log.warning(
-                    "lightning_viz diagnosis, epoch %d: %s is resolved (seen since epoch %d)", epoch, kind, since
-                )
+                log.warning("lightning_viz diagnosis, %s: %s is resolved (seen since %s)", name, kind, since)
         self.findings = findings
 
     def _extra_state(self) -> dict[str, Any]:
