@@ -34,6 +34,36 @@ def board_command(logdir: str, *, port: int = 6006, host: str = "127.0.0.1", ext
     ]
 
 
+def pinned_url(logdir: str, *, port: int = 6006, host: str = "127.0.0.1") -> str | None:
+    """TensorBoard's address with the Time Series tab's cards of your own losses and accuracies pinned first.
+
+    TensorBoard sorts tags alphabetically (our ``activations``, ``diagnosis`` ... come before ``train_loss``) and
+    reads pins from the address (``pinnedCards``, a JSON list; checked in a browser). The tags are found by name in
+    the runs already logged (``train_loss``, ``val/loss``, ``val_acc`` ...); ``None`` when there is none yet.
+    """
+    import json
+    import urllib.parse
+
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from lightning_viz.report import find_metric, find_runs
+
+    tags: set[str] = set()
+    for run in find_runs(logdir):
+        acc = ea.EventAccumulator(run, size_guidance={"scalars": 1, "images": 1, "tensors": 1, "histograms": 1})
+        try:
+            acc.Reload()
+            tags.update(acc.Tags().get("scalars", []))
+        except Exception:  # noqa: BLE001 - an unreadable run pins nothing; the board still starts
+            continue
+    wanted = [find_metric(sorted(tags), stage, metric) for metric in ("loss", "acc") for stage in ("train", "val")]
+    cards = [{"plugin": "scalars", "tag": tag} for tag in dict.fromkeys(t for t in wanted if t)]
+    if not cards:
+        return None
+    query = urllib.parse.quote(json.dumps(cards, separators=(",", ":")))
+    return f"http://{host}:{port}/?pinnedCards={query}#timeseries"
+
+
 #: Signals that stop ``board``; each is passed on to TensorBoard's process group.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 #: Seconds TensorBoard gets to exit after a stop signal before it (and its data server) is killed.
@@ -117,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         cmd = board_command(args.logdir, port=args.port, host=args.host, extra=extra)
         print(f"TensorBoard at http://{args.host}:{args.port}/  (Ctrl+C to stop)", flush=True)
+        if (pinned := pinned_url(args.logdir, port=args.port, host=args.host)) is not None:
+            print(f"your losses pinned first in the Time Series tab: {pinned}", flush=True)
         return run_board(cmd)
     if args.command == "report":
         if extra:

@@ -268,3 +268,34 @@ def test_board_stopped_by_a_signal_leaves_no_tensorboard_behind(tmp_path, signam
                 pass
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    "names, pinned",
+    [
+        (["train_loss", "val_loss", "val_acc", "activations/sparsity/relu", "diagnosis/train_loss"],
+         ["train_loss", "val_loss", "val_acc"]),
+        (["loss/train_step", "loss/train_epoch", "val/loss", "val/accuracy", "lr-SGD"],
+         ["loss/train_epoch", "val/loss", "val/accuracy"]),
+        (["filters/noise_score/conv1", "lightning_viz/seconds/filters"], []),
+    ],
+)  # fmt: skip
+def test_board_prints_an_address_that_pins_your_own_losses_first(tmp_path, capsys, monkeypatch, names, pinned):
+    import json
+    import urllib.parse
+
+    w = _writer(tmp_path / "run" / "version_0")
+    for name in names:
+        w.add_scalar(name, 0.5, 1)
+    w.close()
+    url = cli.pinned_url(str(tmp_path), port=6123)
+    if not pinned:
+        assert url is None  # nothing of yours logged yet: no address that pins nothing
+    else:
+        assert url.startswith("http://127.0.0.1:6123/?pinnedCards=") and url.endswith("#timeseries")
+        cards = json.loads(urllib.parse.unquote(url.split("pinnedCards=")[1].split("#")[0]))
+        assert cards == [{"plugin": "scalars", "tag": t} for t in pinned]
+    monkeypatch.setattr(cli, "run_board", lambda cmd: 0)
+    assert cli.main(["board", str(tmp_path), "--port", "6123"]) == 0
+    printed = capsys.readouterr().out
+    assert ("your losses pinned first in the Time Series tab: " + str(url) in printed) == bool(pinned)
