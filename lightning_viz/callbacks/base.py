@@ -33,6 +33,13 @@ OnError = Literal["warn", "raise"]
 _TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
+def _told(trainer: Any, fallback: set[str]) -> set[str]:
+    try:
+        return _TOLD.setdefault(trainer, set())
+    except TypeError:  # a stand-in trainer that cannot be weakly referenced: the monitor's own set
+        return fallback
+
+
 class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     """Base class of every lightning_viz monitor.
 
@@ -527,7 +534,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             what = f"drawing the {phase} network's views"
         else:
             key, what = f"call {self.monitor_name} {step}", f"{type(self).__name__} at epoch {epochs_done}"
-        told = budget.told if budget is not None else _TOLD.setdefault(trainer, set())
+        told = budget.told if budget is not None else _told(trainer, self._warned)
         if estimate is None and step == 0 and budget is None and key not in told:  # fixed cadences: time unknown yet
             told.add(key)
             say(trainer, f"lightning_viz: {what}...")
