@@ -291,7 +291,7 @@ SECTIONS = (
     ("featurevis", "Feature visualisation"),
 )
 #: Tag areas our monitors write; every other scalar is the user's own metric.
-OUR_AREAS = frozenset([area for area, _ in SECTIONS] + ["diagnosis", "lightning_viz"])
+OUR_AREAS = frozenset([area for area, _ in SECTIONS] + ["attention", "dynamics", "diagnosis", "lightning_viz"])
 _STAGES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
 
 

@@ -610,11 +610,17 @@ def name_projector_steps(config: Any, tag: str) -> None:
 
 # ---- TensorBoard custom-scalars layout ----
 
+#: The first part of every tag our monitors write.
+OUR_TAG_AREAS = frozenset(
+    ["activations", "attention", "diagnosis", "dynamics", "embedding", "exemplars", "featurevis", "filters"]
+    + ["lightning_viz", "saliency"]
+)
 #: TensorBoard's Custom Scalars page: the losses, the diagnosis and each monitor's key curve on one page. Each chart
 #: lists regular expressions (TensorBoard matches them from the start of a tag) and draws every matching scalar.
 CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "lightning_viz: training": {
-        "loss": ["Multiline", ["train_loss", "val_loss", ".*loss.*"]],
+        # yours only: the losses our monitors log (dynamics/bn_probe/eval_loss, diagnosis/train_loss ...) stay out
+        "loss": ["Multiline", ["train_loss", "val_loss", f"(?!({'|'.join(sorted(OUR_TAG_AREAS))})/).*loss.*"]],
         "accuracy": ["Multiline", ["train_acc", "val_acc", "(train|val|valid|validation)[_/].*acc.*"]],
     },
     "lightning_viz: diagnosis": {

@@ -69,6 +69,12 @@ def test_custom_scalars_layout_written_once_per_run_and_matches_the_key_curves(t
         return [title for title, regexes in charts.items() if any(re.match(r, tag) for r in regexes)]
 
     assert shown("train_loss") == ["loss"] and shown("val_loss") == ["loss"] and shown("loss/val") == ["loss"]
+    from lightning_viz import report, sinks
+
+    assert report.OUR_AREAS == sinks.OUR_TAG_AREAS  # the report and the layout agree on what is yours
+    assert report.find_metric(["dynamics/train_loss", "attention/train_loss"], "train", "loss") is None
+    for ours in ("dynamics/bn_probe/eval_loss", "dynamics/train_loss", "dynamics/initial_loss", "diagnosis/train_loss"):
+        assert "loss" not in shown(ours)  # the loss chart is yours alone
     assert shown("val_acc") == ["accuracy"] and shown("val/accuracy") == ["accuracy"]
     assert shown("diagnosis/dead_filters") == ["findings (count; 1 = present)"]
     assert shown("diagnosis/findings") == ["findings (count; 1 = present)"]
