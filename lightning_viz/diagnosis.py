@@ -286,11 +286,20 @@ def divergence(ev: Evidence) -> Finding | None:
             )
     if since is None:
         return None
+    # a loss that blew up and has since come back below its initial value, with finite weights throughout: a spike
+    # the run recovered from (too high a rate early on), worth a warning, not "has diverged"
+    last = next((p for p in reversed(ev.train_loss) if math.isfinite(p[1])), None)
+    recovered = bool(blown) and len(evidence) == 1 and ev.nonfinite_epoch is None and last is not None
+    recovered = recovered and last[0] > blown[-1][0] and last[1] < reference  # type: ignore[index]
+    if recovered:
+        evidence.append(f"it has since come back to {last[1]:.3g} in epoch {last[0]}")  # type: ignore[index]
     return Finding(
         kind="divergence",
-        severity="critical",
+        severity="warning" if recovered else "critical",
         since_epoch=since,
-        summary="The weights are exploding."
+        summary="The training loss blew up, then recovered."
+        if recovered
+        else "The weights are exploding."
         if len(evidence) == 1 and not blown and ev.nonfinite_epoch is None
         else "Training has diverged.",
         evidence=evidence,
