@@ -123,7 +123,7 @@ def disabled_checks(
     if not bus.produced(ActivationStats):
         off.append("dead filters/units: no ActivationMonitor among the callbacks (default_suite() has one)")
         warn("no activations", f"DiagnosisMonitor: {off[-1]}; so dead filters are not diagnosed.")
-    elif not reader.dead and epochs_done >= 1:
+    elif not reader.dead and bus.latest(ActivationStats) and epochs_done >= 1:  # it reported, with no dead counts
         off.append(
             "dead filters/units: the ActivationMonitor reports no dead counts (no nn.ReLU-family modules: a model "
             "that applies `F.relu` needs `ActivationMonitor(pre_activation_layers=[...])`)"

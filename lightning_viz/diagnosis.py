@@ -293,11 +293,20 @@ def divergence(ev: Evidence) -> Finding | None:
             )
     if since is None:
         return None
+    # a loss that blew up and has since come back below its initial value, with finite weights throughout: a spike
+    # the run recovered from (too high a rate early on), worth a warning, not "has diverged"
+    last = next((p for p in reversed(ev.train_loss) if math.isfinite(p[1])), None)
+    recovered = bool(blown) and len(evidence) == 1 and ev.nonfinite_epoch is None and last is not None
+    recovered = recovered and last[0] > blown[-1][0] and last[1] < reference  # type: ignore[index]
+    if recovered:
+        evidence.append(f"it has since come back to {last[1]:.3g} in {epoch_name(last[0])}")  # type: ignore[index]
     return Finding(
         kind="divergence",
-        severity="critical",
+        severity="warning" if recovered else "critical",
         since_epoch=since,
-        summary="The weights are exploding."
+        summary="The training loss blew up, then recovered."
+        if recovered
+        else "The weights are exploding."
         if len(evidence) == 1 and not blown and ev.nonfinite_epoch is None
         else "Training has diverged.",
         evidence=evidence,
@@ -349,7 +358,8 @@ def dead_units(ev: Evidence) -> Finding | None:
         since = start if since is None else min(since, start)
         worst = max(worst, value - reference)
         units.add(history.unit)
-        rows.append((f"`{site}`", history.unit, f"{count} of {channels} ({value:.0%})", f"{reference:.0%}", str(start)))
+        dead_now = f"{count} of {channels} ({value:.0%})"
+        rows.append((f"`{site}`", history.unit, dead_now, f"{reference:.0%}", epoch_name(start)))
         tags.append(f"activations/dead_fraction/{site}")
     if not rows:
         return None
@@ -364,7 +374,7 @@ def dead_units(ev: Evidence) -> Finding | None:
             "was seen, else what a random initialisation can leave silent (none of a conv layer's filters, up to "
             f"{INITIALLY_DEAD['units']:.0%} of a Linear layer's units)"
         ],
-        table=[("site", "kind", "dead now", "reference", "since epoch"), *rows],
+        table=[("site", "kind", "dead now", "reference", "since"), *rows],
         tags=[*tags, "activations/dead_channels"],
         remedies=[
             "a learning rate that is too high is the usual cause: lower it, or add warm-up",

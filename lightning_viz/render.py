@@ -1191,12 +1191,17 @@ def _bin_channels(rate: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Te
 
 
 def dead_history_panel(
-    layers: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], *, width: int = CARD_WIDTH, row_height: int = 9
+    layers: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
+    *,
+    width: int = CARD_WIDTH,
+    row_height: int = 9,
+    max_height: int | None = None,
 ) -> np.ndarray:
     """Every layer's firing-rate history in one image: per layer a title (name, channels, dead now), then a row per
     logged epoch (labelled), one column per channel coloured by firing rate, dead channels in :data:`DEAD_COLOUR`
     (layers wider than the card fold neighbouring channels into one column, red if any of them is dead); a colour bar
-    at the bottom.
+    at the bottom. Taller than ``max_height`` (a model with dozens of ReLU sites), it keeps the layers with the most
+    dead channels now, in model order, and says how many it left out, rather than being shrunk until no label reads.
 
     Shape:
         layers: (layer name, [(epoch label, firing rates (C,) in [0, 1]), ...] oldest first). Returns (H, width, 3).
@@ -1205,13 +1210,13 @@ def dead_history_panel(
         raise ValueError("`layers` is empty.")
     label_width = 36
     room = width - label_width - 2
-    blocks = []
+    drawn = []  # (dead now, the layer's title and rows)
     for name, frames in layers:
         if not frames:
             continue
         channels = frames[-1][1].numel()
         dead_now = int((frames[-1][1] == 0).sum())
-        blocks.append(text_strip(f"{name}: {channels} ch, {dead_now} dead", width))
+        title = text_strip(f"{name}: {channels} ch, {dead_now} dead", width)
         bins = min(channels, room)
         rows = []
         for label, rate in frames:
@@ -1220,8 +1225,21 @@ def dead_history_panel(
             colours[:, 0, dead] = torch.tensor(DEAD_COLOUR).view(3, 1)
             strip = Image.fromarray(to_uint8(colours)).resize((room, row_height), Image.Resampling.NEAREST)
             rows.append((label, np.asarray(strip)))
-        blocks.append(labelled_rows(rows, label_width=label_width))
+        drawn.append((dead_now, [title, labelled_rows(rows, label_width=label_width)]))
     bar = colour_bar(width, "viridis", "firing rate", marks=[("dead", DEAD_COLOUR)])
+    blocks = [b for _, pair in drawn for b in pair]
+    if max_height is not None and sum(b.shape[0] + 2 for b in [*blocks, bar]) > max_height:
+        note = text_strip("...", width)
+        room_left = max_height - bar.shape[0] - note.shape[0] - 4
+        keep: set[int] = set()
+        for i in sorted(range(len(drawn)), key=lambda i: (-drawn[i][0], i)):  # most dead first, then model order
+            need = sum(b.shape[0] + 2 for b in drawn[i][1])
+            if need <= room_left:
+                keep.add(i)
+                room_left -= need
+        left_out = len(drawn) - len(keep)
+        note = text_strip(f"{left_out} more layer(s), fewer dead: see the text tab", width)
+        blocks = [b for i, (_, pair) in enumerate(drawn) if i in keep for b in pair] + [note]
     return stack_rows([*blocks, bar], gap=2)
 
 

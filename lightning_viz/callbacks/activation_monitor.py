@@ -276,7 +276,7 @@ class ActivationMonitor(VizCallback):
             self._sink.text("activations/dead_channels", render.dead_channel_table(dead_rows, epochs_done, step), step)
             # one picture for the whole model (its tag sorts before the per-layer charts), not one card per layer
             layers = [(site, self._history[site].frames) for site, _, _ in dead_rows]
-            self._sink.image(DEAD_HISTORY_TAG, render.dead_history_panel(layers), step)
+            self._sink.image(DEAD_HISTORY_TAG, render.dead_history_panel(layers, max_height=self.max_image_side), step)
         self._guard("maps", self._log_maps, trainer, pl_module, sites, step)
 
     def _log_site(self, site: str, key: Site, step: int, epochs_done: int) -> tuple[str, list[int], int] | None:
