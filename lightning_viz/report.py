@@ -339,6 +339,16 @@ def verdict(findings: str | None) -> list[str]:
     return [first] if first else []
 
 
+def epochs_run(epoch_scalar: Sequence[tuple[int, float]], findings: str | None) -> int | None:
+    """Epochs the run trained: Lightning's ``epoch`` scalar is written only with the user's metrics (the last epochs
+    may log none), so the diagnosis's end-of-fit line ("at the end of fit, epoch 6") counts too; the larger wins."""
+    last = _last_finite(epoch_scalar)
+    counts = [int(last[1]) + 1] if last is not None else []
+    if findings and (said := re.search(r"at the end of fit, epoch (\d+)", findings)):
+        counts.append(int(said.group(1)) + 1)
+    return max(counts) if counts else None
+
+
 def _headline(run: RunData) -> str:
     scalars = dict(run.scalars)
     rows = []
@@ -355,10 +365,10 @@ def _headline(run: RunData) -> str:
                 f"<tr><th>{label}</th><td><strong>{_fmt(last[1])}</strong></td>"
                 f'<td class="muted">{html.escape(tag)} at step {last[0]}</td></tr>'
             )
-    epoch = _last_finite(scalars.get("epoch", []))
+    epochs = epochs_run(scalars.get("epoch", []), run.findings)
     steps = [s for points in scalars.values() for s, _ in points]
-    if epoch is not None:
-        rows.append(f"<tr><th>epochs</th><td><strong>{int(epoch[1]) + 1}</strong></td><td></td></tr>")
+    if epochs is not None:
+        rows.append(f"<tr><th>epochs</th><td><strong>{epochs}</strong></td><td></td></tr>")
     if steps:
         rows.append(f"<tr><th>steps</th><td><strong>{min(steps)}&ndash;{max(steps)}</strong></td><td></td></tr>")
     if run.findings is None:

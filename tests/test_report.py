@@ -7,6 +7,7 @@ import os
 import re
 from html.parser import HTMLParser
 
+import pytest
 import torch
 
 from lightning_viz import report
@@ -170,3 +171,19 @@ def test_folder_run_gets_the_same_headline(tmp_path):
         and "validation accuracy</th><td><strong>0.6</strong>" in head
     )
     assert "epochs</th><td><strong>3</strong>" in head and "CRITICAL: dead filters" in head
+
+
+@pytest.mark.parametrize(
+    "epoch_points, findings, expected",
+    [
+        ([(10, 0.0), (71, 5.0)], "**No problems found** at the end of fit, epoch 6 (step 84).", 7),
+        ([(10, 0.0), (71, 5.0)], "**No problems found** after epoch 5 (step 72).", 6),  # mid-run: the scalar decides
+        ([], "### Findings at the end of fit, epoch 2 (step 30)", 3),
+        ([(4, 0.0), (8, 1.0)], None, 2),
+        ([], None, None),
+    ],
+)
+def test_headline_epochs_count_the_last_epochs_that_logged_no_metric(epoch_points, findings, expected):
+    from lightning_viz.report import epochs_run
+
+    assert epochs_run(epoch_points, findings) == expected
