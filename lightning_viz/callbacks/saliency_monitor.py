@@ -69,6 +69,7 @@ class SaliencyMonitor(VizCallback):
     monitor_name = "saliency"
     default_every_n_epochs = 2
     budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1}
+    budget_fixed_seconds = 0.05  # the grid, the filmstrip and the table (the inference copy is cached)
     label = "saliency"
     images_only = True
     needs_grad = True
