@@ -200,10 +200,9 @@ class Budget:
         try:
             with isolated(model, grad=True):
                 x.requires_grad_(True)
-                # the first pass, of two samples, warms up (allocations, kernels); the second, of them all, is timed
-                for batch in (x[:2], x):
+                for _ in range(2):  # the first pass warms up (allocations, kernels); the second is timed
                     begun = self.clock()
-                    out = model(batch)
+                    out = model(x)
                     out = out if isinstance(out, torch.Tensor) else next(o for o in _flat(out) if o.requires_grad)
                     torch.autograd.grad(out.float().sum(), x)
                     if x.is_cuda:
@@ -521,7 +520,7 @@ def expected_epochs(trainer: Any) -> int | None:
 
 
 #: Samples of the one timed forward and backward pass (:meth:`Budget.calibrate`).
-CALIBRATION_SAMPLES = 8
+CALIBRATION_SAMPLES = 16
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
