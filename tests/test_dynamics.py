@@ -103,7 +103,7 @@ def test_sampling_thins_out_to_its_budget_but_keeps_a_step_per_epoch(tmp_path, p
     monitor = DynamicsMonitor(on_error="raise")
     monitor.sample_budget = 1e-9  # any sample is too expensive: one per epoch remains (the epoch's first step)
     _fit(pl_ns, tmp_path, TinyCNN(num_classes=3), monitor=monitor, max_epochs=2)
-    assert monitor._every > 4
+    assert monitor._sampling.every > 4
     # the first epoch needs two steps to know a step's time
     assert [r.samples for r in _bus(monitor).history(rec.GradientStats, "model.fc")] == [2, 1]
 

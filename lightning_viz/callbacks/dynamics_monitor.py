@@ -41,8 +41,9 @@ class DynamicsMonitor(VizCallback):
       read) every ``every_n_steps``-th optimizer step. Scalars ``dynamics/grad_norm/<layer>`` (median over the
       epoch's sampled steps) and one image per logged epoch, ``dynamics/gradient_flow``: layers (rows, input at the
       top) x sampled steps, on a log10 colour scale with its colour bar (the scale only ever widens, so epochs compare).
-      The total norm of *every* step (one ``torch._foreach_norm``, kept on the device, read once per logged epoch)
-      catches a growth between sampled steps: ``dynamics/grad_norm_total/{median,peak}``.
+      The total norm of every step (one ``torch._foreach_norm``, kept on the device, read once per logged epoch; in
+      a suite's budget every few steps where it costs more than its share, the fit's first 8 always) catches a growth
+      between sampled steps: ``dynamics/grad_norm_total/{median,peak}``.
     - **Update ratio** ``||w_after - w_before|| / ||w_before||`` per layer at the sampled steps (one copy of the
       parameters, held through a training epoch): ``dynamics/update_ratio/<layer>`` (rule of thumb: about 1e-3).
     - **Unchanged weights**: ``requires_grad=True`` parameters unchanged since the fit started (left out of the
@@ -61,8 +62,9 @@ class DynamicsMonitor(VizCallback):
     Args:
         layers: names of modules that own parameters to follow; default: all of them.
         every_n_steps: sample gradients and updates every n-th optimizer step of an epoch (its first included);
-            default: about ``samples_per_epoch`` per epoch, fewer where a sample would cost over 1 % of the training
-            time (:attr:`sample_budget`; in a suite's budget 0.25 %; the interval only ever grows).
+            default: about ``samples_per_epoch`` per epoch, fewer where a sample would cost over 0.5 % of the training
+            time (half of :attr:`sample_budget`; in a suite's budget the samples and the total-norm trace 0.125 % each,
+            counted in its account; the intervals only ever grow).
         samples_per_epoch: target number of sampled steps per epoch when ``every_n_steps`` is ``None``.
         update_ratio: measure update ratios (``False`` saves the copy of the parameters).
         max_batches: at most this many validation batches feed the BatchNorm and saturation statistics.
@@ -77,6 +79,9 @@ class DynamicsMonitor(VizCallback):
     sample_budget: ClassVar[float] = 0.01
     publishes = (GradientStats, GradientTrace, UpdateStats, BatchNormStats, BatchNormProbe, SaturationStats, LossStats)
     default_every_n_epochs, diagnosis_evidence = 1, True  # its records are what the final verdict judges
+    # under a budget: BatchNorm taps on fewer validation batches, a smaller probe scored, fewer gradient-flow rows
+    budget_knobs = {"max_batches": 1, "probe_samples": 16, "max_layers": 16}
+    budget_fixed_seconds = 0.02  # scalars, records, one small image
 
     def __init__(
         self,
@@ -95,9 +100,7 @@ class DynamicsMonitor(VizCallback):
         super().__init__(**kwargs)
         check.layer_names("layers", layers)
         check.positive_int("every_n_steps", every_n_steps, allow_none=True)
-        for name, value in {"samples_per_epoch": samples_per_epoch, "max_batches": max_batches}.items():
-            check.positive_int(name, value)
-        check.positive_int("max_layers", max_layers)
+        check.positive_ints(samples_per_epoch=samples_per_epoch, max_batches=max_batches, max_layers=max_layers)
         check.boolean("update_ratio", update_ratio)
         check.non_negative_int("probe_samples", probe_samples)
         if num_classes is not None:
@@ -109,13 +112,13 @@ class DynamicsMonitor(VizCallback):
         self._layers: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._watch, self._taps = D.LayerWatch({}), D.ValidationTaps()
         self._loss, self._steps = D.LossTracker(), D.StepNorms([])
-        self._every, self._opt_calls, self._cost = 1, 0, 0.0
+        self._sampling, self._tracing, self._opt_calls, self._tap_batches = D.Thinning(), D.Thinning(), 0, max_batches
         self._last_call: float | None = None
         self._step_seconds: float | None = None  # wall time of one optimizer step, smoothed
         self._grads: list[tuple[int, dict[str, float | None]]] = []  # (step, norm per layer) since the last log
         self._updates: list[dict[str, float | None]] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._probe_fixed = False  # the same probe samples for the rest of the run once kept
+        self._probe_fixed = self._collect = False  # the same probe samples for the rest of the run once kept
         self._scale: tuple[float | None, float | None] = (None, None)
         self._at = (0, 0)  # (step, epochs done) of the records being published
 
@@ -126,8 +129,7 @@ class DynamicsMonitor(VizCallback):
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         owners = D.trainable_layers(pl_module)
         if self.layers is not None:
-            unknown = [n for n in self.layers if n not in owners]
-            if unknown:
+            if unknown := [n for n in self.layers if n not in owners]:
                 raise ValueError(
                     f"`layers`: {unknown} own no parameters (or do not exist); layers with parameters: "
                     f"{list(owners)[:40]}."
@@ -144,7 +146,7 @@ class DynamicsMonitor(VizCallback):
         if not self._active:
             return
         steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
-        self._every = self.every_n_steps or max(1, steps // self.samples_per_epoch)
+        self._sampling = D.Thinning(self.every_n_steps or max(1, steps // self.samples_per_epoch))
         self._loss.expect_initial = trainer.global_step == 0 and self._loss.initial is None
         if not self._watch.initial:  # a resumed run keeps the fingerprints it saved
             self._watch.start()
@@ -163,12 +165,15 @@ class DynamicsMonitor(VizCallback):
         if self._last_call is not None:
             step = now - self._last_call
             self._step_seconds = step if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * step
-        self._last_call = now
         self._opt_calls += 1
-        self._guard("trace", self._steps.add)  # every step: the growth between sampled steps
-        if (self._opt_calls - 1) % self._every == 0:  # the epoch's first step is always sampled
+        if self._tracing.due(self._opt_calls) or self._steps.warming:  # the growth between sampled steps
+            self._guard("trace", self._steps.add)
+            self._tracing.seconds += time.perf_counter() - now
+        if self._sampling.due(self._opt_calls):  # the epoch's first step is always sampled
+            started = time.perf_counter()
             self._guard(self.monitor_name, self._sample, int(trainer.global_step))
-            self._cost = time.perf_counter() - now
+            self._sampling.seconds += time.perf_counter() - started
+        self._last_call = time.perf_counter()
 
     def _sample(self, step: int) -> None:
         self._grads.append((step, self._watch.gradients()))  # after AMP unscaling, before clipping; read only
@@ -184,14 +189,13 @@ class DynamicsMonitor(VizCallback):
         if self._watch.pending:  # the sampled step has been taken: how far did it move the weights?
             started = time.perf_counter()
             self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
-            self._cost += time.perf_counter() - started
-        if self._cost and self._budget is not None:  # the sampling counts against the suite's budget too
-            self._budget.spent[self._budget_key] = self._budget.spent.get(self._budget_key, 0.0) + self._cost
-        if self._cost and self.every_n_steps is None and self._step_seconds:
-            # sample less often where a sample costs more than `sample_budget` (in a budget: a quarter of its pace)
-            share = min(self.sample_budget, self._budget.share * PACE / 4) if self._budget else self.sample_budget
-            self._every = max(self._every, math.ceil(self._cost / (share * self._step_seconds)))
-        self._cost = 0.0
+            self._sampling.seconds += time.perf_counter() - started
+        # sampling and trace: at most half of `sample_budget` each (in a budget, a quarter of its pace; charged there)
+        share = min(self.sample_budget, self._budget.share * PACE / 4) if self._budget else self.sample_budget
+        cost = self._sampling.adapt(share / 2, self._step_seconds, grow=self.every_n_steps is None)
+        cost += self._tracing.adapt(share / 2, self._step_seconds, grow=self._budget is not None)
+        if cost and self._budget is not None:
+            self._budget.spent[self._budget_key] = self._budget.spent.get(self._budget_key, 0.0) + cost
         loss = D.returned_loss(outputs)
         if loss is not None:  # Lightning divides the returned loss by the accumulation
             self._loss.add(loss * trainer.accumulate_grad_batches if pl_module.automatic_optimization else loss)
@@ -201,17 +205,19 @@ class DynamicsMonitor(VizCallback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active and not trainer.sanity_checking and trainer.state.fn == "fit" and self._is_log_epoch(trainer):
             self._taps.clear()
+            with self._scaled(self._call_scale(trainer.current_epoch + 1)):  # this epoch's call, under a budget
+                self._tap_batches = self.max_batches
+            self._collect = not self._probe_fixed and self.probe_samples > 0
             self._guard(self.monitor_name, self._taps.attach, pl_module)
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._taps.attached:
-            return
-        if batch_idx >= self.max_batches or dataloader_idx > 0:
-            return self._taps.detach()
-        if not self._probe_fixed:  # a few samples of each of the first validation batches (never drawn by us)
+        if batch_idx >= self._tap_batches or dataloader_idx > 0:
+            self._taps.detach()
+        if self._collect and dataloader_idx == 0 and batch_idx < self.max_batches:
+            # a few samples of each of the first validation batches (never drawn by us); a smaller call scores fewer
             take = max(1, self.probe_samples // self.max_batches)
             pair = single_input_pair(batch, self.input_fn, pl_module)  # dicts, (path, image, label), input_fn
             self._probe = D.extend_probe(self._probe, pair, take=take, limit=self.probe_samples)
@@ -219,11 +225,14 @@ class DynamicsMonitor(VizCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._taps.detach()
-        self._probe_fixed = self._probe is not None
+        self._probe_fixed, self._collect = self._probe is not None, False
 
     def _release(self, pl_module: Any) -> None:
         self._watch.release()
         self._taps.detach()
+
+    def _budget_units(self) -> float | None:  # the probe's two forward passes; the taps, a forward pass of 64 a batch
+        return (2 * self.probe_samples + 64 * self.max_batches) / 3 + self.max_layers / 4  # rows: the image
 
     def _cheaper_hint(self) -> str:
         return "or raise `every_n_steps` / lower `max_batches` / `probe_samples` "
@@ -258,16 +267,10 @@ class DynamicsMonitor(VizCallback):
             finite = [v for v in values if v is not None and math.isfinite(v)]
             if (median := D.finite_median(values)) is not None:
                 scalars[f"dynamics/grad_norm/{name}"] = median
-            self._emit(
-                GradientStats,
-                name,
-                order=order,
-                matrix=any(p.ndim >= 2 for _, p in self._layers[name]),
-                grad_norm=median,
-                grad_norm_max=max(finite) if finite else None,
-                nonfinite_steps=sum(1 for v in values if v is not None and not math.isfinite(v)),
-                samples=len(values),
-            )
+            fields = {"order": order, "grad_norm": median, "grad_norm_max": max(finite) if finite else None}
+            nonfinite = len(values) - len(finite) - values.count(None)
+            matrix = any(p.ndim >= 2 for _, p in self._layers[name])
+            self._emit(GradientStats, name, **fields, matrix=matrix, nonfinite_steps=nonfinite, samples=len(values))
         self._sink.scalars(scalars, step)
         if self._sink.writes_images:
             grid, rows = D.gradient_grid(samples, names, self.max_layers)
@@ -285,16 +288,9 @@ class DynamicsMonitor(VizCallback):
             if (ratio := D.finite_median([u.get(name) for u in updates])) is not None:
                 scalars[f"dynamics/update_ratio/{name}"] = ratio
             scalars["dynamics/unchanged_parameters"] += len(unchanged)
-            self._emit(
-                UpdateStats,
-                name,
-                update_ratio=ratio,
-                weight_norm=norms.get(name),
-                unchanged=tuple(unchanged),
-                without_grad=tuple(no_grad),
-                unchanged_elements=elements,
-                frozen=tuple(frozen),
-            )
+            kept = {"unchanged": tuple(unchanged), "without_grad": tuple(no_grad), "frozen": tuple(frozen)}
+            norm = norms.get(name)
+            self._emit(UpdateStats, name, update_ratio=ratio, weight_norm=norm, unchanged_elements=elements, **kept)
         self._sink.scalars(scalars, step)
 
     def _log_batchnorm(self, pl_module: nn.Module, step: int) -> None:
@@ -309,8 +305,8 @@ class DynamicsMonitor(VizCallback):
 
     def _log_probe(self, pl_module: nn.Module, step: int) -> int | None:
         assert self._probe is not None and self._sink is not None
-        device = model_device(pl_module)
-        images, labels = self._probe[0].to(device), self._probe[1].to(device)
+        device, n = model_device(pl_module), self.probe_samples  # fewer under a budget: the first ones
+        images, labels = self._probe[0][:n].to(device), self._probe[1][:n].to(device)
         result = D.eval_vs_batch_stats(pl_module, pl_module, images, labels) if self.probe_samples else None
         if result is None:
             return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,8 +68,11 @@ class SaliencyMonitor(VizCallback):
 
     monitor_name = "saliency"
     default_every_n_epochs = 2
-    budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1}
-    budget_fixed_seconds = 0.05  # the grid, the filmstrip and the table (the inference copy is cached)
+    # the smallest call: one probe, 2 noisy copies, occlusion windows side by side (``_overlap`` 1: stride = window)
+    budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1, "_overlap": 1}
+    budget_fixed_seconds = 0.08  # drawing, encoding; the first call's data-flow trace; occlusion's incremental plan
+    #: Below this many gradient passes a call runs on the model itself: folding a copy costs more than it saves.
+    copy_from_passes: ClassVar[int] = 32
     label = "saliency"
     images_only = True
     needs_grad = True
@@ -131,7 +134,7 @@ class SaliencyMonitor(VizCallback):
         self._occlusion_module: nn.Module | None = None
         self._gradcam_view: tuple[_layers.TokenGrid | None, bool] = (None, False)  # (token grid, channels last)
         self._window, self._stride, self._flow_done = occlusion_window or 8, occlusion_stride or 4, False
-        self._no_relu = False
+        self._no_relu, self._overlap = False, 2  # occlusion windows overlap twice (the default stride: half a window)
         self._filmstrips = render.Filmstrips(filmstrip_length)
         self._copies: dict[tuple[str, ...], sal.InferenceCopy] = {}  # by `keep`: traced once, refreshed per call
 
@@ -228,11 +231,17 @@ class SaliencyMonitor(VizCallback):
     @override
     def _budget_units(self) -> float | None:
         # per probe: a forward and backward pass per gradient method and noisy copy, occlusion's forward passes
-        passes = len(self.methods) + (self.smoothgrad_samples if "smoothgrad" in self.methods else 0)
-        if "occlusion" in self.methods:
-            positions = max(1, 64 // self._stride) ** 2  # (the image side is not known here: 64)
-            passes += positions / 3
+        passes = self._gradient_passes()
+        if "occlusion" in self.methods:  # incremental: a position recomputes about half a forward pass
+            side = int(self.probes.images.shape[-1]) if self.probes.is_resolved else 64  # (else not known: 64)
+            passes += max(1, (side - self._window) // self._occlusion_stride() + 1) ** 2 / 6
         return float(self.max_probes * passes)
+
+    def _gradient_passes(self) -> int:
+        return len(self.methods) + (self.smoothgrad_samples if "smoothgrad" in self.methods else 0)
+
+    def _occlusion_stride(self) -> int:  # the smallest call puts the windows side by side
+        return self._stride if self._overlap > 1 else max(self._stride, self._window)
 
     def _cheaper_hint(self) -> str:
         return "or lower `smoothgrad_samples`, `max_probes`, or leave out `occlusion` "
@@ -259,7 +268,10 @@ class SaliencyMonitor(VizCallback):
         methods = [BY_NAME[name] for name in self.methods]
         keep = [self._gradcam_name] if self._gradcam_name is not None else []
         copies = self._copies.setdefault(tuple(keep), sal.InferenceCopy(keep=keep))
-        fast = copies(pl_module, example=x) if any(m.runs_on_copy for m in methods) else pl_module  # checked on x
+        folded = (
+            any(m.runs_on_copy for m in methods) and self.max_probes * self._gradient_passes() >= self.copy_from_passes
+        )
+        fast = copies(pl_module, example=x) if folded else pl_module  # checked on x
         with torch.no_grad():
             probs, predicted = sal.head_outputs(fast(x.clone()), self.head)
         index, target = sal.rows_to_explain(predicted, labels)
@@ -270,14 +282,18 @@ class SaliencyMonitor(VizCallback):
         # functional: each method's maps; render: a column of tiles per map
         display = torch.stack([render.display_image(img) for img in images])[index]
         columns, titles, classes = [display], ["input"], set()
-        for method in methods:
-            result = self._guard(method.name, method.compute, self, inputs)
-            for column in method.columns if isinstance(result, dict) else ():
-                if column.key in result:
-                    maps = result[column.key]
-                    columns.append(column.draw(maps, display) if column.on_image else column.draw(maps))
-                    titles.append(column.title)
-                    classes |= set(maps.unique().tolist()) if column.key == "top_class" else set()
+        stride, self._stride = self._stride, self._occlusion_stride()
+        try:
+            for method in methods:
+                result = self._guard(method.name, method.compute, self, inputs)
+                for column in method.columns if isinstance(result, dict) else ():
+                    if column.key in result:
+                        maps = result[column.key]
+                        columns.append(column.draw(maps, display) if column.on_image else column.draw(maps))
+                        titles.append(column.title)
+                        classes |= set(maps.unique().tolist()) if column.key == "top_class" else set()
+        finally:
+            self._stride = stride
         # sized for TensorBoard's card: `tile_size`, smaller when the columns would not fit its width
         tiles = render.column_tiles(columns, render.fit_tile_side(len(columns), self.tile_size))
         bars = list(dict.fromkeys(BARS[t] for t in titles if t in BARS))

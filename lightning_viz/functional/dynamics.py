@@ -560,8 +560,17 @@ class StepNorms:
         grads = [p.grad for p in self.params if p.grad is not None and not p.grad.is_sparse]
         if grads:
             norms = torch._foreach_norm(grads)
-            device = norms[0].device
-            self._pending.append(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
+            try:  # one device (the usual case): one stack, no conversion per tensor
+                total = torch.linalg.vector_norm(torch.stack(norms).float())
+            except RuntimeError:  # parameters spread over devices
+                device = norms[0].device
+                total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+            self._pending.append(total)
+
+    @property
+    def warming(self) -> bool:
+        """Whether the reference at the start of the fit still lacks steps (trace every step until it has them)."""
+        return len(self.initial) + len(self._pending) < self.initial_steps
 
     def summary(self, top: int = 3) -> dict[str, Any] | None:
         """The steps since the last call: their number, median, ``top``-th largest finite norm (``peak``: a growth
@@ -581,3 +590,28 @@ class StepNorms:
             "nonfinite_steps": len(values) - len(finite),
             "initial": statistics.median(self.initial) if self.initial else None,
         }
+
+
+class Thinning:
+    """How often a per-step measurement runs so that it costs at most ``share`` of the training step's time: the
+    interval only ever grows (never below ``every``), and the epoch's first step is always measured.
+
+    Args:
+        every: the smallest interval, in optimizer steps.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+        self.seconds = 0.0  #: what the measurements cost since :meth:`adapt` was last called
+
+    def due(self, call: int) -> bool:
+        """Whether the ``call``-th optimizer step of the epoch (1-based) is measured."""
+        return (call - 1) % self.every == 0
+
+    def adapt(self, share: float, step_seconds: float | None, grow: bool = True) -> float:
+        """Widen the interval so that the cost measured last keeps to ``share`` of ``step_seconds``; return that
+        cost (for the caller's ledger) and start a new one."""
+        seconds, self.seconds = self.seconds, 0.0
+        if grow and seconds and step_seconds:
+            self.every = max(self.every, math.ceil(seconds / (share * step_seconds)))
+        return seconds
