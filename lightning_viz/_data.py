@@ -234,12 +234,21 @@ _TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _INITIAL: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
+def told(trainer: Any, fallback: set[str] | None = None) -> set[str]:
+    """The keys of what has been said once per ``trainer`` (:func:`tell_once`, progress lines); a stand-in trainer
+    that cannot be weakly referenced gets ``fallback`` (a monitor's own set) or a fresh set."""
+    try:
+        return _TOLD.setdefault(trainer, set())
+    except TypeError:
+        return fallback if fallback is not None else set()
+
+
 def tell_once(trainer: Any, key: str, message: str, *, warn: bool = True) -> None:
     """Say ``message`` once per Trainer, however many monitors have it to say: a warning, or (``warn=False``, for
     what is shown anyway, only later) an info line in the ``lightning_viz`` log."""
-    told = _TOLD.setdefault(trainer, set())
-    if key not in told:
-        told.add(key)
+    said = told(trainer)
+    if key not in said:
+        said.add(key)
         if warn:
             rank_zero_warn(message)
         elif global_rank() == 0:

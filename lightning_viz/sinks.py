@@ -41,6 +41,7 @@ from lightning_viz._compat import (
     is_wandb_logger,
 )
 from lightning_viz.render import downsize
+from lightning_viz.report import OUR_AREAS
 
 NO_LOGGER_MESSAGE = (
     "lightning_viz callbacks write to the Trainer's loggers, but the Trainer has no logger. Pass one, e.g. "
@@ -610,11 +611,8 @@ def name_projector_steps(config: Any, tag: str) -> None:
 
 # ---- TensorBoard custom-scalars layout ----
 
-#: The first part of every tag our monitors write.
-OUR_TAG_AREAS = frozenset(
-    ["activations", "attention", "diagnosis", "dynamics", "embedding", "exemplars", "featurevis", "filters"]
-    + ["lightning_viz", "saliency"]
-)
+#: The first part of every tag our monitors write: the report's list (one list; the report imports no torch).
+OUR_TAG_AREAS = OUR_AREAS
 #: TensorBoard's Custom Scalars page: the losses, the diagnosis and each monitor's key curve on one page. Each chart
 #: lists regular expressions (TensorBoard matches them from the start of a tag) and draws every matching scalar.
 CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list[Any]]] = {

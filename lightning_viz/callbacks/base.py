@@ -29,17 +29,6 @@ if TYPE_CHECKING:  # annotations only: importing Lightning here would pick one n
 OnError = Literal["warn", "raise"]
 
 
-#: Per Trainer, the progress lines said when no budget is shared (fixed cadences): one line per phase for the suite.
-_TOLD: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _told(trainer: Any, fallback: set[str]) -> set[str]:
-    try:
-        return _TOLD.setdefault(trainer, set())
-    except TypeError:  # a stand-in trainer that cannot be weakly referenced: the monitor's own set
-        return fallback
-
-
 class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     """Base class of every lightning_viz monitor.
 
@@ -534,7 +523,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             what = f"drawing the {phase} network's views"
         else:
             key, what = f"call {self.monitor_name} {step}", f"{type(self).__name__} at epoch {epochs_done}"
-        told = budget.told if budget is not None else _told(trainer, self._warned)
+        # without a shared budget (fixed cadences) the Trainer's own once-said set: one line per phase for the suite
+        told = budget.told if budget is not None else _data.told(trainer, self._warned)
         if estimate is None and step == 0 and budget is None and key not in told:  # fixed cadences: time unknown yet
             told.add(key)
             say(trainer, f"lightning_viz: {what}...")
