@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import tempfile
 import time
 
@@ -67,6 +68,7 @@ def fit_seconds(make_model, train, val, epochs: int, suite: list, batch_size: in
         trainer = quiet_trainer(pl, logdir, epochs, suite)
         gen = torch.Generator().manual_seed(0)
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
+        gc.collect()  # the fit before this one left garbage: each fit starts with none, with or without the suite
         started = time.perf_counter()
         trainer.fit(lightning_module(pl, make_model), loader, DataLoader(val, batch_size=batch_size))
         return time.perf_counter() - started, [(type(cb).__name__, cb._seconds) for cb in suite]

@@ -189,6 +189,11 @@ class SampleBank:
     def has_samples(self, complete: bool = False) -> bool:
         return self._current(complete) is not None
 
+    def count(self, complete: bool = False) -> int:
+        """How many samples :meth:`samples` would return, without stacking them (0: none yet)."""
+        part = self._current(complete)
+        return 0 if part is None else len(part.images)
+
     def samples(self, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[int], int]:
         """(images (N, C, H, W), labels (N,) or None, positions in the pass (ascending), samples in the pass)."""
         part = self._current(complete)

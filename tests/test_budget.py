@@ -323,3 +323,43 @@ def test_a_long_run_keeps_to_the_pace_not_the_ceiling():
     assert budget.spent_total <= 0.01 * budget.train_seconds + 3.0
     scales = [plan["featurevis"] for plan in budget.plans.values() if plan]
     assert scales and sum(scales) < 0.5 * len(scales)  # mostly scaled down, not at full scale every epoch
+
+
+def test_a_full_garbage_collection_is_not_charged_to_the_call_it_falls_in(tmp_path, pl_ns):
+    # A full collection walks the whole process's objects (most of them the training's) and can take 0.3 s: caught in
+    # a monitor's call or the timed pass, it was charged to them, and on a short run the budget then left out the
+    # trained network's pictures. Here every allocation triggers a collection that costs 1 s on the fake clock.
+    import gc
+
+    clock = FakeClock()
+    collections = {"inside": 0, "outside": 0}
+    inside = [False]
+
+    def slow_collection(phase, info):
+        if phase == "start":
+            clock.now += 1.0
+            collections["inside" if inside[0] else "outside"] += 1
+
+    class Allocating(Cheap):
+        def _log(self, trainer, pl_module, step, epochs_done):
+            inside[0] = True
+            garbage = [[i] for i in range(1000)]  # allocations past any threshold
+            garbage.append(garbage)  # and a cycle
+            inside[0] = False
+            super()._log(trainer, pl_module, step, epochs_done)
+
+    budget = Budget(0.5, clock=clock)
+    monitor = Allocating("alloc", 0.0625, clock, budget=budget)
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(slow_collection)
+    gc.set_threshold(1, 1, 1)
+    try:
+        budget.calibrate(TinyCNN(), torch.randn(4, 3, 16, 16))
+        _fit(pl_ns, tmp_path, [_tick(pl_ns, clock), monitor], max_epochs=2)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(slow_collection)
+    assert gc.isenabled()
+    assert budget.spent["calibration"] == 0.0 and budget.pass_seconds == 0.0
+    assert len(monitor.calls) >= 2 and budget.spent[monitor._budget_key] == 0.0625 * len(monitor.calls)
+    assert collections["inside"] == 0 and collections["outside"] > 0  # they ran, in the training's time

@@ -23,7 +23,7 @@ def _incremental(model, x, **kw):
     """The incremental path, failing if its check against full passes rejected it (that would hide a wrong patch)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        return occ.occlusion(model, x, **kw)
+        return occ.occlusion(model, x, **{"incremental": True, **kw})
 
 
 def _local_steps(model, x, window, stride):
@@ -142,7 +142,7 @@ def test_models_it_cannot_split_run_full_passes():
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()  # nothing local to recompute
     assert IncrementalOcclusion.build(flat, x[:1], 4, 4) is None
     for model in (untraceable, flat):
-        got = occ.occlusion(model, x, window=4, stride=4)
+        got = occ.occlusion(model, x, window=4, stride=4, incremental=True)
         assert torch.allclose(got.logits, _full(model, x, window=4, stride=4).logits)
 
 
@@ -202,7 +202,7 @@ def test_a_wrong_patch_is_caught_and_full_passes_are_used(monkeypatch):
     real = IncrementalOcclusion.forward
     monkeypatch.setattr(IncrementalOcclusion, "forward", lambda self, *a: real(self, *a) + 1.0)
     with pytest.warns(occ.IncrementalMismatchWarning, match="using full forward passes"):
-        got = occ.occlusion(model, x, window=4, stride=4)
+        got = occ.occlusion(model, x, window=4, stride=4, incremental=True)
     assert torch.allclose(got.logits, _full(model, x, window=4, stride=4).logits)
 
 
@@ -253,3 +253,22 @@ def test_patches_are_exact_through_every_local_layer(make):
         occluded[b, :, t : t + 5, lf : lf + 5] = -0.5
     with torch.no_grad():
         assert torch.allclose(got, model(occluded), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "images, stride, traced", [(1, 4, False), (1, 1, False), (2, 1, True), (4, 2, False), (4, 1, True)]
+)
+def test_auto_traces_the_model_only_where_enough_positions_pay_for_it(monkeypatch, images, stride, traced):
+    # A smallest call (one probe, windows side by side) on a short run: tracing and checking the patch cost about
+    # twice the full passes it would save, so "auto" runs full passes below INCREMENTAL_MIN_POSITIONS positions.
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(images, 3, 16, 16)
+    builds = []
+    real = IncrementalOcclusion.build
+    monkeypatch.setattr(IncrementalOcclusion, "build", lambda *a, **k: builds.append(1) or real(*a, **k))
+    got = occ.occlusion(model, x, window=4, stride=stride)
+    positions = images * len(range(0, 16 - 4 + 1, stride)) ** 2
+    assert (positions >= occ.INCREMENTAL_MIN_POSITIONS) == traced and bool(builds) == traced
+    want = _full(model, x, window=4, stride=stride)
+    assert torch.allclose(got.logits, want.logits, rtol=1e-4, atol=1e-5)

@@ -359,6 +359,24 @@ def test_nan_activations_are_missing_values_not_dead_ones():
     assert torch.isnan(stats.firing_rate()).all()
 
 
+@pytest.mark.parametrize(
+    "column, finite",
+    [([float("inf"), float("-inf"), 1.0, 2.0], [1.0, 2.0]), ([float("-inf"), 0.0, 3.0, 3.0], [0.0, 3.0, 3.0])],
+)
+def test_inf_activations_are_missing_values_and_huge_ones_are_not(column, finite):
+    # The missing values are found through each channel's float64 sum (no full isfinite pass): +Inf and -Inf that
+    # cancel to NaN, a lone -Inf, and finite values whose float32 sum would overflow must all be told apart.
+    from lightning_viz.functional.activations import ChannelStats
+
+    huge = [3e38, 3e38, -1.0, 3e38]
+    stats = ChannelStats()
+    stats.update(torch.tensor([column, huge]).T)
+    assert stats.missing_fraction() == pytest.approx((4 - len(finite)) / 8)
+    assert stats.firing_rate().tolist() == pytest.approx([sum(v > 0 for v in finite) / len(finite), 0.75])
+    assert stats.mean() == pytest.approx((sum(finite) + 9e38 - 1.0) / (len(finite) + 4), rel=1e-6)
+    assert len(stats.samples()) == len(finite) + 4 and torch.isfinite(stats.samples()).all()
+
+
 def test_all_nan_codes_have_no_knn_accuracy():
     from lightning_viz.functional.embedding import finite_quality
 

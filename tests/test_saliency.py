@@ -296,7 +296,10 @@ def test_monitor_says_once_when_incremental_occlusion_falls_back(tmp_path, pl_ns
 
     real = IncrementalOcclusion.forward
     monkeypatch.setattr(IncrementalOcclusion, "forward", lambda self, *a: real(self, *a) + 1.0)  # a wrong patch
-    monitor = SaliencyMonitor(methods=["occlusion"], occlusion_window=4, every_n_epochs=1, on_error="raise")
+    # 6 probes x 13 x 13 positions: enough for the incremental path (functional.occlusion.INCREMENTAL_MIN_POSITIONS)
+    monitor = SaliencyMonitor(
+        methods=["occlusion"], occlusion_window=4, occlusion_stride=1, every_n_epochs=1, on_error="raise"
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _, events = _fit(pl_ns, tmp_path, monitor)

@@ -160,7 +160,8 @@ class ActivationMonitor(VizCallback):
 
     def _record(self, name: str, index: int, output: Any) -> None:
         # Runs inside the user's forward pass: a failure here must never reach their training.
-        if self._guard(self.monitor_name, self._stats.add, (name, index), output) is False and self._recorder:
+        failed = self._timed_inside(self._guard, self.monitor_name, self._stats.add, (name, index), output) is False
+        if failed and self._recorder:
             self._recorder.detach()
             self._collecting = False
 

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_viz import _data
 from lightning_viz import _validate as check
-from lightning_viz._budget import PROGRESS_SECONDS, Budget, budget_for, expected_epochs, say
+from lightning_viz._budget import PROGRESS_SECONDS, Budget, budget_for, deferred_collection, expected_epochs, say
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated, silenced_logging
 from lightning_viz._inputs import FIX, InputFn, input_hint, model_inputs, resolve_input_fn
@@ -130,6 +130,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._last_step: int | None = None
         self._epoch_started_at: float | None = None
         self._seconds: list[float] = []
+        self._inside_seconds = 0.0  # spent inside the Trainer's own passes (hooks) since the last call; charged with it
         self._samples = _data.SampleBank(0, seed)
         self._no_images = False  # the batches hold no images (see `_check_inputs`)
         self._take_training_batches = False
@@ -473,6 +474,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             return
         scale = self._call_scale(epochs_done)
         self._say_progress(trainer, step, epochs_done, scale)
+        with deferred_collection():  # the process's garbage is not this call's cost
+            self._timed_call(trainer, pl_module, step, epochs_done, scale)
+
+    def _timed_call(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int, scale: float) -> None:
         clock = self._budget.clock if self._budget is not None else time.perf_counter
         started = clock()
         rows, extra = _data.extra_rows(self._samples, getattr(self, "probes", None))
@@ -497,15 +502,27 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         ):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)
         self._last_step = step
-        self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": clock() - started}, step)
+        inside, self._inside_seconds = self._inside_seconds, 0.0
+        self._sink.scalars({f"lightning_viz/seconds/{self.monitor_name}": clock() - started + inside}, step)
         self._sink.flush()
-        seconds = clock() - started
+        seconds = clock() - started + inside
         self._seconds.append(seconds)
         if self._budget is not None:
             self._budget.charge(self._budget_key, seconds, scale, epochs_done)
             self._check_budget(trainer)
         if not self._budget_managed:
             self._check_overhead(seconds)
+
+    def _timed_inside(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` inside the Trainer's own pass (a forward hook) and count its seconds towards this monitor's next
+        call: what a monitor adds to the user's batches is its cost too, not training time."""
+        clock = self._budget.clock if self._budget is not None else time.perf_counter
+        with deferred_collection():
+            started = clock()
+            try:
+                return fn(*args)
+            finally:
+                self._inside_seconds += clock() - started
 
     def _say_progress(self, trainer: Any, step: int, epochs_done: int, scale: float) -> None:
         """One line before work that takes more than a couple of seconds: the step-0 views together, the views of

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_viz import _validate as check
 from lightning_viz import render
-from lightning_viz._budget import PACE
+from lightning_viz._budget import PACE, deferred_collection
 from lightning_viz._inputs import single_input_pair
 from lightning_viz._layers import model_device
 from lightning_viz.callbacks.base import VizCallback
@@ -166,14 +166,15 @@ class DynamicsMonitor(VizCallback):
             step = now - self._last_call
             self._step_seconds = step if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * step
         self._opt_calls += 1
-        if self._tracing.due(self._opt_calls) or self._steps.warming:  # the growth between sampled steps
-            self._guard("trace", self._steps.add)
-            self._tracing.seconds += time.perf_counter() - now
-        if self._sampling.due(self._opt_calls):  # the epoch's first step is always sampled
-            started = time.perf_counter()
-            self._guard(self.monitor_name, self._sample, int(trainer.global_step))
-            self._sampling.seconds += time.perf_counter() - started
-        self._last_call = time.perf_counter()
+        with deferred_collection():  # the process's garbage is not the sampling's cost
+            if self._tracing.due(self._opt_calls) or self._steps.warming:  # the growth between sampled steps
+                self._guard("trace", self._steps.add)
+                self._tracing.seconds += time.perf_counter() - now
+            if self._sampling.due(self._opt_calls):  # the epoch's first step is always sampled
+                started = time.perf_counter()
+                self._guard(self.monitor_name, self._sample, int(trainer.global_step))
+                self._sampling.seconds += time.perf_counter() - started
+            self._last_call = time.perf_counter()
 
     def _sample(self, step: int) -> None:
         self._grads.append((step, self._watch.gradients()))  # after AMP unscaling, before clipping; read only
@@ -187,9 +188,10 @@ class DynamicsMonitor(VizCallback):
         if not self._active or trainer.sanity_checking:
             return
         if self._watch.pending:  # the sampled step has been taken: how far did it move the weights?
-            started = time.perf_counter()
-            self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
-            self._sampling.seconds += time.perf_counter() - started
+            with deferred_collection():
+                started = time.perf_counter()
+                self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
+                self._sampling.seconds += time.perf_counter() - started
         # sampling and trace: at most half of `sample_budget` each (in a budget, a quarter of its pace; charged there)
         share = min(self.sample_budget, self._budget.share * PACE / 4) if self._budget else self.sample_budget
         cost = self._sampling.adapt(share / 2, self._step_seconds, grow=self.every_n_steps is None)

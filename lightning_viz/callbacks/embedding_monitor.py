@@ -149,7 +149,7 @@ class EmbeddingMonitor(EmbeddingMaps, VizCallback):
     def _budget_units(self) -> float | None:
         # codes: a forward pass over the subset unless the Trainer's validation pass gave them (one process, an
         # unshuffled loader); thumbnails, k-NN quality and the map's input: about a tenth of a pass per sample
-        kept = len(self._samples.samples(complete=True)[0]) if self._has_data() else self.subset_size
+        kept = self._samples.count(complete=True) or self.subset_size
         n = min(self.subset_size, kept)
         trainer = self._fit_trainer() if self._fit_trainer is not None else None
         captures = self._captures if self._captures is not None else ValidationCodeCapture.can_capture(trainer)

@@ -18,6 +18,7 @@ from lightning_viz._inputs import input_hint, model_inputs
 from lightning_viz._layers import NotApplicableError, layers_of_kind, model_device, resolve_layers
 from lightning_viz._saliency_table import BARS, BY_NAME, METHODS, TABLE, Inputs  # noqa: F401 (TABLE: public)
 from lightning_viz.callbacks.base import VizCallback
+from lightning_viz.functional import occlusion as occ
 from lightning_viz.functional import saliency as sal
 from lightning_viz.functional._autograd import relu_modules
 from lightning_viz.probes import ProbeSet
@@ -70,7 +71,7 @@ class SaliencyMonitor(VizCallback):
     default_every_n_epochs = 2
     # the smallest call: one probe, 2 noisy copies, occlusion windows side by side (``_overlap`` 1: stride = window)
     budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1, "_overlap": 1}
-    budget_fixed_seconds = 0.08  # drawing, encoding; the first call's data-flow trace; occlusion's incremental plan
+    budget_fixed_seconds = 0.08  # drawing, encoding; the first call's data-flow trace; an incremental occlusion plan
     #: Below this many gradient passes a call runs on the model itself: folding a copy costs more than it saves.
     copy_from_passes: ClassVar[int] = 32
     label = "saliency"
@@ -232,10 +233,12 @@ class SaliencyMonitor(VizCallback):
     def _budget_units(self) -> float | None:
         # per probe: a forward and backward pass per gradient method and noisy copy, occlusion's forward passes
         passes = self._gradient_passes()
-        if "occlusion" in self.methods:  # incremental: a position recomputes about half a forward pass
+        probes = float(self.max_probes)
+        if "occlusion" in self.methods:  # a position is a forward pass (a third of a sample pass); incremental, half
             side = int(self.probes.images.shape[-1]) if self.probes.is_resolved else 64  # (else not known: 64)
-            passes += max(1, (side - self._window) // self._occlusion_stride() + 1) ** 2 / 6
-        return float(self.max_probes * passes)
+            positions = probes * max(1, (side - self._window) // self._occlusion_stride() + 1) ** 2
+            return probes * passes + positions / (6 if positions >= occ.INCREMENTAL_MIN_POSITIONS else 3)
+        return probes * passes
 
     def _gradient_passes(self) -> int:
         return len(self.methods) + (self.smoothgrad_samples if "smoothgrad" in self.methods else 0)

@@ -173,15 +173,18 @@ class ChannelStats:
         per_channel = x.numel() // channels
         # Reductions accumulate in float64 inside the kernel: no float64 copy of the activation is materialised
         # (it would be 2x the activation's size at the largest layer, and show up in peak memory).
-        finite = torch.isfinite(x)
+        # A NaN or Inf anywhere makes its channel's float64 sum non-finite (a float64 sum of finite float32 values
+        # cannot overflow), so the sums find the missing values without a pass of their own over the activation.
+        total = x.sum(dim=dims, dtype=torch.float64)
         missing = 0.0
-        raw = x
-        if not bool(finite.all()):  # NaN/Inf are missing values: a copy without them only in that (rare) case
+        raw, finite = x, None
+        if not bool(torch.isfinite(total).all()):  # NaN/Inf are missing values: a copy without them, only then
+            finite = torch.isfinite(x)
             missing = (x.numel() // channels) - torch.count_nonzero(finite, dim=dims).double()
             x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
             per_channel = torch.count_nonzero(finite, dim=dims).double()  # type: ignore[assignment]
+            total = x.sum(dim=dims, dtype=torch.float64)
         active = torch.count_nonzero(x > 0, dim=dims).double()
-        total = x.sum(dim=dims, dtype=torch.float64)
         if self.positions is None:
             self.positions = torch.zeros(channels, dtype=torch.float64, device=x.device)
             self.active = torch.zeros_like(self.positions)
@@ -195,7 +198,7 @@ class ChannelStats:
         self.total += total
         self.missing += missing
         self.batches += 1
-        self._sample(raw[finite] if x is not raw else x)
+        self._sample(raw if finite is None else raw[finite])
 
     def _sample(self, x: torch.Tensor) -> None:
         room = self.sample_size - self._sampled
