@@ -173,12 +173,15 @@ class Budget:
     def spent_total(self) -> float:
         return sum(self.spent.values())
 
-    def charge(self, name: str, seconds: float, scale: float = 1.0, epoch: int | None = None) -> None:
-        """Record a call of ``name`` that took ``seconds`` at ``scale`` (after ``epoch`` training epochs)."""
+    def charge(
+        self, name: str, seconds: float, scale: float = 1.0, epoch: int | None = None, once: float = 0.0
+    ) -> None:
+        """Record a call of ``name`` that took ``seconds`` at ``scale`` (after ``epoch`` training epochs), ``once`` of
+        them for work its later calls will not repeat (a data-flow trace): charged, but not expected again."""
         self.spent[name] = self.spent.get(name, 0.0) + seconds
         self.charged += seconds
         member = self.members.get(name)
-        self.cost[name] = (seconds, member.work(scale) if member else 1.0)
+        self.cost[name] = (max(seconds - once, 0.0), member.work(scale) if member else 1.0)
         if epoch is not None:
             self.last_epoch[name] = epoch
         if epoch == 0:
@@ -295,12 +298,12 @@ class Budget:
         return (sampling + cheap / per_epoch) * max(0.0, whole - trained)
 
     def run_room(self, epoch: int) -> float:
-        """Seconds the whole expected run may still spend beyond the last words set aside: on a run of long epochs
-        (:meth:`long_epochs`) its pace, less what will run whatever the plans say (:meth:`forced`); else its ceiling."""
+        """Seconds the whole expected run may still spend beyond the last words set aside and what will run whatever
+        the plans say (:meth:`forced`): on a run of long epochs (:meth:`long_epochs`) within its pace, else its
+        ceiling."""
         reserve = self._last_word_reserve(set(), epoch)
-        if self.long_epochs(epoch):
-            return self.share * PACE * self.projected(epoch) - self.spent_total - reserve - self.forced(epoch)
-        return self.share * self.projected(epoch) - self.spent_total - reserve
+        share = self.share * PACE if self.long_epochs(epoch) else self.share
+        return share * self.projected(epoch) - self.spent_total - reserve - self.forced(epoch)
 
     # ------------------------------------------------------------------------------------------ deciding
     def estimate(self, name: str, scale: float) -> float | None:
@@ -378,7 +381,9 @@ class Budget:
                 paced -= self.estimate(name, chosen[name]) or 0.0
                 continue
             limit = cheap_room if long else CHEAP_EPOCH_SHARE * trained / done
-            if not member.knobs and ((cost is None and member.cheap) or (cost is not None and cost <= limit)):
+            # a cheap monitor whose cost is not known yet runs on a run of long epochs; on short ones its estimate (from
+            # its declared work) decides: a first call of 5 % of a short epoch is not cheap
+            if not member.knobs and ((cost is None and member.cheap and long) or (cost is not None and cost <= limit)):
                 chosen[name] = 1.0
                 room -= cost or 0.0
                 paced -= cost or 0.0

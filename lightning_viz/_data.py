@@ -189,10 +189,10 @@ class SampleBank:
     def has_samples(self, complete: bool = False) -> bool:
         return self._current(complete) is not None
 
-    def count(self, complete: bool = False) -> int:
-        """How many samples :meth:`samples` would return, without stacking them (0: none yet)."""
+    def count(self, complete: bool = False, seen: bool = False) -> int:
+        """How many samples :meth:`samples` would return (``seen``: the pass had), without stacking them."""
         part = self._current(complete)
-        return 0 if part is None else len(part.images)
+        return 0 if part is None else part.seen if seen else len(part.images)
 
     def samples(self, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[int], int]:
         """(images (N, C, H, W), labels (N,) or None, positions in the pass (ascending), samples in the pass)."""

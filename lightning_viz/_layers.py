@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -350,9 +352,18 @@ def _token_grid(calls: list[tuple[str, nn.Module, torch.Tensor]]) -> tuple[Token
     return TokenGrid(max(fitting), int(rows), int(cols)), name
 
 
+_FLOWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], DataFlow]] = weakref.WeakKeyDictionary()
+#: Seconds spent tracing so far in this process: a monitor's call subtracts what it spent here from the cost the
+#: budget expects of its later calls (a trace is made once per model and input shape, not at every call).
+traced_seconds = [0.0]
+
+
 def trace_data_flow(model: nn.Module, x: torch.Tensor) -> DataFlow:
     """Run ``model`` on a probe ``x`` (one image is enough) and record which modules it calls, in what order, what
     they return and whether that reaches the model's output.
+
+    The monitors of a suite share one trace per model, module structure and input shape and type (the flow
+    holds no tensors; the first monitor to ask pays for it, about a forward and backward pass).
 
     The caller puts the model in eval mode and isolates the pass (``_hooks.isolated``); here the parameters are
     frozen, the probe is a fresh copy, hooks are removed whatever happens and no ``.grad`` is written (the
@@ -362,6 +373,19 @@ def trace_data_flow(model: nn.Module, x: torch.Tensor) -> DataFlow:
     Shape:
         x: the model's input, (N, C, H, W).
     """
+    key = (tuple(x.shape[1:]), x.dtype, x.device, tuple(id(m) for m in model.modules()))
+    try:
+        flows = _FLOWS.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: traced at every call
+        flows = {}
+    if key not in flows:
+        started = time.perf_counter()
+        flows[key] = _trace(model, x)
+        traced_seconds[0] += time.perf_counter() - started
+    return flows[key]
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> DataFlow:
     from lightning_viz._hooks import forward_hooks
     from lightning_viz.functional._autograd import gradient_context
     from lightning_viz.functional.attention import looks_like_attention

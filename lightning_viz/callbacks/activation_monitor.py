@@ -33,9 +33,9 @@ class ActivationMonitor(VizCallback):
     """Sparsity and dead-unit accounting per activation call site, and activation maps of a probe image.
 
     Statistics are streamed inside forward hooks over the validation batches the Trainer already runs on a logged
-    epoch (at most ``max_batches`` of them; no extra forward passes), into per-channel counters: activations are
-    never kept. Without a validation loop, the first ``max_batches`` training batches of a logged epoch are used.
-    Under DDP the counters are summed over all ranks before anything is judged dead.
+    epoch (at most ``max_batches``; no extra forward passes; charged to the budget) into per-channel counters, never
+    keeping activations. Without a validation loop, the first ``max_batches`` training batches of a logged epoch are
+    used. Under DDP the counters are summed over all ranks before anything is judged dead.
 
     A module applied several times per forward (torchvision's ResNet reuses ``relu`` in each block) is reported per
     call site: ``layer1.0.relu#1``, ``layer1.0.relu#2``. Call sites are counted per batch, so a model that runs
@@ -67,7 +67,7 @@ class ActivationMonitor(VizCallback):
         max_channels: at most this many channel tiles per map image.
         filmstrip_length: logged epochs kept in the dead-channel history image (was ``history_length``).
         histogram_samples: values sampled per site and epoch for the value histogram.
-        **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``. There is no baseline
+        **kwargs: ``every_n_epochs`` (default 1), ``on_error``, ``seed``, ``max_overhead``. No baseline
             (``log_baseline`` is ignored): statistics come from the Trainer's own batches, which start with epoch 1.
     """
 
@@ -75,6 +75,7 @@ class ActivationMonitor(VizCallback):
     image_part = "maps"  # the statistics work on any input; only the maps need an image
     publishes = (ActivationStats,)
     default_every_n_epochs, diagnosis_evidence = 1, True  # the dead-unit counts are what the final verdict judges
+    budget_fixed_seconds = 0.12  # histograms per site, the history image, the maps (33 sites: 0.06-0.12 s)
 
     def __init__(
         self,
@@ -134,8 +135,7 @@ class ActivationMonitor(VizCallback):
     def _resolve(self, trainer: Any, pl_module: nn.Module) -> None:
         configured = self.layers is not None or self.pre_activation_layers is not None
         if not configured and not layers_of_kind(pl_module, A.activation_kinds(pl_module)):
-            # Nothing configured and nothing to hook (the model applies F.relu): say how to fix it, and stay out
-            # of the way rather than stop a default suite from training.
+            # Nothing to hook (the model applies F.relu): say how to fix it, and stay out of the suite's way.
             candidates = list(layers_of_kind(pl_module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)))[:20]
             self._warn_once(
                 "nothing to hook",
@@ -250,15 +250,16 @@ class ActivationMonitor(VizCallback):
     def _runs_after_train_epoch(self) -> bool:
         return False
 
-    def _wants_last_word(self, trainer: Any) -> bool:
-        # The statistics come from an epoch's batches: the budget plans the last expected epoch for them; after an
-        # early stop there are no fresh ones to log.
-        return False
+    def _wants_last_word(self, trainer: Any) -> bool:  # the statistics come from an epoch's batches: the budget plans
+        return False  # the last expected epoch for them; after an early stop there are no fresh ones to log
 
     def _release(self, pl_module: Any) -> None:
+        self._collecting = False
         if self._recorder is not None:
             self._recorder.detach()
-        self._collecting = False
+
+    def _budget_units(self) -> float | None:
+        return 0.1 * self._samples.count(seen=True) or None  # streaming a sample: a tenth of a sample pass
 
     def _cheaper_hint(self) -> str:
         return "or lower `max_batches` / `max_channels` "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_viz import _data
+from lightning_viz import _data, _layers
 from lightning_viz import _validate as check
 from lightning_viz._budget import PROGRESS_SECONDS, Budget, budget_for, deferred_collection, expected_epochs, say
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
@@ -479,7 +479,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
 
     def _timed_call(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int, scale: float) -> None:
         clock = self._budget.clock if self._budget is not None else time.perf_counter
-        started = clock()
+        started, traced = clock(), _layers.traced_seconds[0]
         rows, extra = _data.extra_rows(self._samples, getattr(self, "probes", None))
         if extra:
             follows = (
@@ -508,7 +508,8 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         seconds = clock() - started + inside
         self._seconds.append(seconds)
         if self._budget is not None:
-            self._budget.charge(self._budget_key, seconds, scale, epochs_done)
+            once = _layers.traced_seconds[0] - traced if clock is time.perf_counter else 0.0  # (real seconds)
+            self._budget.charge(self._budget_key, seconds, scale, epochs_done, once=once)
             self._check_budget(trainer)
         if not self._budget_managed:
             self._check_overhead(seconds)

@@ -68,7 +68,7 @@ class FeatureVisMonitor(VizCallback):
     publishes = (FeatureVisStats,)
     default_every_n_epochs = 10
     budget_knobs = {"steps": 4, "max_channels": 4}
-    budget_fixed_seconds = 0.03  # one panel and its filmstrip
+    budget_fixed_seconds = 0.02  # one panel and its filmstrip
     needs_grad = True
     label = "feature visualisation"
     images_only = True

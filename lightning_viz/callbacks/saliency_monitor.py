@@ -71,7 +71,7 @@ class SaliencyMonitor(VizCallback):
     default_every_n_epochs = 2
     # the smallest call: one probe, 2 noisy copies, occlusion windows side by side (``_overlap`` 1: stride = window)
     budget_knobs = {"smoothgrad_samples": 2, "max_probes": 1, "_overlap": 1}
-    budget_fixed_seconds = 0.08  # drawing, encoding; the first call's data-flow trace; an incremental occlusion plan
+    budget_fixed_seconds = 0.04  # drawing, encoding; the first call's data-flow trace
     #: Below this many gradient passes a call runs on the model itself: folding a copy costs more than it saves.
     copy_from_passes: ClassVar[int] = 32
     label = "saliency"
