@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ class Inputs:
     target: torch.Tensor
     x: torch.Tensor
     index: torch.Tensor
+    shared: dict[str, Any] = field(default_factory=dict)  #: what several methods of one call compute together
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,23 @@ class Method:
     columns: tuple[Column, ...]
 
 
+#: The methods that are the input gradient under a ReLU backward rule: they share one forward pass per call.
+RELU_RULES = {"gradient": "plain", "guided_backprop": "guided", "deconvnet": "deconvnet"}
+
+
+def _relu_rules(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
+    """The input gradients of this call's ReLU-rule methods, computed once for all of them (one forward pass, a
+    backward pass per rule)."""
+    if "relu rules" not in i.shared:
+        rules = [rule for name, rule in RELU_RULES.items() if name in m.methods]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no nn.ReLU to swap: said once at setup
+            i.shared["relu rules"] = sal.relu_rule_gradients(i.fast, i.xr, i.target, rules, batch_size=m.batch_size)
+    return i.shared["relu rules"]
+
+
 def _gradient(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
-    return {"map": sal.gradient(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+    return {"map": _relu_rules(m, i)["plain"].abs().amax(dim=1)}
 
 
 def _smoothgrad(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
@@ -61,11 +77,9 @@ def _smoothgrad(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
     return {"map": sal.smoothgrad(i.fast, i.xr, i.target, **options, batch_size=m.batch_size)}
 
 
-def _rule(fn: Callable[..., torch.Tensor]) -> Callable[[Any, Inputs], dict[str, torch.Tensor]]:
+def _rule(rule: str) -> Callable[[Any, Inputs], dict[str, torch.Tensor]]:
     def compute(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # said once at setup
-            return {"map": fn(i.fast, i.xr, i.target, batch_size=m.batch_size)}
+        return {"map": _relu_rules(m, i)[rule]}
 
     return compute
 
@@ -104,10 +118,8 @@ def _occlusion(m: Any, i: Inputs) -> dict[str, torch.Tensor]:
 TABLE = (
     Method("gradient", True, _gradient, (Column("map", "gradient", render.heat_tiles),)),
     Method("smoothgrad", True, _smoothgrad, (Column("map", "smoothgrad", render.heat_tiles),)),
-    Method(
-        "guided_backprop", True, _rule(sal.guided_backprop), (Column("map", "guided bp", render.signed_tiles, False),)
-    ),
-    Method("deconvnet", True, _rule(sal.deconvnet), (Column("map", "deconvnet", render.signed_tiles, False),)),
+    Method("guided_backprop", True, _rule("guided"), (Column("map", "guided bp", render.signed_tiles, False),)),
+    Method("deconvnet", True, _rule("deconvnet"), (Column("map", "deconvnet", render.signed_tiles, False),)),
     Method("gradcam", True, _gradcam, (Column("map", "Grad-CAM", render.heat_tiles),)),
     Method("fullgrad", False, _fullgrad, (Column("map", "FullGrad", render.heat_tiles),)),  # needs BatchNorm biases
     Method(

@@ -364,3 +364,58 @@ def test_probes_the_model_cannot_take(tmp_path, pl_ns):
     monitor = SaliencyMonitor(probes=ProbeSet(torch.zeros(2, 3, 8, 8)), occlusion_window=4)
     with pytest.raises(ValueError, match=r"`probes`: the model cannot take the probe images of shape \(2, 3, 8, 8\)"):
         _fit(pl_ns, tmp_path, monitor, model=model)
+
+
+class _ReusedInplaceReLU(nn.Module):
+    """One inplace ReLU module applied three times, a residual addition, and a negative-slope path: the rules must
+    apply at every call and never edit a tensor autograd saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.relu(self.a(x))
+        h = self.relu(self.b(h) + h)
+        return self.head(self.relu(self.b(h) - 0.1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [TinyCNN, _ReusedInplaceReLU], ids=["tiny", "reused-inplace"])
+@pytest.mark.parametrize("rules", [("plain", "guided", "deconvnet"), ("deconvnet", "plain"), ("guided",)])
+def test_one_forward_pass_serves_every_relu_rule(make, rules):
+    # gradient, guided backprop and deconvnet from one forward pass per batch (several backward passes over its graph):
+    # each equals its method run alone, in any order or subset, in chunks smaller than the batch
+    torch.manual_seed(0)
+    model = make().eval()
+    x, target = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0])
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        got = sal.relu_rule_gradients(model, x, target, rules, batch_size=2)
+    finally:
+        handle.remove()
+    assert len(forwards) == 3  # 5 images in batches of 2: one forward pass per batch, whatever the rules
+    alone = {
+        "plain": sal.input_gradient(model, x, target, batch_size=2),
+        "guided": sal.guided_backprop(model, x, target, batch_size=2),
+        "deconvnet": sal.deconvnet(model, x, target, batch_size=2),
+    }
+    assert set(got) == set(rules)
+    for rule in rules:
+        assert torch.allclose(got[rule], alone[rule], atol=1e-6), rule
+    assert not torch.allclose(alone["guided"], alone["deconvnet"])  # the rules differ on these models
+    assert all("forward" not in m.__dict__ for m in model.modules()) and all(p.grad is None for p in model.parameters())
+
+
+def test_relu_rules_on_a_model_without_relu_modules_warn_and_give_the_plain_gradient():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    model(x)
+    with pytest.warns(UserWarning, match="deconvnet, guided: the model has no nn.ReLU"):
+        got = sal.relu_rule_gradients(model, x, target, ["plain", "guided", "deconvnet"])
+    assert torch.equal(got["guided"], got["plain"]) and torch.equal(got["deconvnet"], got["plain"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sal.relu_rule_gradients(model, x, target, ["plain"])  # nothing to say for the plain gradient alone

@@ -2,13 +2,14 @@
 
 - :func:`gradient_context` enables autograd (also inside ``torch.inference_mode``) and freezes the parameters.
 - :func:`relu_backward_rule` swaps every ``nn.ReLU``'s backward for guided backprop's, deconvnet's or the
-  "redirected" rule feature visualisation starts with.
+  "redirected" rule feature visualisation starts with; :func:`switchable_relu_rules` for one whose rule can change
+  between backward passes of one graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -71,6 +72,51 @@ class _RedirectedReLU(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return torch.where((x < 0) & (grad > 0), torch.zeros_like(grad), grad)
+
+
+#: The rule :class:`_SwitchableReLU` follows in the backward pass running now (see :func:`switchable_relu_rules`).
+_SWITCH = ["plain"]
+
+
+class _SwitchableReLU(torch.autograd.Function):
+    """ReLU whose backward follows the rule in force when the backward runs: the plain gradient, guided backprop's or
+    deconvnet's. One forward pass then serves all three, as several backward passes over one graph."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        rule = _SWITCH[0]
+        if rule == "deconvnet":
+            return grad.clamp(min=0)
+        return (grad.clamp(min=0) if rule == "guided" else grad) * (out > 0)
+
+
+@contextlib.contextmanager
+def switchable_relu_rules(model: nn.Module) -> Iterator[tuple[int, Callable[[str], None]]]:
+    """Swap every ``nn.ReLU``'s forward for one whose backward rule can be switched between backward passes of one
+    graph; restore on exit. Yields the number of modules swapped and ``use(rule)`` ("plain", "guided",
+    "deconvnet"), which sets the rule of the backward passes that follow."""
+    swapped: list[nn.Module] = []
+
+    def use(rule: str) -> None:
+        check.choice("rule", rule, ("plain", "guided", "deconvnet"))
+        _SWITCH[0] = rule
+
+    try:
+        for module in relu_modules(model):
+            module.forward = _SwitchableReLU.apply  # instance attribute shadows the class's forward
+            swapped.append(module)
+        yield len(swapped), use
+    finally:
+        _SWITCH[0] = "plain"
+        for module in swapped:
+            module.__dict__.pop("forward", None)
 
 
 def relu_modules(model: nn.Module) -> list[nn.Module]:

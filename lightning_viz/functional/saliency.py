@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_viz._hooks import capture
 from lightning_viz._layers import TokenGrid, spatial_view
-from lightning_viz.functional._autograd import gradient_context, relu_backward_rule
+from lightning_viz.functional._autograd import gradient_context, relu_backward_rule, switchable_relu_rules
 
 __all__ = [
     "HEADS",
@@ -49,6 +49,7 @@ __all__ = [
     "InferenceCopy",
     "grad_cam",
     "gradient",
+    "relu_rule_gradients",
     "guided_backprop",
     "head_outputs",
     "inference_copy",
@@ -417,6 +418,38 @@ def smoothgrad(
             total.index_add_(0, image, g.detach().abs().float())
     mean = total / n
     return mean.amax(dim=1) if reduce else mean
+
+
+def relu_rule_gradients(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, rules: Sequence[str], *, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """The input gradient under each ReLU backward rule of ``rules`` ("plain": :func:`input_gradient`, "guided":
+    :func:`guided_backprop`, "deconvnet": :func:`deconvnet`), from one forward pass per batch and one backward pass
+    per rule over its graph (the methods cost a forward pass less each than apart). Warns, as they do, where the model
+    has no ``nn.ReLU`` module for a rule other than "plain".
+
+    Shape:
+        x: (N, C, H, W); target: (N,) or scalar. Returns rule -> (N, C, H, W).
+    """
+    target = _check_inputs(x, target)
+    grads: dict[str, list[torch.Tensor]] = {rule: [] for rule in rules}
+    with switchable_relu_rules(model) as (count, use), gradient_context(model):
+        if count == 0 and set(rules) - {"plain"}:
+            warnings.warn(
+                f"{', '.join(sorted(set(rules) - {'plain'}))}: the model has no nn.ReLU modules, so its ReLU backward "
+                "rule cannot be replaced (functional F.relu calls cannot be overridden); the result is the plain "
+                "gradient. Use nn.ReLU modules.",
+                UserWarning,
+                stacklevel=2,
+            )
+        for start in range(0, len(x), batch_size):
+            xb = _fresh(x[start : start + batch_size])
+            total = target_scores(model(xb.clone()), target[start : start + batch_size]).sum()
+            for k, rule in enumerate(rules):
+                use(rule)
+                (g,) = torch.autograd.grad(total, xb, retain_graph=k < len(rules) - 1)
+                grads[rule].append(g.detach())
+    return {rule: torch.cat(parts) for rule, parts in grads.items()}
 
 
 def _relu_rule_gradient(model, x, target, rule: str, batch_size: int) -> torch.Tensor:
