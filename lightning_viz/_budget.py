@@ -398,7 +398,7 @@ class Budget:
             scale = self._paced(name, (room if short else paced) - reserve, room - reserve if last else None)
             if scale is None:
                 if last:
-                    self.drop(f"the view of the trained network of {member.label}")
+                    self.drop(f"the trained network's {member.label}")
                 continue
             chosen[name] = scale
             room -= self.estimate(name, scale) or 0.0
@@ -423,7 +423,7 @@ class Budget:
             left = min(BASELINE_SHARE * self.share * whole - self.baseline_spent, left)
         scale = self._paced(name, more, left) if member is not None else 1.0
         if scale is None and member is not None:
-            self.drop(f"the step-0 view of {member.label}")
+            self.drop(f"the untrained network's {member.label}")
         self.baselines[name] = scale
         return scale
 
@@ -440,7 +440,7 @@ class Budget:
         )
         if scale is None and self.members[name].evidence:
             scale = self.members[name].smallest
-        what = f"the view of the trained network of {self.members[name].label}"
+        what = f"the trained network's {self.members[name].label}"
         if scale is None:
             self.drop(what)
         elif what in self.dropped:  # the last epoch's plan left it out, but it fits now: it is not left out
@@ -454,6 +454,21 @@ class Budget:
         if room < seconds:
             self.drop(what)
         return room >= seconds
+
+    def dropped_text(self) -> str:
+        """What was left out, in one phrase: the views of one network together ("the untrained network's saliency,
+        embedding and exemplars; the trained network's feature visualisation; ...")."""
+        groups: dict[str, list[str]] = {}
+        for what in self.dropped:
+            owner, _, view = what.partition("'s ")
+            key, item = (owner, view) if owner.endswith("network") and view else (what, "")
+            groups.setdefault(key, []).append(item)
+        parts = []
+        for key, items in groups.items():
+            items = [i for i in items if i]
+            listed = ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else "".join(items)
+            parts.append(f"{key}'s {listed}" if listed else key)
+        return "; ".join(parts)
 
     def drop(self, what: str) -> None:
         if what not in self.dropped:
@@ -568,7 +583,7 @@ def projection_within(monitor: Any, model: Any, trainer: Any) -> None:
     if not monitor._budget_managed or budget is None or client.running or client.method == "pca":
         return
     on_cpu = next((p.device.type for p in model.parameters()), "cpu") == "cpu"
-    what = f"the {client.method} map of the embedding (PCA instead)"
+    what = f"the embedding's {client.method.upper()} map (PCA instead)"
     if on_cpu and not budget.affords(CHILD_SECONDS.get(client.method, 0.0), trainer.current_epoch, what):
         client.method = "pca"
 

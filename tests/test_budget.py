@@ -363,3 +363,16 @@ def test_a_full_garbage_collection_is_not_charged_to_the_call_it_falls_in(tmp_pa
     assert budget.spent["calibration"] == 0.0 and budget.pass_seconds == 0.0
     assert len(monitor.calls) >= 2 and budget.spent[monitor._budget_key] == 0.0625 * len(monitor.calls)
     assert collections["inside"] == 0 and collections["outside"] > 0  # they ran, in the training's time
+
+
+def test_what_was_left_out_is_said_in_one_short_phrase_per_network():
+    budget = Budget(0.05)
+    for what in ("saliency", "embedding", "exemplars"):
+        budget.drop(f"the untrained network's {what}")
+    budget.drop("the embedding's UMAP map (PCA instead)")
+    budget.drop("the trained network's feature visualisation")
+    budget.drop("the untrained network's saliency")  # said once
+    assert budget.dropped_text() == (
+        "the untrained network's saliency, embedding and exemplars; the embedding's UMAP map (PCA instead); "
+        "the trained network's feature visualisation"
+    )

@@ -45,7 +45,7 @@ def test_a_trained_view_written_at_the_last_word_is_not_said_to_be_left_out():
     # 0.4 - 0.345 = 0.055 s left: big's smallest call (0.3 s) cannot fit, so no room is kept for it and the filters run
     assert budget.plan(1) == {"filters": 1.0}
     assert budget.last_word("big", 1) is None
-    assert budget.dropped == ["the view of the trained network of big"]
+    assert budget.dropped == ["the trained network's big"]
 
 
 def test_at_the_largest_budget_the_left_out_line_does_not_say_raise_it(caplog):
@@ -59,7 +59,7 @@ def test_at_the_largest_budget_the_left_out_line_does_not_say_raise_it(caplog):
     lines = {}
     for share in (1.0, 0.05):
         budget = Budget(share)
-        budget.drop("the view of the trained network of saliency")
+        budget.drop("the trained network's saliency")
         monitor = FilterMonitor(budget=budget)
         with caplog.at_level(logging.INFO, logger="lightning_viz"):
             caplog.clear()

@@ -286,7 +286,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             say(
                 trainer,
                 f"lightning_viz: to stay within its budget ({budget.share:.0%} of the training time) the suite left "
-                f"out {'; '.join(budget.dropped)}. {'Raise `budget`, or pass' if budget.share < 1 else 'Pass'} "
+                f"out {budget.dropped_text()}. {'Raise `budget`, or pass' if budget.share < 1 else 'Pass'} "
                 "`budget=None` (each monitor's fixed cadence) to see them.",
             )
 
