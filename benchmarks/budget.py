@@ -129,12 +129,12 @@ def _pair(label: str, make_model, data, epochs: int, batch_size: int, budget: fl
         flush=True,
     )
     # the budget's ledger: what each part spent, as a share of training; its step-0 view and per-step sampling apart
-    sampling = spent - ledger.charged - ledger.spent.get("calibration", 0.0)  # charged as it happens, not per call
     parts = []
     for key, seconds in ledger.spent.items():
         detail = [f"step 0 {ledger.step0[key]:.2f} s"] if ledger.step0.get(key) else []
-        if key.startswith("DynamicsMonitor") and sampling > 0:
-            detail.append(f"per-step sampling {sampling:.2f} s")
+        if key == "hooks":  # per-step work, the dynamics' sampling included: the largest three
+            top = sorted(ledger.hook_seconds.items(), key=lambda kv: -kv[1])[:3]
+            detail.extend(f"{what} {seconds:.3f} s" for what, seconds in top)
         detail = f" [{', '.join(detail)}]" if detail else ""
         parts.append(f"{key.split('{')[0]} {seconds:.2f} s ({seconds / plain:.2%}){detail}")
     last = max(ledger.plans, default=0)

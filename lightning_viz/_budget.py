@@ -146,6 +146,7 @@ class Budget:
         self.spent: dict[str, float] = {}
         self.baseline_spent = 0.0  # of which the step-0 views
         self.step0: dict[str, float] = {}  # name -> seconds of its step-0 view
+        self.hook_seconds: dict[str, float] = {}  # "Monitor.hook" -> its seconds counted in spent["hooks"]
         self.charged = 0.0  # seconds of the calls charged (the rest of `spent`: the timed pass, per-step sampling)
         self.cost: dict[str, tuple[float, float]] = {}  # name -> (seconds, work) of its last call
         self.last_epoch: dict[str, int] = {}  # name -> epochs done at its last call
@@ -187,6 +188,13 @@ class Budget:
         if epoch == 0:
             self.baseline_spent += seconds
             self.step0[name] = self.step0.get(name, 0.0) + seconds
+
+    def count_hooks(self, seconds: float, what: str = "") -> None:
+        """Count ``seconds`` the monitors' Lightning hooks spent beyond their charged calls (per-batch bookkeeping):
+        the suite's, at the rate of the per-step sampling (see :meth:`forced`); ``what``: the hook, for the ledger."""
+        if seconds > 0:
+            self.spent["hooks"] = self.spent.get("hooks", 0.0) + seconds
+            self.hook_seconds[what] = self.hook_seconds.get(what, 0.0) + seconds
 
     def saw_batch(self, epoch: int, index: int, samples: int) -> None:
         """A training batch of ``samples`` ran (counted once, however many monitors report it)."""
@@ -280,9 +288,9 @@ class Budget:
         return bool(known) and all(seconds <= pace * cadence for seconds, cadence in known)
 
     def forced(self, epoch: int) -> float:
-        """Seconds expected over the rest of the run of what runs whatever the plans say: the per-step sampling charged
-        as it happens (at its rate so far) and the cheap monitors' calls at their cadence (at most :data:`CHEAP_SHARE`
-        of each epoch's pace)."""
+        """Seconds expected over the rest of the run of what runs whatever the plans say: the monitors' per-step work
+        counted as it happens (their hooks' bookkeeping, the dynamics' sampling; at its rate so far) and the cheap
+        monitors' calls at their cadence (at most :data:`CHEAP_SHARE` of each epoch's pace)."""
         trained, whole = self.trained(epoch), self.projected(epoch)
         done = self._done(epoch)
         if trained <= 0 or not done:

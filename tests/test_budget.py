@@ -376,3 +376,33 @@ def test_what_was_left_out_is_said_in_one_short_phrase_per_network():
         "the untrained network's saliency, embedding and exemplars; the embedding's UMAP map (PCA instead); "
         "the trained network's feature visualisation"
     )
+
+
+def test_what_the_monitors_hooks_spend_on_every_batch_is_counted_once_as_the_suites(tmp_path, pl_ns):
+    # Per-batch bookkeeping (samples kept, losses read, gradients sampled) is the suite's cost, not training time: it
+    # is counted once (a hook calling its parent through super() is timed once), and a call charged inside a hook is
+    # not counted again.
+    clock = FakeClock()
+
+    batches = {"train": 0, "val": 0}
+
+    class Busy(Cheap):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.now += 0.03125  # this subclass's bookkeeping ...
+            batches["train"] += 1
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+        def on_validation_batch_end(self, *args, **kwargs):
+            clock.now += 0.015625
+            batches["val"] += 1
+            super().on_validation_batch_end(*args, **kwargs)
+
+    budget = Budget(0.5, clock=clock)
+    monitor = Busy("busy", 0.0625, clock, budget=budget, log_baseline=False)
+    _fit(pl_ns, tmp_path, [_tick(pl_ns, clock), monitor], max_epochs=2)
+    train_batches, val_batches = batches["train"], batches["val"]
+    assert train_batches == 2 * STEPS_PER_EPOCH and val_batches >= 2
+    assert budget.spent["hooks"] == 0.03125 * train_batches + 0.015625 * val_batches
+    assert budget.hook_seconds["Busy.on_train_batch_end"] == 0.03125 * train_batches
+    assert budget.spent[monitor._budget_key] == 0.0625 * len(monitor.calls)  # its calls, charged once
+    assert budget.train_seconds == 1.0 * train_batches  # the ticks alone: the hooks' seconds are not training

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
@@ -137,6 +138,10 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         self._deferred: bool | str = False  # True: the step-0 view waits for data; "running": it is being made
         self._fresh_state: dict[str, Any] | None = None  # the per-run state as constructed (see `_start_fit`)
         self._fit_trainer: Any = None  # weak reference to the Trainer whose fit this monitor watches
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _time_hooks(cls)  # every monitor's Lightning hooks count towards the suite's share (see `_timed_hook`)
 
     # ----------------------------------------------------------------------------------------------- Lightning API
     @property
@@ -709,6 +714,38 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
     @staticmethod
     def _pass_key(trainer: Any) -> tuple[Any, ...]:
         return ("sanity",) if trainer.sanity_checking else ("val", int(trainer.global_step), trainer.current_epoch)
+
+
+def _timed_hook(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` (a Lightning hook of a monitor), with its seconds that no call charged counted in the budget's account
+    as the suite's (per-batch bookkeeping: samples kept, batches counted, dynamics' reading of the loss), so that they
+    are neither counted as training time nor left out of the suite's share. A hook called inside another (``super()``)
+    is timed once."""
+
+    @functools.wraps(hook)
+    def timed(self: VizCallback, *args: Any, **kwargs: Any) -> Any:
+        budget = self.__dict__.get("_budget")
+        if budget is None or self.__dict__.get("_in_hook"):
+            return hook(self, *args, **kwargs)
+        self._in_hook = True
+        started, spent = budget.clock(), budget.spent_total
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self._in_hook = False
+            seconds = budget.clock() - started - (budget.spent_total - spent)
+            budget.count_hooks(seconds, f"{type(self).__name__}.{hook.__name__}")
+
+    return timed
+
+
+def _time_hooks(cls: type) -> None:
+    for name, value in list(vars(cls).items()):
+        if (name.startswith("on_") or name == "state_dict") and callable(value) and not hasattr(value, "__wrapped__"):
+            setattr(cls, name, _timed_hook(value))
+
+
+_time_hooks(VizCallback)
 
 
 def _is_fitting(trainer: Any) -> bool:

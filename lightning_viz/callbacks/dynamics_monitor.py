@@ -192,12 +192,11 @@ class DynamicsMonitor(VizCallback):
                 started = time.perf_counter()
                 self._guard(self.monitor_name, lambda: self._updates.append(self._watch.update_ratios()))
                 self._sampling.seconds += time.perf_counter() - started
-        # sampling and trace: at most half of `sample_budget` each (in a budget, a quarter of its pace; charged there)
+        # sampling and trace: at most half of `sample_budget` each (in a budget, a quarter of its pace; the budget
+        # counts them with every hook's seconds)
         share = min(self.sample_budget, self._budget.share * PACE / 4) if self._budget else self.sample_budget
-        cost = self._sampling.adapt(share / 2, self._step_seconds, grow=self.every_n_steps is None)
-        cost += self._tracing.adapt(share / 2, self._step_seconds, grow=self._budget is not None)
-        if cost and self._budget is not None:
-            self._budget.spent[self._budget_key] = self._budget.spent.get(self._budget_key, 0.0) + cost
+        self._sampling.adapt(share / 2, self._step_seconds, grow=self.every_n_steps is None)
+        self._tracing.adapt(share / 2, self._step_seconds, grow=self._budget is not None)
         loss = D.returned_loss(outputs)
         if loss is not None:  # Lightning divides the returned loss by the accumulation
             self._loss.add(loss * trainer.accumulate_grad_batches if pl_module.automatic_optimization else loss)
