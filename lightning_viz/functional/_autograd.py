@@ -78,15 +78,10 @@ class _RedirectedReLU(torch.autograd.Function):
 _SWITCH = ["plain"]
 
 
-class _SwitchableReLU(torch.autograd.Function):
+class _SwitchableReLU(_GuidedReLU):
     """ReLU whose backward follows the rule in force when the backward runs: the plain gradient, guided backprop's or
-    deconvnet's. One forward pass then serves all three, as several backward passes over one graph."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
+    deconvnet's. One forward pass (guided backprop's: it keeps the output) then serves all three, as several backward
+    passes over one graph."""
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
