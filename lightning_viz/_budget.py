@@ -52,6 +52,9 @@ __all__ = ["Budget", "budget_for"]
 
 #: Scales tried, largest first; 0 means every knob at its smallest value.
 SCALES = (1.0, 0.5, 0.25, 0.0)
+#: The scale of a call whose records the final diagnosis judges but that the ceiling cannot afford even at its smallest:
+#: it measures and publishes at its smallest scale and draws nothing (scalars only: ``Sink.records_only``).
+LEAN = -1.0
 #: On a run of long epochs, the monitors without knobs whose calls together cost at most this part of one epoch's pace
 #: (half of it: 0.5 % of an epoch under the default 5 %) run at their own cadence whatever the expensive ones spent
 #: (they are still charged): the filters and activation statistics of every epoch are the evidence a budget must not
@@ -106,7 +109,8 @@ class Member:
         return SCALES[-1] if self.knobs else 1.0
 
     def values(self, scale: float) -> dict[str, int]:
-        """Each knob's value at ``scale`` (1: as configured, 0: the smallest)."""
+        """Each knob's value at ``scale`` (1: as configured, 0 or :data:`LEAN`: the smallest)."""
+        scale = max(scale, 0.0)
         return {k: int(round(low + scale * (full - low))) for k, (full, low) in self.knobs.items()}
 
     def work(self, scale: float) -> float:
@@ -182,7 +186,8 @@ class Budget:
         self.spent[name] = self.spent.get(name, 0.0) + seconds
         self.charged += seconds
         member = self.members.get(name)
-        self.cost[name] = (max(seconds - once, 0.0), member.work(scale) if member else 1.0)
+        if scale != LEAN:  # a call that drew nothing says little of what its next one will cost
+            self.cost[name] = (max(seconds - once, 0.0), member.work(scale) if member else 1.0)
         if epoch is not None:
             self.last_epoch[name] = epoch
         if epoch == 0:
@@ -377,6 +382,12 @@ class Budget:
         names = list(self.members)
         if last:  # the cheapest first: when not all fit, the fewest monitors are left out
             names.sort(key=lambda n: self.estimate(n, 0.0) or 0.0)
+            evidence_room = room  # the final verdict's evidence has the first claim on the ceiling ...
+            for name in (n for n in names if self.members[n].evidence):
+                smallest = self.members[name].smallest
+                cost = self.estimate(name, smallest) or 0.0
+                chosen[name] = smallest if cost <= evidence_room else LEAN  # ... and draws nothing beyond it
+                evidence_room -= cost if chosen[name] == smallest else 0.0
         for index, name in enumerate(names):
             member = self.members[name]
             due = done - self.last_epoch.get(name, 0) >= member.cadence
@@ -384,7 +395,6 @@ class Budget:
                 continue
             cost = self.estimate(name, 1.0)
             if last and member.evidence:  # the final verdict must not judge an older epoch's numbers
-                chosen[name] = member.smallest
                 room -= self.estimate(name, chosen[name]) or 0.0
                 paced -= self.estimate(name, chosen[name]) or 0.0
                 continue
@@ -439,7 +449,8 @@ class Budget:
         """Scale of the end-of-fit call of ``name``: what the rest of the budget allows (``None``: left out).
 
         A member whose records the final diagnosis judges (``evidence``) is never left out, so that the verdict is not
-        drawn from an older epoch's numbers (its cost is still counted)."""
+        drawn from an older epoch's numbers (its cost is still counted): where not even its smallest call fits, it
+        measures and draws nothing (:data:`LEAN`)."""
         trained = self.trained(epoch)
         if name not in self.members:
             return 1.0
@@ -447,7 +458,7 @@ class Budget:
             name, self.share * PACE * trained - self.spent_total, self.share * trained - self.spent_total
         )
         if scale is None and self.members[name].evidence:
-            scale = self.members[name].smallest
+            scale = LEAN
         what = f"the trained network's {self.members[name].label}"
         if scale is None:
             self.drop(what)

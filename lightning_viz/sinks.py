@@ -21,13 +21,14 @@ global rank zero only, and ``wandb`` / ``mlflow`` are imported only when such a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -377,6 +378,7 @@ class Sink:
         self._is_global_zero = is_global_zero
         self.max_image_side = max_image_side  #: images larger than this (pixels per side) are downsized
         self._backends: list[_Backend] = []
+        self._records_only = False  # see `records_only`
         if experiment is not None and is_global_zero:
             self._backends.append(TensorBoardBackend(experiment))
         if is_global_zero:
@@ -404,15 +406,25 @@ class Sink:
 
     @property
     def writes_images(self) -> bool:
-        return any(b.takes_images for b in self._backends)
+        return not self._records_only and any(b.takes_images for b in self._backends)
 
     @property
     def writes_text(self) -> bool:
-        return any(b.takes_text for b in self._backends)
+        return not self._records_only and any(b.takes_text for b in self._backends)
 
     @property
     def writes_histograms(self) -> bool:
-        return any(b.takes_histograms for b in self._backends)
+        return not self._records_only and any(b.takes_histograms for b in self._backends)
+
+    @contextlib.contextmanager
+    def records_only(self, on: bool = True) -> Iterator[None]:
+        """Write scalars only inside (no images, text or histograms): a monitor whose call a budget cannot afford
+        but whose records the final diagnosis needs measures and publishes, and draws nothing."""
+        saved, self._records_only = self._records_only, on or self._records_only
+        try:
+            yield
+        finally:
+            self._records_only = saved
 
     @property
     def writes_tables(self) -> bool:
@@ -437,7 +449,7 @@ class Sink:
                 backend.image(tag, image, step, caption)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        for backend in self._backends:
+        for backend in self._backends if not self._records_only else ():
             if backend.takes_text:
                 backend.text(tag, markdown, step)
 

@@ -292,18 +292,33 @@ def test_a_suite_without_an_image_logger_warns_once_and_skips_image_only_work(tm
 
 def test_what_the_final_diagnosis_judges_is_measured_at_the_end_whatever_the_budget(tmp_path, pl_ns):
     """A budget too small for anything else still lets the dead-unit and dynamics monitors measure the trained network:
-    the final verdict is never drawn from an older epoch's numbers."""
+    the final verdict is never drawn from an older epoch's numbers. What the ceiling cannot afford they measure without
+    drawing (scalars and records, no images or histograms); what it can, they draw."""
     from lightning_viz.records import ActivationStats, GradientStats, bus_for
 
-    suite = lightning_viz.default_suite(budget=0.001, featurevis=False, exemplars=False, embedding=False)
-    trainer = _fit(pl_ns, tmp_path, suite, max_epochs=3)
-    bus = bus_for(trainer)
     final = 3 * STEPS_PER_EPOCH
-    assert final in Events(str(tmp_path / "run")).image_steps("activations/dead_channels_by_layer")
-    assert {stats.epoch for stats in bus.latest(ActivationStats).values()} == {3}
-    assert {stats.epoch for stats in bus.latest(GradientStats).values()} == {3}
-    saliency = next(cb for cb in suite if cb.monitor_name == "saliency")
-    assert any("saliency" in what for what in saliency._budget.dropped)  # the rest was left out, and said
+    for share, drawn in ((0.001, False), (0.5, True)):
+        if drawn:  # on a fake clock (1 s a training step) the monitors' own seconds cost nothing: all is affordable
+            clock = FakeClock()
+            budget = Budget(share, clock=clock)
+            suite = [_tick(pl_ns, clock), lightning_viz.ActivationMonitor(budget=budget)]
+            suite.append(lightning_viz.DynamicsMonitor(budget=budget))
+        else:
+            suite = lightning_viz.default_suite(budget=share, featurevis=False, exemplars=False, embedding=False)
+        trainer = _fit(pl_ns, tmp_path / str(share), suite, max_epochs=3)
+        bus = bus_for(trainer)
+        assert {stats.epoch for stats in bus.latest(ActivationStats).values()} == {3}
+        assert {stats.epoch for stats in bus.latest(GradientStats).values()} == {3}
+        events = Events(str(tmp_path / str(share) / "run"))
+        dead_counts = [tag for tag in events.tags["scalars"] if tag.startswith("activations/dead_count/")]
+        assert dead_counts and all(final in [s for s, _ in events.scalars(tag)] for tag in dead_counts)
+        history = "activations/dead_channels_by_layer"
+        assert (history in events.tags["images"] and final in events.image_steps(history)) == drawn
+        histograms = [tag for tag in events.tags["histograms"] if tag.startswith("activations/")]
+        assert any(final in [e.step for e in events.acc.Histograms(tag)] for tag in histograms) == drawn
+        if not drawn:
+            saliency = next(cb for cb in suite if cb.monitor_name == "saliency")
+            assert any("saliency" in what for what in saliency._budget.dropped)  # the rest was left out, and said
 
 
 def test_a_long_run_keeps_to_the_pace_not_the_ceiling():

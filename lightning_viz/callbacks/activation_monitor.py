@@ -276,7 +276,7 @@ class ActivationMonitor(VizCallback):
         dead_rows = [row for row in dead if isinstance(row, tuple)]
         if dead_rows and self._sink is not None:
             self._sink.text("activations/dead_channels", render.dead_channel_table(dead_rows, epochs_done, step), step)
-            # one picture for the whole model (its tag sorts before the per-layer charts), not one card per layer
+        if dead_rows and self._sink is not None and self._sink.writes_images:  # one picture for the whole model
             layers = [(site, self._history[site].frames) for site, _, _ in dead_rows]
             self._sink.image(DEAD_HISTORY_TAG, render.dead_history_panel(layers, max_height=self.max_image_side), step)
         self._guard("maps", self._log_maps, trainer, pl_module, sites, step)

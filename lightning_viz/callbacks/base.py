@@ -16,7 +16,15 @@ from typing_extensions import override
 
 from lightning_viz import _data, _layers
 from lightning_viz import _validate as check
-from lightning_viz._budget import PROGRESS_SECONDS, Budget, budget_for, deferred_collection, expected_epochs, say
+from lightning_viz._budget import (
+    LEAN,
+    PROGRESS_SECONDS,
+    Budget,
+    budget_for,
+    deferred_collection,
+    expected_epochs,
+    say,
+)
 from lightning_viz._compat import CALLBACK_CLASSES, rank_zero_warn
 from lightning_viz._hooks import isolated, silenced_logging
 from lightning_viz._inputs import FIX, InputFn, input_hint, model_inputs, resolve_input_fn
@@ -503,6 +511,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             isolated(pl_module, grad=self.needs_grad),
             silenced_logging(pl_module),
             self._scaled(scale),
+            self._sink.records_only(scale == LEAN),  # the diagnosis's evidence that the budget cannot afford to draw
             model_inputs(pl_module, extra, rows),
         ):
             self._guard(self.monitor_name, self._log, trainer, pl_module, step, epochs_done)

@@ -66,7 +66,7 @@ class ExemplarMonitor(VizCallback):
     publishes = (ExemplarStats,)
     default_every_n_epochs = 5
     budget_knobs = {"max_samples": 32, "max_channels": 4, "top_k": 3}
-    budget_fixed_seconds = 0.03  # one panel, one text table
+    budget_fixed_seconds = 0.02  # one panel, one text table
     label = "exemplars"
     images_only = True
 
