@@ -81,7 +81,7 @@ def incremental_occlusion() -> None:
     for net in (sal.inference_copy(model), model):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a rejected incremental path would hide a wrong patch
-            got = occ.occlusion(net, x, window=8, stride=4)
+            got = occ.occlusion(net, x, window=8, stride=4, incremental=True)
         want = occ.occlusion(net, x, window=8, stride=4, incremental=False)
         ok = torch.allclose(got.logits, want.logits, rtol=1e-3, atol=1e-4)
         check(ok, f"incremental occlusion on CUDA equals full passes ({type(net).__name__})")
