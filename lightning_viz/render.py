@@ -1382,6 +1382,18 @@ def featurevis_panel(
     return stack_rows(parts, gap=2), tile_row(tiles[:per_seed], small)
 
 
+def exemplar_caption(channel: int, classes: Sequence[str] | None) -> str:
+    """``ch 5: cat x2, dog``: the channel and its exemplars' classes, most frequent first; an unnamed class (a bare
+    index) reads ``class 3`` so that ``class 3 x2`` cannot be read as ``3x2``."""
+    from collections import Counter
+
+    caption = f"ch {channel}"
+    if classes:
+        named = [f"class {name}" if str(name).isdigit() else str(name) for name in classes]
+        caption += ": " + ", ".join(f"{name} x{n}" if n > 1 else name for name, n in Counter(named).most_common())
+    return caption
+
+
 def exemplar_panel(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -1405,8 +1417,6 @@ def exemplar_panel(
         images, projections: (C * k, ch, H, W); boxes: (C * k, 4); found: (C, k) bool; classes: per channel, the
         class name of each found exemplar. Returns (H', W', 3) uint8, at most ``width`` (default 350) wide.
     """
-    from collections import Counter
-
     width = width or CARD_WIDTH
     per_item = 3 if show_full else 2
     side = min(tile_size, (width - 1) // per_item - 1)
@@ -1415,11 +1425,7 @@ def exemplar_panel(
         tiles = _channel_exemplar_tiles(images, boxes, projections, found, ci, side, show_full)
         if not tiles:
             continue
-        caption = f"ch {channel}"
-        if classes is not None and classes[ci]:
-            counts = Counter(classes[ci]).most_common()
-            caption += ": " + ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts)
-        rows.append((caption, torch.stack(tiles)))
+        rows.append((exemplar_caption(channel, classes[ci] if classes is not None else None), torch.stack(tiles)))
     if not rows:
         return None
     key = "per exemplar: its crop, then what the channel sees (grey = 0)"

@@ -103,3 +103,17 @@ def test_featurevis_grid_header_and_a_row_per_seed(seeds):
     headed = render.with_header(labels, 16, [first])
     assert headed.shape == (14 + 18, 64 + 1 + 2 * (16 + 1), 3)
     assert np.array_equal(headed[14:, : first.shape[1]], first) and (headed[14:, first.shape[1] :] == 255).all()
+
+
+@pytest.mark.parametrize(
+    "classes, caption",
+    [
+        (["cat", "cat", "dog"], "ch 5: cat x2, dog"),
+        (["0", "0", "0"], "ch 5: class 0 x3"),  # not "0 x3", which reads as "0x3"
+        (["3", "cat", "3"], "ch 5: class 3 x2, cat"),
+        ([], "ch 5"),
+        (None, "ch 5"),
+    ],
+)
+def test_an_exemplar_caption_never_reads_a_class_index_as_a_product(classes, caption):
+    assert render.exemplar_caption(5, classes) == caption
