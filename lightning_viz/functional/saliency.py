@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_viz._hooks import capture
 from lightning_viz._layers import TokenGrid, spatial_view
-from lightning_viz.functional._autograd import gradient_context, relu_backward_rule, switchable_relu_rules
+from lightning_viz.functional._autograd import gradient_context, switchable_relu_rules
 
 __all__ = [
     "HEADS",
@@ -431,6 +431,13 @@ def relu_rule_gradients(
     Shape:
         x: (N, C, H, W); target: (N,) or scalar. Returns rule -> (N, C, H, W).
     """
+    return _rule_gradients(model, x, target, rules, batch_size, stacklevel=3)
+
+
+def _rule_gradients(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, rules: Sequence[str], batch_size: int, stacklevel: int
+) -> dict[str, torch.Tensor]:
+    """:func:`relu_rule_gradients`; its warning points ``stacklevel`` frames up (the public function's caller)."""
     target = _check_inputs(x, target)
     grads: dict[str, list[torch.Tensor]] = {rule: [] for rule in rules}
     with switchable_relu_rules(model) as (count, use), gradient_context(model):
@@ -440,7 +447,7 @@ def relu_rule_gradients(
                 "rule cannot be replaced (functional F.relu calls cannot be overridden); the result is the plain "
                 "gradient. Use nn.ReLU modules.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
         for start in range(0, len(x), batch_size):
             xb = _fresh(x[start : start + batch_size])
@@ -452,26 +459,14 @@ def relu_rule_gradients(
     return {rule: torch.cat(parts) for rule, parts in grads.items()}
 
 
-def _relu_rule_gradient(model, x, target, rule: str, batch_size: int) -> torch.Tensor:
-    with relu_backward_rule(model, rule) as count:
-        if count == 0:
-            warnings.warn(
-                f"{rule}: the model has no nn.ReLU modules, so its ReLU backward rule cannot be replaced (functional "
-                "F.relu calls cannot be overridden); the result is the plain gradient. Use nn.ReLU modules.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return input_gradient(model, x, target, batch_size=batch_size)
-
-
 def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """Guided backpropagation: signed input-space gradients. Shape: (N, C, H, W) -> (N, C, H, W)."""
-    return _relu_rule_gradient(model, x, target, "guided", batch_size)
+    return _rule_gradients(model, x, target, ["guided"], batch_size, stacklevel=3)["guided"]
 
 
 def deconvnet(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """Deconvnet: signed input-space reconstructions. Shape: (N, C, H, W) -> (N, C, H, W)."""
-    return _relu_rule_gradient(model, x, target, "deconvnet", batch_size)
+    return _rule_gradients(model, x, target, ["deconvnet"], batch_size, stacklevel=3)["deconvnet"]
 
 
 def grad_cam(
