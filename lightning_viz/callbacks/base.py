@@ -491,7 +491,7 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
             self._timed_call(trainer, pl_module, step, epochs_done, scale)
 
     def _timed_call(self, trainer: Any, pl_module: nn.Module, step: int, epochs_done: int, scale: float) -> None:
-        clock = self._budget.clock if self._budget is not None else time.perf_counter
+        clock = self._clock
         started, traced = clock(), _layers.traced_seconds[0]
         rows, extra = _data.extra_rows(self._samples, getattr(self, "probes", None))
         if extra:
@@ -528,10 +528,15 @@ class VizCallback(*CALLBACK_CLASSES):  # type: ignore[misc]
         if not self._budget_managed:
             self._check_overhead(seconds)
 
+    @property
+    def _clock(self) -> Callable[[], float]:
+        """The clock a call is timed with: the budget's (tests give it a fake one), else ``time.perf_counter``."""
+        return self._budget.clock if self._budget is not None else time.perf_counter
+
     def _timed_inside(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` inside the Trainer's own pass (a forward hook) and count its seconds towards this monitor's next
         call: what a monitor adds to the user's batches is its cost too, not training time."""
-        clock = self._budget.clock if self._budget is not None else time.perf_counter
+        clock = self._clock
         with deferred_collection():
             started = clock()
             try:

@@ -608,10 +608,9 @@ class Thinning:
         """Whether the ``call``-th optimizer step of the epoch (1-based) is measured."""
         return (call - 1) % self.every == 0
 
-    def adapt(self, share: float, step_seconds: float | None, grow: bool = True) -> float:
-        """Widen the interval so that the cost measured last keeps to ``share`` of ``step_seconds``; return that
-        cost (for the caller's ledger) and start a new one."""
+    def adapt(self, share: float, step_seconds: float | None, grow: bool = True) -> None:
+        """Widen the interval so that the cost measured last keeps to ``share`` of ``step_seconds``, and start a new
+        one (a suite's budget counts the cost itself, with the hook it was spent in)."""
         seconds, self.seconds = self.seconds, 0.0
         if grow and seconds and step_seconds:
             self.every = max(self.every, math.ceil(seconds / (share * step_seconds)))
-        return seconds
